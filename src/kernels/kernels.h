@@ -1,0 +1,104 @@
+// The kernel table: one implementation of every kernel per ISA, same signatures.
+//
+// Kernels trust their arguments (ops/ validates) and never throw or allocate. kernels/ref is the
+// scalar ground truth; kernels/x86/avx2 is compiled with -mavx2 -mfma -mf16c and only called when
+// the CPU has them. Both read weights through the same packed layouts defined here, so a test can
+// run the same packed weight through either table and demand identical bits.
+#pragma once
+
+#include <cstdint>
+
+#include "qllm/core/cpu.h"
+#include "qllm/core/dtype.h"
+
+namespace qllm::kernels {
+
+// ---- Packed weight panels (layout version 1; docs/packed-layout.md) -------------------------
+//
+// A weight B[k, n] (n output columns, reduction depth k) is stored as ceil(n / 16) panels of
+// 16 columns ("slots"). Within a panel, k runs outermost, so one thread streams a panel from
+// start to end and the hardware prefetcher sees one sequential stream.
+constexpr int kPanel = 16;
+
+// int8: k is taken in pairs, each pair of a slot adjacent, so that one 16-byte load widened to
+// 16 x s16 lines up with vpmaddwd's pairwise products: byte offset of (kk, s) inside a panel is
+// (kk / 2) * 32 + s * 2 + kk % 2. Odd k is padded with a zero row; missing slots are zero.
+struct Int8Panels {
+  const int8_t* data = nullptr;
+  int64_t k = 0;    // depth
+  int64_t kp = 0;   // depth in pairs, ceil(k / 2)
+  int64_t n = 0;    // real columns (slots past n are zero)
+  int64_t panels() const { return (n + kPanel - 1) / kPanel; }
+  int64_t panel_bytes() const { return kp * 2 * kPanel; }
+  int8_t at(int64_t kk, int64_t s) const {
+    return data[(s / kPanel) * panel_bytes() + (kk / 2) * 2 * kPanel + (s % kPanel) * 2 + (kk % 2)];
+  }
+};
+
+// float (f32, f16 or bf16 elements): element offset of (kk, s) inside a panel is kk * 16 + s.
+struct FloatPanels {
+  const void* data = nullptr;
+  DType dtype = DType::f32;
+  int64_t k = 0;
+  int64_t n = 0;
+  int64_t panels() const { return (n + kPanel - 1) / kPanel; }
+  int64_t panel_elems() const { return k * kPanel; }
+  float at(int64_t kk, int64_t s) const;
+};
+
+// What the int8 GEMM does with each s32 tile before it leaves the kernel (FBGEMM-style output
+// pipeline, so dequant -> SwiGLU is an epilogue and not extra passes over memory).
+enum class Epi : uint8_t {
+  s32,      // out[r, c] = acc
+  dequant,  // out[r, c] = out_dtype((f32(acc) * col_scale[c]) * row_scale[r])
+  swiglu,   // fused-FFN panels: slots 0..7 gate, 8..15 up of natural columns 8p..8p+7;
+            // h = (f32(acc) * col_scale[slot]) * row_scale[r]; out[r, 8p + j] = up * silu(gate), f32
+};
+
+struct Int8Epilogue {
+  Epi kind = Epi::s32;
+  const float* col_scale = nullptr;  // indexed by slot (packed order)
+  const float* row_scale = nullptr;  // [rows] of this call, nullptr means 1
+  DType out_dtype = DType::s32;      // s32 for Epi::s32, f32/f16/bf16 for dequant, f32 for swiglu
+  void* out = nullptr;               // row 0, column 0 of the output matrix
+  int64_t ldo = 0;                   // output row stride in elements
+  int64_t out_cols = 0;              // real output columns (n, or n / 2 for swiglu)
+};
+
+struct FloatEpilogue {
+  const float* bias = nullptr;  // [n] f32 or nullptr
+  DType out_dtype = DType::f32;
+  void* out = nullptr;
+  int64_t ldo = 0;
+};
+
+// rows x panels [p0, p1) of A @ B. `a` holds `rows` rows of 2 * b.kp s16 values (widened s8,
+// zero padded), `lda` elements apart.
+using Int8GemmFn = void (*)(const int16_t* a, int64_t lda, int64_t rows, const Int8Panels& b,
+                            int64_t p0, int64_t p1, const Int8Epilogue& ep);
+// Same for floats: `a` holds rows of b.k f32 values.
+using FloatGemmFn = void (*)(const float* a, int64_t lda, int64_t rows, const FloatPanels& b,
+                             int64_t p0, int64_t p1, const FloatEpilogue& ep);
+
+struct KernelTable {
+  Isa isa;
+  Int8GemmFn int8_gemm;
+  FloatGemmFn float_gemm;
+  // out[0, kpad) = x widened to s16, zero past k.
+  void (*s8_to_s16)(const int8_t* x, int64_t k, int16_t* out, int64_t kpad);
+  void (*to_f32)(const void* x, DType dtype, int64_t n, float* out);
+  void (*from_f32)(const float* x, int64_t n, DType dtype, void* out);
+  // SPEC section 0 per-row quantisation of v (times smooth, if given); returns the scale.
+  float (*quantize_row)(const float* v, const float* smooth, int64_t n, int8_t* q);
+  // y[j] = b * silu(a) with (a, b) = (x[j], x[h + j]), or swapped when !activate_left.
+  void (*swiglu_row)(const float* x, int64_t h, bool activate_left, float* y);
+  // y[c] = out_dtype((f32(acc[c]) * scale[c]) * row_scale)
+  void (*dequant_row)(const int32_t* acc, int64_t n, const float* scale, float row_scale,
+                      DType out_dtype, void* y);
+};
+
+const KernelTable& table(Isa isa);
+const KernelTable& ref_table();
+const KernelTable& avx2_table();  // only valid if the build has AVX2 (QLLM_HAVE_AVX2)
+
+}  // namespace qllm::kernels

@@ -1,0 +1,234 @@
+#include "qllm/ops/moe_ffn.h"
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+
+#include "kernels/kernels.h"
+#include "ops/plan.h"
+#include "qllm/core/error.h"
+#include "qllm/ops/grouped_matmul.h"
+
+namespace qllm {
+
+using kernels::kPanel;
+
+namespace {
+
+// Rows per block of the fused pipeline. A block's intermediates are A1 (rows x k1 s16),
+// Y (rows x k2 f32) and A2 (rows x k2 s16): at 132 rows and DeepSeek sizes about 3.5 MiB,
+// which stays in the L3 shared by the cores working on the block, while every weight panel
+// streamed from DRAM is reused by all 132 rows (22 strips of the 6-row microkernel).
+constexpr int64_t kMaxBlockRows = 132;
+
+// Panels per work item in each matmul: fine enough to balance two threads on 128+ panels,
+// coarse enough that claiming costs nothing.
+constexpr int64_t kPanelGrain = 4;
+
+struct FfnShape {
+  int64_t m = 0, G = 0, k1 = 0, n1 = 0, k2 = 0, n2 = 0;
+};
+
+int64_t block_rows(int64_t rows) {
+  // Split `rows` into equal blocks no larger than kMaxBlockRows, rounded up to the 6-row tile.
+  const int64_t nb = ceil_div(rows, kMaxBlockRows);
+  return std::min(kMaxBlockRows, ceil_div(ceil_div(rows, nb), 6) * 6);
+}
+
+FfnShape validate(const char* op, const MoeFfnArgs& a, const MoeFfnParams& p, bool grouped) {
+  FfnShape s;
+  check::dtype(op, "x1", a.x1, DType::s8);
+  check::ndim(op, "x1", a.x1, 2);
+  check::contiguous(op, "x1", a.x1);
+  s.m = a.x1.dim(0);
+  s.k1 = a.x1.dim(1);
+  if (a.packed) {
+    if (a.weight1.present() || a.weight2.present() || a.scale1.present() || a.scale2.present())
+      throw_invalid(op, "packed", "give either packed weights or weight1/scale1/weight2/scale2, not both");
+    s.G = a.packed->groups(); s.n1 = a.packed->n1(); s.k2 = a.packed->k2(); s.n2 = a.packed->n2();
+    if (a.packed->k1() != s.k1)
+      throw_invalid(op, "x1", "x1 must be [m, k1] with k1 = ", a.packed->k1(), " (the packed weight1's k1), got ", a.x1.shape_str());
+    if (!grouped && s.G != 1)
+      throw_invalid(op, "packed", "mm_deq_swiglu_quant_mm_deq takes one expert, the packed weights hold ", s.G);
+  } else {
+    check::present(op, "weight1", a.weight1);
+    check::dtype(op, "weight1", a.weight1, DType::s8);
+    check::ndim(op, "weight1", a.weight1, grouped ? 3 : 2);
+    s.G = grouped ? a.weight1.dim(0) : 1;
+    s.n1 = a.weight1.dim(-1);
+    if (a.weight1.dim(-2) != s.k1)
+      throw_invalid(op, "weight1", "weight1 must be ", grouped ? "[G, k1, n1]" : "[k1, n1]", " with k1 = ", s.k1,
+                    " (x1's last dimension), got ", a.weight1.shape_str());
+    // Everything else about the weights is checked by PackedExpertFFN::pack.
+    check::ndim(op, "weight2", a.weight2, grouped ? 3 : 2);
+    s.k2 = s.n1 / 2;
+    s.n2 = a.weight2.dim(-2);
+  }
+  check::dtype(op, "per_token_scale1", a.per_token_scale1, DType::f32);
+  check::shape(op, "per_token_scale1", a.per_token_scale1, {s.m});
+  if (grouped) {
+    check::present(op, "group_list", a.group_list);
+  } else if (a.group_list.present()) {
+    throw_invalid(op, "group_list", "mm_deq_swiglu_quant_mm_deq takes no group_list (one expert, all rows)");
+  }
+  if (!is_float(p.out_dtype))
+    throw_invalid(op, "out_dtype", "out_dtype must be float16, bfloat16 or float32, got ", dtype_name(p.out_dtype));
+  return s;
+}
+
+size_t workspace_bytes(const FfnShape& s) {
+  const int64_t mb = std::min<int64_t>(std::max<int64_t>(s.m, 1), kMaxBlockRows);
+  const int64_t kp1 = (s.k1 + 1) / 2, kp2 = (s.k2 + 1) / 2;
+  WorkspacePlan w;
+  w.add<int64_t>(s.G + 1);        // row offsets
+  w.add<int16_t>(mb * kp1 * 2);   // A1: block rows of x1 widened to s16
+  w.add<float>(mb * s.k2);        // Y: SwiGLU output, f32
+  w.add<int8_t>(mb * s.k2);       // q2 as s8
+  w.add<int16_t>(mb * kp2 * 2);   // A2: q2 widened
+  w.add<float>(mb);               // s2
+  return w.bytes();
+}
+
+void run(Context& ctx, const char* op, const MoeFfnArgs& a, const TensorView& out,
+         const MoeFfnParams& p, Workspace* ws_in, bool grouped) {
+  const FfnShape s = validate(op, a, p, grouped);
+  // Raw weights are packed for this call (validated there; throws before any output is touched).
+  std::optional<PackedExpertFFN> local;
+  const PackedExpertFFN* pk = a.packed;
+  if (!pk) {
+    local.emplace(PackedExpertFFN::pack(a.weight1, a.scale1, a.weight2, a.scale2, p.weight_up_permute, op));
+    pk = &*local;
+  }
+  check::dtype(op, "out", out, p.out_dtype);
+  check::shape(op, "out", out, {s.m, s.n2});
+
+  Workspace& ws = ws_in ? *ws_in : ctx.workspace(workspace_bytes(s));
+  int64_t* offsets = ws.alloc<int64_t>(s.G + 1, op);
+  int64_t total = s.m;
+  if (grouped) total = detail::group_offsets(op, a.group_list, p.group_list_type, s.m, s.G, offsets);
+  else { offsets[0] = 0; offsets[1] = s.m; }
+  // Validation is complete; from here on the output is written.
+
+  const int64_t mb = std::min<int64_t>(std::max<int64_t>(s.m, 1), kMaxBlockRows);
+  const int64_t kp1 = pk->kp1(), kp2 = pk->kp2();
+  int16_t* A1 = ws.alloc<int16_t>(mb * kp1 * 2, op);
+  float* Y = ws.alloc<float>(mb * s.k2, op);
+  int8_t* Q2 = ws.alloc<int8_t>(mb * s.k2, op);
+  int16_t* A2 = ws.alloc<int16_t>(mb * kp2 * 2, op);
+  float* S2 = ws.alloc<float>(mb, op);
+
+  const size_t osz = static_cast<size_t>(dtype_size(p.out_dtype));
+  uint8_t* outp = out.mutable_data<uint8_t>();
+  if (total < s.m) std::memset(outp + total * s.n2 * osz, 0, (s.m - total) * s.n2 * osz);
+
+  const kernels::KernelTable& kt = ctx.kernels();
+  ThreadPool& pool = ctx.pool();
+  const int8_t* x1 = a.x1.data<int8_t>();
+  const float* pts1 = a.per_token_scale1.data<float>();
+  const int64_t panels1 = ceil_div(s.k2, kPanel / 2), panels2 = ceil_div(s.n2, kPanel);
+
+  for (int64_t g = 0; g < s.G; ++g) {
+    const int64_t g0 = offsets[g], g1 = offsets[g + 1];
+    if (g1 == g0) continue;
+    const int64_t bm = block_rows(g1 - g0);
+    const kernels::Int8Panels w1{pk->w1(g), s.k1, kp1, panels1 * kPanel};
+    const kernels::Int8Panels w2{pk->w2(g), s.k2, kp2, s.n2};
+    for (int64_t r0 = g0; r0 < g1; r0 += bm) {
+      const int64_t rows = std::min(bm, g1 - r0);
+      // 1. Widen the block's activations to s16 pairs.
+      pool.parallel_for(rows, 8, [&](int64_t b, int64_t e, int) {
+        for (int64_t r = b; r < e; ++r) kt.s8_to_s16(x1 + (r0 + r) * s.k1, s.k1, A1 + r * kp1 * 2, kp1 * 2);
+      });
+      // 2. matmul 1 with the dequant + SwiGLU epilogue: Y[rows, k2] in natural order, f32.
+      kernels::Int8Epilogue e1;
+      e1.kind = kernels::Epi::swiglu;
+      e1.col_scale = pk->s1(g);
+      e1.row_scale = pts1 + r0;
+      e1.out_dtype = DType::f32;
+      e1.out = Y;
+      e1.ldo = s.k2;
+      e1.out_cols = s.k2;
+      pool.parallel_for(panels1, kPanelGrain, [&](int64_t b, int64_t e, int) {
+        kt.int8_gemm(A1, kp1 * 2, rows, w1, b, e, e1);
+      });
+      // 3. Per-row dynamic quant of Y (SPEC section 0), widened for matmul 2.
+      pool.parallel_for(rows, 4, [&](int64_t b, int64_t e, int) {
+        for (int64_t r = b; r < e; ++r) {
+          S2[r] = kt.quantize_row(Y + r * s.k2, nullptr, s.k2, Q2 + r * s.k2);
+          kt.s8_to_s16(Q2 + r * s.k2, s.k2, A2 + r * kp2 * 2, kp2 * 2);
+        }
+      });
+      // 4. matmul 2 with the dequant epilogue straight into the output rows.
+      kernels::Int8Epilogue e2;
+      e2.kind = kernels::Epi::dequant;
+      e2.col_scale = pk->s2(g);
+      e2.row_scale = S2;
+      e2.out_dtype = p.out_dtype;
+      e2.out = outp + r0 * s.n2 * osz;
+      e2.ldo = s.n2;
+      e2.out_cols = s.n2;
+      pool.parallel_for(panels2, kPanelGrain, [&](int64_t b, int64_t e, int) {
+        kt.int8_gemm(A2, kp2 * 2, rows, w2, b, e, e2);
+      });
+    }
+  }
+}
+
+}  // namespace
+
+size_t gmm_deq_swiglu_quant_gmm_deq_workspace_size(const MoeFfnArgs& a, const MoeFfnParams& p, int) {
+  return workspace_bytes(validate("gmm_deq_swiglu_quant_gmm_deq", a, p, true));
+}
+
+void gmm_deq_swiglu_quant_gmm_deq(Context& ctx, const MoeFfnArgs& a, const TensorView& out,
+                                  const MoeFfnParams& p, Workspace* ws) {
+  run(ctx, "gmm_deq_swiglu_quant_gmm_deq", a, out, p, ws, true);
+}
+
+void mm_deq_swiglu_quant_mm_deq(Context& ctx, const MoeFfnArgs& a, const TensorView& out,
+                                const MoeFfnParams& p, Workspace* ws) {
+  run(ctx, "mm_deq_swiglu_quant_mm_deq", a, out, p, ws, false);
+}
+
+void permute_weight_up(const TensorView& w, const TensorView& scale, int64_t T,
+                       const TensorView& w_out, const TensorView& scale_out) {
+  constexpr const char* op = "permute_weight_up";
+  if (T != 128 && T != 256) throw_invalid(op, "T", "T must be 128 or 256, got ", T);
+  check::present(op, "w", w);
+  if (w.dtype() != DType::s8 && !is_float(w.dtype()))
+    throw_invalid(op, "w", "w must be int8 or a float dtype, got ", dtype_name(w.dtype()));
+  if (w.ndim() != 2 && w.ndim() != 3) throw_invalid(op, "w", "w must be [k1, n1] or [G, k1, n1], got ", w.shape_str());
+  check::contiguous(op, "w", w);
+  const int64_t n1 = w.dim(-1);
+  if (n1 % T != 0) throw_invalid(op, "w", "n1 = ", n1, " must be a multiple of T = ", T);
+  const int64_t G = w.ndim() == 3 ? w.dim(0) : 1, k1 = w.dim(-2);
+  check::dtype(op, "w_out", w_out, w.dtype());
+  if (w.ndim() == 3) check::shape(op, "w_out", w_out, {G, k1, n1});
+  else check::shape(op, "w_out", w_out, {k1, n1});
+  if (scale.present()) {
+    check::dtype(op, "scale", scale, DType::f32);
+    if (w.ndim() == 3) check::shape(op, "scale", scale, {G, n1});
+    else check::shape(op, "scale", scale, {n1});
+    check::dtype(op, "scale_out", scale_out, DType::f32);
+    if (w.ndim() == 3) check::shape(op, "scale_out", scale_out, {G, n1});
+    else check::shape(op, "scale_out", scale_out, {n1});
+  }
+  if (w_out.raw() == w.raw()) throw_invalid(op, "w_out", "w_out must not alias w");
+  const int64_t half = n1 / 2, es = dtype_size(w.dtype());
+  // Permuted column p = b*T + h*(T/2) + j holds natural column h*(n1/2) + b*(T/2) + j.
+  auto natural = [&](int64_t pc) {
+    const int64_t b = pc / T, h = (pc % T) / (T / 2), j = pc % (T / 2);
+    return h * half + b * (T / 2) + j;
+  };
+  const uint8_t* src = w.data<uint8_t>();
+  uint8_t* dst = w_out.mutable_data<uint8_t>();
+  for (int64_t row = 0; row < G * k1; ++row)
+    for (int64_t pc = 0; pc < n1; ++pc)
+      std::memcpy(dst + (row * n1 + pc) * es, src + (row * n1 + natural(pc)) * es, es);
+  if (scale.present())
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t pc = 0; pc < n1; ++pc)
+        scale_out.mutable_data<float>()[g * n1 + pc] = scale.data<float>()[g * n1 + natural(pc)];
+}
+
+}  // namespace qllm

@@ -1,0 +1,19 @@
+// Internal: the one routine that writes the panel layout of kernels.h (layout version 1).
+#pragma once
+
+#include <cstdint>
+
+#include "qllm/core/dtype.h"
+
+namespace qllm::detail {
+
+// Bytes of one group's panels, rounded up to 64.
+int64_t panel_group_bytes(DType dt, int64_t k, int64_t n);
+
+// Packs B[k, n_src] (w row-major [k, n_src], or [n_src, k] when transposed) so that slot s of
+// the output holds source column slot_col[s] (identity when slot_col is null; -1 = zeros).
+// `nslots` slots are written, rounded up to whole panels with zeros.
+void pack_panels(const void* w, DType dt, int64_t k, int64_t n_src, bool transposed,
+                 const int64_t* slot_col, int64_t nslots, uint8_t* out);
+
+}  // namespace qllm::detail
