@@ -76,11 +76,17 @@ FfnShape validate(const char* op, const MoeFfnArgs& a, const MoeFfnParams& p, bo
   return s;
 }
 
+// One contiguous run of rows of one group inside a block.
+struct Segment {
+  int64_t g, r0, rows, slot;  // slot: first row of the block buffers it occupies
+};
+
 size_t workspace_bytes(const FfnShape& s) {
   const int64_t mb = std::min<int64_t>(std::max<int64_t>(s.m, 1), kMaxBlockRows);
   const int64_t kp1 = (s.k1 + 1) / 2, kp2 = (s.k2 + 1) / 2;
   WorkspacePlan w;
   w.add<int64_t>(s.G + 1);        // row offsets
+  w.add<Segment>(s.G + 1);        // segments of the current block
   w.add<int16_t>(mb * kp1 * 2);   // A1: block rows of x1 widened to s16
   w.add<float>(mb * s.k2);        // Y: SwiGLU output, f32
   w.add<int8_t>(mb * s.k2);       // q2 as s8
@@ -111,6 +117,7 @@ void run(Context& ctx, const char* op, const MoeFfnArgs& a, const TensorView& ou
 
   const int64_t mb = std::min<int64_t>(std::max<int64_t>(s.m, 1), kMaxBlockRows);
   const int64_t kp1 = pk->kp1(), kp2 = pk->kp2();
+  Segment* segs = ws.alloc<Segment>(s.G + 1, op);
   int16_t* A1 = ws.alloc<int16_t>(mb * kp1 * 2, op);
   float* Y = ws.alloc<float>(mb * s.k2, op);
   int8_t* Q2 = ws.alloc<int8_t>(mb * s.k2, op);
@@ -126,51 +133,85 @@ void run(Context& ctx, const char* op, const MoeFfnArgs& a, const TensorView& ou
   const int8_t* x1 = a.x1.data<int8_t>();
   const float* pts1 = a.per_token_scale1.data<float>();
   const int64_t panels1 = ceil_div(s.k2, kPanel / 2), panels2 = ceil_div(s.n2, kPanel);
+  const int64_t chunks1 = ceil_div(panels1, kPanelGrain), chunks2 = ceil_div(panels2, kPanelGrain);
 
-  for (int64_t g = 0; g < s.G; ++g) {
-    const int64_t g0 = offsets[g], g1 = offsets[g + 1];
-    if (g1 == g0) continue;
-    const int64_t bm = block_rows(g1 - g0);
-    const kernels::Int8Panels w1{pk->w1(g), s.k1, kp1, panels1 * kPanel};
-    const kernels::Int8Panels w2{pk->w2(g), s.k2, kp2, s.n2};
-    for (int64_t r0 = g0; r0 < g1; r0 += bm) {
-      const int64_t rows = std::min(bm, g1 - r0);
-      // 1. Widen the block's activations to s16 pairs.
-      pool.parallel_for(rows, 8, [&](int64_t b, int64_t e, int) {
-        for (int64_t r = b; r < e; ++r) kt.s8_to_s16(x1 + (r0 + r) * s.k1, s.k1, A1 + r * kp1 * 2, kp1 * 2);
-      });
-      // 2. matmul 1 with the dequant + SwiGLU epilogue: Y[rows, k2] in natural order, f32.
-      kernels::Int8Epilogue e1;
-      e1.kind = kernels::Epi::swiglu;
-      e1.col_scale = pk->s1(g);
-      e1.row_scale = pts1 + r0;
-      e1.out_dtype = DType::f32;
-      e1.out = Y;
-      e1.ldo = s.k2;
-      e1.out_cols = s.k2;
-      pool.parallel_for(panels1, kPanelGrain, [&](int64_t b, int64_t e, int) {
-        kt.int8_gemm(A1, kp1 * 2, rows, w1, b, e, e1);
-      });
-      // 3. Per-row dynamic quant of Y (SPEC section 0), widened for matmul 2.
-      pool.parallel_for(rows, 4, [&](int64_t b, int64_t e, int) {
-        for (int64_t r = b; r < e; ++r) {
-          S2[r] = kt.quantize_row(Y + r * s.k2, nullptr, s.k2, Q2 + r * s.k2);
-          kt.s8_to_s16(Q2 + r * s.k2, s.k2, A2 + r * kp2 * 2, kp2 * 2);
-        }
-      });
-      // 4. matmul 2 with the dequant epilogue straight into the output rows.
-      kernels::Int8Epilogue e2;
-      e2.kind = kernels::Epi::dequant;
-      e2.col_scale = pk->s2(g);
-      e2.row_scale = S2;
-      e2.out_dtype = p.out_dtype;
-      e2.out = outp + r0 * s.n2 * osz;
-      e2.ldo = s.n2;
-      e2.out_cols = s.n2;
-      pool.parallel_for(panels2, kPanelGrain, [&](int64_t b, int64_t e, int) {
-        kt.int8_gemm(A2, kp2 * 2, rows, w2, b, e, e2);
-      });
+  // Blocks of at most mb rows. Groups of up to mb rows are packed whole into shared blocks, so
+  // decode-sized groups (a few rows per expert) run as one block with three barriers in all and
+  // threads balanced across experts; larger groups are cut into equal blocks of their own.
+  int64_t g = 0, pos = 0;
+  while (g < s.G) {
+    int64_t nseg = 0, used = 0;
+    while (g < s.G) {
+      const int64_t left = offsets[g + 1] - std::max(pos, offsets[g]);
+      if (left <= 0) { ++g; continue; }
+      const int64_t r0 = std::max(pos, offsets[g]);
+      const int64_t grows = offsets[g + 1] - offsets[g];
+      if (grows > mb) {
+        if (used > 0) break;  // a big group starts a block of its own
+        const int64_t take = std::min(left, block_rows(grows));
+        segs[nseg++] = {g, r0, take, 0};
+        used = take;
+        pos = r0 + take;
+        if (pos >= offsets[g + 1]) ++g;
+        break;
+      }
+      if (used + left > mb) break;
+      segs[nseg++] = {g, r0, left, used};
+      used += left;
+      pos = offsets[g + 1];
+      ++g;
     }
+    if (nseg == 0) break;
+
+    // 1. Widen the block's activations to s16 pairs.
+    pool.parallel_for(nseg, 1, [&](int64_t b, int64_t e, int) {
+      for (int64_t i = b; i < e; ++i)
+        for (int64_t r = 0; r < segs[i].rows; ++r)
+          kt.s8_to_s16(x1 + (segs[i].r0 + r) * s.k1, s.k1, A1 + (segs[i].slot + r) * kp1 * 2, kp1 * 2);
+    });
+    // 2. matmul 1 with the dequant + SwiGLU epilogue: Y[rows, k2] in natural order, f32.
+    pool.parallel_for(nseg * chunks1, 1, [&](int64_t b, int64_t e, int) {
+      for (int64_t it = b; it < e; ++it) {
+        const Segment& sg = segs[it / chunks1];
+        const int64_t c = it % chunks1;
+        kernels::Int8Epilogue e1;
+        e1.kind = kernels::Epi::swiglu;
+        e1.col_scale = pk->s1(sg.g);
+        e1.row_scale = pts1 + sg.r0;
+        e1.out_dtype = DType::f32;
+        e1.out = Y + sg.slot * s.k2;
+        e1.ldo = s.k2;
+        e1.out_cols = s.k2;
+        const kernels::Int8Panels w1{pk->w1(sg.g), s.k1, kp1, panels1 * kPanel};
+        kt.int8_gemm(A1 + sg.slot * kp1 * 2, kp1 * 2, sg.rows, w1, c * kPanelGrain,
+                     std::min(panels1, (c + 1) * kPanelGrain), e1);
+      }
+    });
+    // 3. Per-row dynamic quant of Y (SPEC section 0), widened for matmul 2.
+    pool.parallel_for(used, 4, [&](int64_t b, int64_t e, int) {
+      for (int64_t r = b; r < e; ++r) {
+        S2[r] = kt.quantize_row(Y + r * s.k2, nullptr, s.k2, Q2 + r * s.k2);
+        kt.s8_to_s16(Q2 + r * s.k2, s.k2, A2 + r * kp2 * 2, kp2 * 2);
+      }
+    });
+    // 4. matmul 2 with the dequant epilogue straight into the output rows.
+    pool.parallel_for(nseg * chunks2, 1, [&](int64_t b, int64_t e, int) {
+      for (int64_t it = b; it < e; ++it) {
+        const Segment& sg = segs[it / chunks2];
+        const int64_t c = it % chunks2;
+        kernels::Int8Epilogue e2;
+        e2.kind = kernels::Epi::dequant;
+        e2.col_scale = pk->s2(sg.g);
+        e2.row_scale = S2 + sg.slot;
+        e2.out_dtype = p.out_dtype;
+        e2.out = outp + sg.r0 * s.n2 * osz;
+        e2.ldo = s.n2;
+        e2.out_cols = s.n2;
+        const kernels::Int8Panels w2{pk->w2(sg.g), s.k2, kp2, s.n2};
+        kt.int8_gemm(A2 + sg.slot * kp2 * 2, kp2 * 2, sg.rows, w2, c * kPanelGrain,
+                     std::min(panels2, (c + 1) * kPanelGrain), e2);
+      }
+    });
   }
 }
 

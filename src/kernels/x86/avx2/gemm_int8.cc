@@ -26,8 +26,10 @@ namespace {
 
 constexpr int kMR = 6;
 
+// pf: where to prefetch, advancing with the weights (nullptr: no prefetch). One prefetch per
+// 64-byte line, i.e. every second k-pair.
 template <int MR>
-inline void tile(const int16_t* a, int64_t lda, const int8_t* bp, int64_t kp, int32_t* c) {
+inline void tile(const int16_t* a, int64_t lda, const int8_t* bp, int64_t kp, int32_t* c, const int8_t* pf) {
   __m256i acc0[MR], acc1[MR];
   const int16_t* ar[MR];
   for (int r = 0; r < MR; ++r) {
@@ -36,9 +38,7 @@ inline void tile(const int16_t* a, int64_t lda, const int8_t* bp, int64_t kp, in
     ar[r] = a + r * lda;
   }
   for (int64_t q = 0; q < kp; ++q) {
-    // Small row counts are DRAM-bound on the weights: fetch ~2 KiB ahead so the next lines are
-    // in flight while this one is multiplied (the hardware prefetcher alone left gaps).
-    if constexpr (MR <= 2) _mm_prefetch(reinterpret_cast<const char*>(bp + 2048), _MM_HINT_T0);
+    if (pf && (q & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(pf + q * 32), _MM_HINT_T0);
     const __m256i b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bp)));
     const __m256i b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bp + 16)));
     bp += 32;
@@ -56,14 +56,14 @@ inline void tile(const int16_t* a, int64_t lda, const int8_t* bp, int64_t kp, in
   }
 }
 
-void run_tile(int mr, const int16_t* a, int64_t lda, const int8_t* bp, int64_t kp, int32_t* c) {
+void run_tile(int mr, const int16_t* a, int64_t lda, const int8_t* bp, int64_t kp, int32_t* c, const int8_t* pf) {
   switch (mr) {
-    case 1: tile<1>(a, lda, bp, kp, c); break;
-    case 2: tile<2>(a, lda, bp, kp, c); break;
-    case 3: tile<3>(a, lda, bp, kp, c); break;
-    case 4: tile<4>(a, lda, bp, kp, c); break;
-    case 5: tile<5>(a, lda, bp, kp, c); break;
-    default: tile<6>(a, lda, bp, kp, c); break;
+    case 1: tile<1>(a, lda, bp, kp, c, pf); break;
+    case 2: tile<2>(a, lda, bp, kp, c, pf); break;
+    case 3: tile<3>(a, lda, bp, kp, c, pf); break;
+    case 4: tile<4>(a, lda, bp, kp, c, pf); break;
+    case 5: tile<5>(a, lda, bp, kp, c, pf); break;
+    default: tile<6>(a, lda, bp, kp, c, pf); break;
   }
 }
 
@@ -123,11 +123,18 @@ void int8_gemm(const int16_t* a, int64_t lda, int64_t rows, const Int8Panels& b,
                int64_t p1, const Int8Epilogue& ep) {
   alignas(64) int32_t c[kMR * kPanel];
   // Panel-outer: each panel is read from memory once and reused from L2 by every row strip.
+  // The weights come from DRAM, and the hardware prefetcher alone leaves the first strip of
+  // each panel stalled on it; so the first strip prefetches kPrefetchAhead bytes ahead in its
+  // panel (about two DRAM latencies of streaming at one core's share of the bandwidth), and
+  // the last strip of a multi-strip panel pulls in the next panel of this call's range.
+  constexpr int64_t kPrefetchAhead = 2048;
   for (int64_t p = p0; p < p1; ++p) {
     const int8_t* bp = b.data + p * b.panel_bytes();
     for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
       const int mr = static_cast<int>(rows - r0 < kMR ? rows - r0 : kMR);
-      run_tile(mr, a + r0 * lda, lda, bp, b.kp, c);
+      const bool first = r0 == 0, last = r0 + kMR >= rows;
+      const int8_t* pf = first ? bp + kPrefetchAhead : (last && p + 1 < p1) ? bp + b.panel_bytes() : nullptr;
+      run_tile(mr, a + r0 * lda, lda, bp, b.kp, c, pf);
       epilogue(c, mr, r0, p, ep);
     }
   }

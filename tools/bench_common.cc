@@ -1,0 +1,62 @@
+#include "bench_common.h"
+
+#include <algorithm>
+#include <cstdio>
+
+namespace qllm::bench {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+double median_seconds(const Options& o, const std::function<void()>& fn) {
+  std::vector<double> t;
+  const double start = now_s();
+  while (static_cast<int>(t.size()) < o.min_reps || now_s() - start < o.min_time_s) {
+    const double t0 = now_s();
+    fn();
+    t.push_back(now_s() - t0);
+    if (t.size() >= 1000) break;
+  }
+  std::sort(t.begin(), t.end());
+  const size_t n = t.size();
+  return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
+}
+
+namespace {
+std::string cell(const nlohmann::ordered_json& v) {
+  char buf[64];
+  if (v.is_number_float()) {
+    const double d = v.get<double>();
+    std::snprintf(buf, sizeof buf, d != 0 && (d < 0.01 && d > -0.01) ? "%.2e" : "%.3f", d);
+    return buf;
+  }
+  if (v.is_string()) return v.get<std::string>();
+  return v.dump();
+}
+}  // namespace
+
+void Reporter::row(const nlohmann::ordered_json& j) {
+  if (o_.json) {
+    std::printf("%s\n", j.dump().c_str());
+    std::fflush(stdout);
+    return;
+  }
+  // Table: the case's fields, then every other field except "bench" and "case".
+  std::vector<std::pair<std::string, std::string>> cols;
+  for (auto& [k, v] : j["case"].items()) cols.emplace_back(k, cell(v));
+  for (auto& [k, v] : j.items())
+    if (k != "bench" && k != "case") cols.emplace_back(k, cell(v));
+  const std::string bench = j["bench"].get<std::string>();
+  if (bench != last_bench_) {
+    std::printf("\n== qllm bench %s ==\n", bench.c_str());
+    for (auto& c : cols) std::printf("%*s ", static_cast<int>(std::max<size_t>(c.first.size(), 9)), c.first.c_str());
+    std::printf("\n");
+    last_bench_ = bench;
+  }
+  for (auto& c : cols) std::printf("%*s ", static_cast<int>(std::max<size_t>(c.first.size(), 9)), c.second.c_str());
+  std::printf("\n");
+  std::fflush(stdout);
+}
+
+}  // namespace qllm::bench

@@ -1,0 +1,51 @@
+// Shared benchmark plumbing: timing (medians), machine limits, and the two output formats
+// (a readable table, or one JSON object per line with --json).
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace qllm::bench {
+
+struct Options {
+  bool json = false;
+  int threads = 0;        // 0: the library default
+  double min_time_s = 1.0;  // per measured case: repeat until this much time has passed...
+  int min_reps = 3;         // ...and at least this many times
+  bool quick = false;     // small shapes, for smoke tests
+  std::vector<int64_t> rows;  // moe-ffn: rows per expert to run (empty: the standard list)
+  bool no_peers = false;  // skip the comparison runs (for quick tuning)
+};
+
+// This machine's limits, measured in the same run (bench peak).
+struct Peak {
+  int threads = 1;
+  double fma_gflops = 0;    // f32 FMA, 2 flops each
+  double int8_gops = 0;     // vpmaddubsw + vpmaddwd + vpaddd idiom, 2 ops per multiply-add
+  double int8_exact_gops = 0;  // exact s16 vpmaddwd path (what qllm's int8 kernels use)
+  double dram_gbps = 0;     // streaming read of a 1 GiB buffer
+  double dram_ms = 0;       // median time of one such pass
+};
+Peak measure_peak(int threads, double seconds_per_test);
+
+double now_s();
+// Runs fn until min_time_s and min_reps are both reached; returns the median seconds per call.
+double median_seconds(const Options& o, const std::function<void()>& fn);
+
+// Prints one result: a JSON line, or an aligned table row (the header printed once per bench).
+class Reporter {
+ public:
+  explicit Reporter(const Options& o) : o_(o) {}
+  void row(const nlohmann::ordered_json& j);
+
+ private:
+  const Options& o_;
+  std::string last_bench_;
+};
+
+}  // namespace qllm::bench

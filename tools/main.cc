@@ -1,0 +1,74 @@
+// qllm: the command line. `qllm info`, `qllm bench peak`, `qllm bench moe-ffn`.
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+
+#include "bench_common.h"
+#include "qllm/qllm.h"
+
+namespace qllm::bench {
+int bench_moe_ffn(const Options& o);
+}
+
+namespace {
+
+int bench_peak(const qllm::bench::Options& o) {
+  qllm::bench::Reporter rep(o);
+  const int all = qllm::Context(qllm::ContextOptions{o.threads, true, qllm::Isa::ref}).threads();
+  for (int t : {1, all}) {
+    const qllm::bench::Peak p = qllm::bench::measure_peak(t, o.quick ? 0.05 : 0.5);
+    nlohmann::ordered_json j;
+    j["bench"] = "peak";
+    j["case"] = {{"threads", t}};
+    j["median_ms"] = p.dram_ms;  // one 1 GiB read pass
+    j["fma_gflops"] = p.fma_gflops;
+    j["int8_gops"] = p.int8_gops;
+    j["int8_exact_gops"] = p.int8_exact_gops;
+    j["dram_gbps"] = p.dram_gbps;
+    j["threads"] = t;
+    rep.row(j);
+    if (all == 1) break;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"qllm: fast quantised MoE inference on CPUs"};
+  app.require_subcommand(1);
+  auto* info = app.add_subcommand("info", "CPU features, ISA and thread count qllm will use");
+  auto* bench = app.add_subcommand("bench", "benchmarks (see docs/benchmarks.md)");
+  qllm::bench::Options o;
+  std::string name;
+  bench->add_option("name", name, "peak | moe-ffn")->required()->check(CLI::IsMember({"peak", "moe-ffn"}));
+  bench->add_flag("--json", o.json, "one JSON object per line instead of a table");
+  bench->add_option("--threads", o.threads, "threads (default: QLLM_NUM_THREADS or physical cores)")->check(CLI::Range(0, 1024));
+  bench->add_option("--min-time", o.min_time_s, "seconds to repeat each measured case (median reported)")->check(CLI::Range(0.0, 600.0));
+  bench->add_option("--min-reps", o.min_reps, "repetitions per case at least")->check(CLI::Range(1, 1000));
+  bench->add_flag("--quick", o.quick, "small shapes (a smoke test, not a measurement)");
+  bench->add_option("--rows", o.rows, "moe-ffn: rows per expert to run (default 1,4,16,64,256,512)")->delimiter(',');
+  bench->add_flag("--no-peers", o.no_peers, "skip the comparison runs (unfused chain, 1 thread)");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (*info) {
+      const auto& f = qllm::cpu_features();
+      qllm::Context ctx;
+      std::printf("cpu: %s\navx2=%d fma=%d f16c=%d avx512f=%d avx512vnni=%d avx_vnni=%d amx_int8=%d\n", f.brand.c_str(), f.avx2,
+                  f.fma, f.f16c, f.avx512f, f.avx512vnni, f.avx_vnni, f.amx_int8);
+      std::printf("isa: %s (supported:", qllm::isa_name(ctx.isa()));
+      for (auto i : qllm::supported_isas()) std::printf(" %s", qllm::isa_name(i));
+      std::printf(")\nthreads: %d\n", ctx.threads());
+      return 0;
+    }
+    if (!qllm::isa_supported(qllm::Isa::avx2)) {
+      std::fprintf(stderr, "qllm bench: this CPU lacks AVX2/FMA/F16C, which the peak measurements use\n");
+      return 2;
+    }
+    if (name == "peak") return bench_peak(o);
+    return qllm::bench::bench_moe_ffn(o);
+  } catch (const qllm::Error& e) {
+    std::fprintf(stderr, "qllm: %s\n", e.what());
+    return 2;
+  }
+}
