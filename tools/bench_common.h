@@ -32,6 +32,9 @@ struct Peak {
   double dram_ms = 0;       // median time of one such pass
 };
 Peak measure_peak(int threads, double seconds_per_test);
+// DRAM read bandwidth alone (GB/s): the available bandwidth drifts on a shared host, so
+// memory-bound cases measure it again right before they run.
+double measure_dram(int threads, int reps);
 
 double now_s();
 // Runs fn until min_time_s and min_reps are both reached; returns the median seconds per call.

@@ -179,6 +179,8 @@ double calibrated(F&& f, int threads, double seconds) {
 
 }  // namespace
 
+double measure_dram(int threads, int reps) { return dram_gbps(threads, reps); }
+
 Peak measure_peak(int threads, double seconds) {
   Peak p;
   p.threads = threads;
