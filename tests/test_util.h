@@ -5,6 +5,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -39,11 +41,18 @@ TensorView view(const std::vector<T>& v, DType dt, std::initializer_list<int64_t
 
 // One context per ISA the CPU supports, 2 threads each (exercises the parallel paths).
 inline std::vector<Isa> isas() { return supported_isas(); }
+// The supported ISAs other than ref: each is compared with ref bit for bit.
+inline std::vector<Isa> fast_isas() {
+  std::vector<Isa> v;
+  for (Isa i : supported_isas())
+    if (i != Isa::ref) v.push_back(i);
+  return v;
+}
 inline Context& context(Isa isa) {
-  static Context ref(ContextOptions{2, false, Isa::ref});
-  if (isa == Isa::ref) return ref;
-  static Context avx2(ContextOptions{2, false, isa_supported(Isa::avx2) ? Isa::avx2 : Isa::ref});
-  return avx2;
+  static std::map<Isa, std::unique_ptr<Context>> contexts;
+  auto& c = contexts[isa];
+  if (!c) c = std::make_unique<Context>(ContextOptions{2, false, isa});
+  return *c;
 }
 // The context QLLM_ISA selects (ctest runs the suite once per ISA).
 inline Context& default_context() {

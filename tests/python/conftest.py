@@ -11,6 +11,18 @@ if os.path.isdir(_build) and _build not in sys.path:
     sys.path.insert(0, _build)
 
 
+def pytest_sessionstart(session):
+    """A run asked (QLLM_ISA) for an instruction set this CPU lacks is skipped (exit code 77)."""
+    import qllm
+
+    try:
+        qllm.info()
+    except qllm.Error as e:
+        if "not supported" in str(e):
+            pytest.exit(f"skipped: {e}", returncode=77)
+        raise
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import numpy as np
