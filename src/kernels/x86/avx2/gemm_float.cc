@@ -70,14 +70,7 @@ void gemm(const float* a, int64_t lda, int64_t rows, const FloatPanels& b, int64
           v0 = _mm256_add_ps(v0, _mm256_load_ps(bias));
           v1 = _mm256_add_ps(v1, _mm256_load_ps(bias + 8));
         }
-        void* out = offset(ep.out, ep.out_dtype, (r0 + r) * ep.ldo + col0);
-        if (ncols == kPanel) {
-          store8(ep.out_dtype, out, v0);
-          store8(ep.out_dtype, offset(out, ep.out_dtype, 8), v1);
-        } else {
-          store8_partial(ep.out_dtype, out, v0, static_cast<int>(ncols < 8 ? ncols : 8));
-          if (ncols > 8) store8_partial(ep.out_dtype, offset(out, ep.out_dtype, 8), v1, static_cast<int>(ncols - 8));
-        }
+        store16(ep.out_dtype, offset(ep.out, ep.out_dtype, (r0 + r) * ep.ldo + col0), v0, v1, ncols);
       }
     }
   }

@@ -106,14 +106,7 @@ void epilogue(const int32_t* c, int mr, int64_t r0, int64_t p, const Int8Epilogu
     const __m256 rs = _mm256_set1_ps(ep.row_scale ? ep.row_scale[r0 + r] : 1.0f);
     const __m256 v0 = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * kPanel))), s0), rs);
     const __m256 v1 = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * kPanel + 8))), s1), rs);
-    void* out = offset(ep.out, ep.out_dtype, (r0 + r) * ep.ldo + col0);
-    if (ncols == kPanel) {
-      store8(ep.out_dtype, out, v0);
-      store8(ep.out_dtype, offset(out, ep.out_dtype, 8), v1);
-    } else {
-      store8_partial(ep.out_dtype, out, v0, static_cast<int>(ncols < 8 ? ncols : 8));
-      if (ncols > 8) store8_partial(ep.out_dtype, offset(out, ep.out_dtype, 8), v1, static_cast<int>(ncols - 8));
-    }
+    store16(ep.out_dtype, offset(ep.out, ep.out_dtype, (r0 + r) * ep.ldo + col0), v0, v1, ncols);
   }
 }
 

@@ -81,6 +81,20 @@ inline void store8_partial(DType dt, void* out, __m256 v, int n) {
   }
 }
 
+// Stores one 16-column row of a tile (v0: columns 0-7, v1: 8-15) as `dt`, only the first
+// `ncols` columns when the panel is the last, partial one.
+inline void store16(DType dt, void* out, __m256 v0, __m256 v1, int64_t ncols) {
+  const int64_t es = dtype_size(dt);
+  void* out8 = static_cast<uint8_t*>(out) + 8 * es;
+  if (ncols >= 16) {
+    store8(dt, out, v0);
+    store8(dt, out8, v1);
+    return;
+  }
+  store8_partial(dt, out, v0, static_cast<int>(ncols < 8 ? ncols : 8));
+  if (ncols > 8) store8_partial(dt, out8, v1, static_cast<int>(ncols - 8));
+}
+
 inline __m256 load8(DType dt, const void* p) {
   switch (dt) {
     case DType::f16: return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p)));
