@@ -127,6 +127,13 @@ TEST(MoeFfn, MatchesSpecSweep) {
   expect_matches_spec(make(255, 100, 256, 64, {100, 0, 150}, 256), "m=255");
 }
 
+TEST(MoeFfn, RealModelSizes) {
+  // DeepSeek-V3 expert (hidden 7168, expert intermediate 2048, N256 layout) and a Mixtral /
+  // Qwen-MoE expert (hidden 4096, intermediate 14336); a few rows keep the oracle cheap.
+  expect_matches_spec(make(3, 7168, 4096, 7168, {1, 2}, 256), "DeepSeek-V3");
+  expect_matches_spec(make(2, 4096, 28672, 4096, {2}, 0), "Mixtral");
+}
+
 TEST(MoeFfn, ExtremeValues) {
   Ffn f = make(6, 64, 128, 16, {6}, 128);
   for (int64_t i = 0; i < f.m * f.k1; ++i) f.x1[i] = (i % 3 == 0) ? -128 : 127;
