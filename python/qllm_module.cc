@@ -306,7 +306,7 @@ PYBIND11_MODULE(qllm, m) {
   py::class_<PackedWeight>(m, "PackedWeight", "Grouped weights packed once for grouped_matmul.")
       .def(py::init([](const py::object& w, bool transpose_w) {
              const Arg a = to_arg(w, "PackedWeight", "w");
-             return PackedWeight::pack(a.view(), transpose_w);
+             return PackedWeight::pack(a.view(), transpose_w, ctx().isa());  // for the module's ISA
            }),
            py::arg("w"), py::arg("transpose_w") = false)
       .def_property_readonly("groups", &PackedWeight::groups)
@@ -320,7 +320,8 @@ PYBIND11_MODULE(qllm, m) {
              const char* op = "PackedExpertFFN";
              const Arg a1 = to_arg(w1, op, "weight1"), b1 = to_arg(s1, op, "scale1"), a2 = to_arg(w2, op, "weight2"),
                        b2 = to_arg(s2, op, "scale2");
-             return PackedExpertFFN::pack(a1.view(), b1.view(), a2.view(), b2.view(), parse_weight_up_permute(perm.c_str(), op), op);
+             return PackedExpertFFN::pack(a1.view(), b1.view(), a2.view(), b2.view(), parse_weight_up_permute(perm.c_str(), op), op,
+                                          ctx().isa());
            }),
            py::arg("weight1"), py::arg("scale1"), py::arg("weight2"), py::arg("scale2"), py::arg("weight_up_permute") = "none")
       .def_property_readonly("groups", &PackedExpertFFN::groups)

@@ -41,7 +41,8 @@ TEST(HotPath, NoHeapAllocations) {
     std::vector<int64_t> gl = {10, 24};
     const PackedExpertFFN pk = PackedExpertFFN::pack(
         TensorView(w1.data(), DType::s8, {G, k1, n1}), TensorView(s1.data(), DType::f32, {G, n1}),
-        TensorView(w2.data(), DType::s8, {G, n2, n1 / 2}), TensorView(s2.data(), DType::f32, {G, n2}), WeightUpPermute::n256);
+        TensorView(w2.data(), DType::s8, {G, n2, n1 / 2}), TensorView(s2.data(), DType::f32, {G, n2}), WeightUpPermute::n256,
+        "PackedExpertFFN", isa);
     MoeFfnArgs a;
     a.x1 = TensorView(x1.data(), DType::s8, {m, k1});
     a.per_token_scale1 = TensorView(pts.data(), DType::f32, {m});
@@ -51,7 +52,7 @@ TEST(HotPath, NoHeapAllocations) {
     std::vector<uint16_t> out(m * n2);
     EXPECT_EQ(allocations_of([&] { gmm_deq_swiglu_quant_gmm_deq(ctx, a, TensorView(out.data(), DType::f16, {m, n2}), p); }), 0);
 
-    const PackedWeight pw = PackedWeight::pack(TensorView(w1.data(), DType::s8, {G, k1, n1}), false);
+    const PackedWeight pw = PackedWeight::pack(TensorView(w1.data(), DType::s8, {G, k1, n1}), false, isa);
     GroupedMatmulArgs ga;
     ga.x = a.x1;
     ga.packed_w = &pw;

@@ -42,7 +42,7 @@ void check_int8(Isa isa, int64_t m, int64_t k, int64_t n, const std::vector<int6
   p.out_dtype = out_dtype;
   PackedWeight pw;
   if (packed) {
-    pw = PackedWeight::pack(a.w, transpose);
+    pw = PackedWeight::pack(a.w, transpose, isa);
     a.w = TensorView();
     a.packed_w = &pw;
   }

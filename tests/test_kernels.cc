@@ -101,11 +101,20 @@ TEST(Kernels, ConversionsMatchRef) {
         ASSERT_TRUE(same_bits(b1, b2));
       }
       auto s8 = test::rand_s8(n);
-      std::vector<int16_t> w1(n + 1), w2(n + 1);
-      ref().s8_to_s16(s8.data(), n, w1.data(), n + 1);
-      fast_k.s8_to_s16(s8.data(), n, w2.data(), n + 1);
-      ASSERT_TRUE(same_bits(w1, w2));
-      EXPECT_EQ(w1[n], 0);
+      // Each table's activation form, checked against its definition.
+      for (const KernelTable* kt : {&ref(), &fast_k}) {
+        std::vector<uint8_t> a(kt->int8_a_bytes(n));
+        kt->int8_prepare_a(s8.data(), n, a.data());
+        for (int64_t i = 0; i < static_cast<int64_t>(a.size()) / (kt->int8_layout == Int8Layout::pairs ? 2 : 1); ++i) {
+          if (kt->int8_layout == Int8Layout::pairs) {
+            int16_t v;
+            std::memcpy(&v, a.data() + 2 * i, 2);
+            ASSERT_EQ(v, i < n ? s8[i] : 0);
+          } else {
+            ASSERT_EQ(a[i], i < n ? static_cast<uint8_t>(s8[i] + 128) : 128);
+          }
+        }
+      }
     }
   }
 }
@@ -132,19 +141,39 @@ struct GemmCase { int64_t rows, k, n; };
 const GemmCase kGemmCases[] = {{1, 1, 1}, {1, 7, 16}, {3, 33, 17}, {6, 64, 32}, {7, 100, 40},
                                {13, 31, 5}, {17, 256, 48}, {2, 2049, 16}, {25, 40, 33}, {12, 64, 16}};
 
+// Packs w [k, n] for `layout` (with column sums) and prepares x [rows, k] for `kt`.
+struct Int8Operands {
+  std::vector<uint8_t> packed;
+  std::vector<int32_t> colsum;
+  std::vector<uint8_t> a;
+  int64_t abytes = 0;
+  kernels::Int8Panels b;
+};
+Int8Operands int8_operands(const KernelTable& kt, Int8Layout layout, const std::vector<int8_t>& x,
+                           const std::vector<int8_t>& w, int64_t rows, int64_t k, int64_t n) {
+  Int8Operands o;
+  const int64_t panels = (n + 15) / 16, gs = int8_group(layout);
+  o.packed.resize(detail::panel_group_bytes(DType::s8, k, n, layout));
+  o.colsum.resize(panels * 16);
+  detail::pack_panels(w.data(), DType::s8, k, n, false, nullptr, n, o.packed.data(), layout, o.colsum.data());
+  o.abytes = kt.int8_a_bytes(k);
+  o.a.resize(rows * o.abytes + 1);
+  for (int64_t r = 0; r < rows; ++r) kt.int8_prepare_a(x.data() + r * k, k, o.a.data() + r * o.abytes);
+  o.b = {reinterpret_cast<int8_t*>(o.packed.data()), k, (k + gs - 1) / gs, n, layout, o.colsum.data()};
+  return o;
+}
+
 TEST(Kernels, Int8GemmMatchesRefAllEpilogues) {
   for (Isa isa : test::fast_isas()) {
     SCOPED_TRACE(isa_name(isa));
     const KernelTable& fast_k = kernels::table(isa);
     for (const auto& c : kGemmCases) {
-      const int64_t kp = (c.k + 1) / 2, panels = (c.n + 15) / 16;
+      const int64_t panels = (c.n + 15) / 16;
       auto x = test::rand_s8(c.rows * c.k);
       auto w = test::rand_s8(c.k * c.n);
-      std::vector<uint8_t> packed(detail::panel_group_bytes(DType::s8, c.k, c.n));
-      detail::pack_panels(w.data(), DType::s8, c.k, c.n, false, nullptr, c.n, packed.data());
-      std::vector<int16_t> a(c.rows * kp * 2);
-      for (int64_t r = 0; r < c.rows; ++r) ref().s8_to_s16(x.data() + r * c.k, c.k, a.data() + r * kp * 2, kp * 2);
-      const kernels::Int8Panels b{reinterpret_cast<int8_t*>(packed.data()), c.k, kp, c.n};
+      // Both kernels read the same packed weights, in the fast kernel's layout.
+      const Int8Operands fo = int8_operands(fast_k, fast_k.int8_layout, x, w, c.rows, c.k, c.n);
+      const Int8Operands ro = int8_operands(ref(), fast_k.int8_layout, x, w, c.rows, c.k, c.n);
       auto cs = test::rand_f32(panels * 16, 0.001f, 0.01f);
       auto rs = test::rand_f32(c.rows, 0.5f, 2.0f);
       for (kernels::Epi kind : {kernels::Epi::s32, kernels::Epi::dequant, kernels::Epi::swiglu}) {
@@ -159,9 +188,9 @@ TEST(Kernels, Int8GemmMatchesRefAllEpilogues) {
           ep.ldo = ep.out_cols;
           std::vector<uint8_t> o1(c.rows * ep.ldo * 4, 0xab), o2(c.rows * ep.ldo * 4, 0xab);
           ep.out = o1.data();
-          ref().int8_gemm(a.data(), kp * 2, c.rows, b, 0, panels, ep);
+          ref().int8_gemm(ro.a.data(), ro.abytes, c.rows, ro.b, 0, panels, ep);
           ep.out = o2.data();
-          fast_k.int8_gemm(a.data(), kp * 2, c.rows, b, 0, panels, ep);
+          fast_k.int8_gemm(fo.a.data(), fo.abytes, c.rows, fo.b, 0, panels, ep);
           ASSERT_TRUE(same_bits(o1, o2)) << c.rows << "x" << c.k << "x" << c.n << " epi " << int(kind);
           if (kind == kernels::Epi::s32) {
             // Exact against a plain triple loop on the unpacked data.
@@ -180,21 +209,22 @@ TEST(Kernels, Int8GemmMatchesRefAllEpilogues) {
 }
 
 TEST(Kernels, Int8GemmExtremesAreExact) {
-  // -128 x -128 in every product: the case that breaks vpmaddubsw and the sign trick.
+  // -128 x -128 in every product: the case that breaks vpmaddubsw and the sign trick, and the
+  // largest u8 x s8 sums of the VNNI path's x + 128 offset.
   for (Isa isa : supported_isas()) {
-    const int64_t k = 7168, n = 16, rows = 2;
-    std::vector<int8_t> x(rows * k, -128), w(k * n, -128);
-    std::vector<uint8_t> packed(detail::panel_group_bytes(DType::s8, k, n));
-    detail::pack_panels(w.data(), DType::s8, k, n, false, nullptr, n, packed.data());
-    std::vector<int16_t> a(rows * k);
-    for (int64_t r = 0; r < rows; ++r) kernels::table(isa).s8_to_s16(x.data() + r * k, k, a.data() + r * k, k);
-    std::vector<int32_t> out(rows * n);
-    kernels::Int8Epilogue ep;
-    ep.out = out.data();
-    ep.ldo = n;
-    ep.out_cols = n;
-    kernels::table(isa).int8_gemm(a.data(), k, rows, {reinterpret_cast<int8_t*>(packed.data()), k, k / 2, n}, 0, 1, ep);
-    for (int32_t v : out) ASSERT_EQ(v, 16384 * 7168) << isa_name(isa);
+    const KernelTable& kt = kernels::table(isa);
+    for (int8_t xv : {int8_t{-128}, int8_t{127}}) {
+      const int64_t k = 7168, n = 16, rows = 2;
+      std::vector<int8_t> x(rows * k, xv), w(k * n, -128);
+      const Int8Operands o = int8_operands(kt, kt.int8_layout, x, w, rows, k, n);
+      std::vector<int32_t> out(rows * n);
+      kernels::Int8Epilogue ep;
+      ep.out = out.data();
+      ep.ldo = n;
+      ep.out_cols = n;
+      kt.int8_gemm(o.a.data(), o.abytes, rows, o.b, 0, 1, ep);
+      for (int32_t v : out) ASSERT_EQ(v, int32_t{xv} * -128 * 7168) << isa_name(isa);
+    }
   }
 }
 

@@ -91,7 +91,7 @@ std::vector<uint8_t> run_fused(Isa isa, const Ffn& f, DType out_dtype, bool pack
   p.out_dtype = out_dtype;
   PackedExpertFFN pk;
   if (packed) {
-    pk = PackedExpertFFN::pack(a.weight1, a.scale1, a.weight2, a.scale2, p.weight_up_permute);
+    pk = PackedExpertFFN::pack(a.weight1, a.scale1, a.weight2, a.scale2, p.weight_up_permute, "PackedExpertFFN", isa);
     a.weight1 = a.scale1 = a.weight2 = a.scale2 = TensorView();
     a.packed = &pk;
   }

@@ -33,6 +33,7 @@ CpuFeatures detect() {
     f.avx2 = os_avx && ((b >> 5) & 1);
     f.avx512f = os_avx512 && ((b >> 16) & 1);
     f.avx512bw = os_avx512 && ((b >> 30) & 1);
+    f.avx512vl = os_avx512 && ((b >> 31) & 1);
     f.avx512vnni = os_avx512 && ((c >> 11) & 1);
     f.amx_int8 = (d >> 25) & 1;
     __cpuid_count(7, 1, a, b, c, d);
@@ -66,6 +67,7 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::ref: return "ref";
     case Isa::avx2: return "avx2";
+    case Isa::avx512: return "avx512";
   }
   return "?";
 }
@@ -73,7 +75,8 @@ const char* isa_name(Isa isa) {
 Isa parse_isa(const std::string& name) {
   if (name == "ref") return Isa::ref;
   if (name == "avx2") return Isa::avx2;
-  throw_invalid("qllm", "QLLM_ISA", "unknown ISA '", name, "' for QLLM_ISA (expected ref or avx2)");
+  if (name == "avx512") return Isa::avx512;
+  throw_invalid("qllm", "QLLM_ISA", "unknown ISA '", name, "' for QLLM_ISA (expected ref, avx2 or avx512)");
 }
 
 bool isa_supported(Isa isa) {
@@ -81,13 +84,15 @@ bool isa_supported(Isa isa) {
   switch (isa) {
     case Isa::ref: return true;
     case Isa::avx2: return QLLM_HAVE_AVX2 && f.avx2 && f.fma && f.f16c;  // compiled in, and runnable
+    case Isa::avx512:
+      return isa_supported(Isa::avx2) && f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni;
   }
   return false;
 }
 
 std::vector<Isa> supported_isas() {
   std::vector<Isa> v;
-  for (Isa i : {Isa::ref, Isa::avx2})
+  for (Isa i : {Isa::ref, Isa::avx2, Isa::avx512})
     if (isa_supported(i)) v.push_back(i);
   return v;
 }

@@ -12,6 +12,12 @@ const KernelTable& table(Isa isa) {
 #else
       break;
 #endif
+    case Isa::avx512:
+#if QLLM_HAVE_AVX2
+      return avx512_table();
+#else
+      break;
+#endif
   }
   throw_invalid("qllm", "isa", "ISA ", isa_name(isa), " was not compiled into this build");
 }

@@ -10,6 +10,7 @@
 
 #include "qllm/core/cpu.h"
 #include "qllm/core/dtype.h"
+#include "qllm/core/int8_layout.h"
 
 namespace qllm::kernels {
 
@@ -20,18 +21,27 @@ namespace qllm::kernels {
 // start to end and the hardware prefetcher sees one sequential stream.
 constexpr int kPanel = 16;
 
-// int8: k is taken in pairs, each pair of a slot adjacent, so that one 16-byte load widened to
-// 16 x s16 lines up with vpmaddwd's pairwise products: byte offset of (kk, s) inside a panel is
-// (kk / 2) * 32 + s * 2 + kk % 2. Odd k is padded with a zero row; missing slots are zero.
+// int8 weights come in one of two layouts, chosen by the ISA that will read them:
+//  - pairs (AVX2, ref): k is taken in pairs, each pair of a slot adjacent, so that one 16-byte
+//    load widened to 16 x s16 lines up with vpmaddwd's pairwise products: byte offset of
+//    (kk, s) inside a panel is (kk / 2) * 32 + s * 2 + kk % 2.
+//  - quads (AVX-512 VNNI): k in fours, so that one 64-byte zmm load lines up with vpdpbusd's
+//    four u8 x s8 products per s32 lane: offset (kk / 4) * 64 + s * 4 + kk % 4. Quad-packed
+//    weights carry colsum[slot] = sum_k w[k, slot], for the u8 activation offset (below).
+// k is padded with zero rows to a whole group; missing slots are zero.
+
 struct Int8Panels {
   const int8_t* data = nullptr;
   int64_t k = 0;    // depth
-  int64_t kp = 0;   // depth in pairs, ceil(k / 2)
+  int64_t kg = 0;   // depth in groups of int8_group(layout): ceil(k / group)
   int64_t n = 0;    // real columns (slots past n are zero)
+  Int8Layout layout = Int8Layout::pairs;
+  const int32_t* colsum = nullptr;  // quads: [panels * 16] column sums
   int64_t panels() const { return (n + kPanel - 1) / kPanel; }
-  int64_t panel_bytes() const { return kp * 2 * kPanel; }
+  int64_t panel_bytes() const { return kg * int8_group(layout) * kPanel; }
   int8_t at(int64_t kk, int64_t s) const {
-    return data[(s / kPanel) * panel_bytes() + (kk / 2) * 2 * kPanel + (s % kPanel) * 2 + (kk % 2)];
+    const int64_t gs = int8_group(layout);
+    return data[(s / kPanel) * panel_bytes() + (kk / gs) * gs * kPanel + (s % kPanel) * gs + (kk % gs)];
   }
 };
 
@@ -72,9 +82,9 @@ struct FloatEpilogue {
   int64_t ldo = 0;
 };
 
-// rows x panels [p0, p1) of A @ B. `a` holds `rows` rows of 2 * b.kp s16 values (widened s8,
-// zero padded), `lda` elements apart.
-using Int8GemmFn = void (*)(const int16_t* a, int64_t lda, int64_t rows, const Int8Panels& b,
+// rows x panels [p0, p1) of A @ B. `a` holds `rows` rows prepared by the same table's
+// int8_prepare_a, `lda` bytes apart.
+using Int8GemmFn = void (*)(const void* a, int64_t lda, int64_t rows, const Int8Panels& b,
                             int64_t p0, int64_t p1, const Int8Epilogue& ep);
 // Same for floats: `a` holds rows of b.k f32 values.
 using FloatGemmFn = void (*)(const float* a, int64_t lda, int64_t rows, const FloatPanels& b,
@@ -83,6 +93,11 @@ using FloatGemmFn = void (*)(const float* a, int64_t lda, int64_t rows, const Fl
 struct KernelTable {
   Isa isa;
   Int8GemmFn int8_gemm;
+  // The weight layout int8_gemm reads (ref reads either), and how it wants its activations:
+  // int8_a_bytes(k) bytes per row, written by int8_prepare_a from k s8 values.
+  Int8Layout int8_layout;
+  int64_t (*int8_a_bytes)(int64_t k);
+  void (*int8_prepare_a)(const int8_t* x, int64_t k, void* out);
   FloatGemmFn float_gemm;
   // out[0, kpad) = x widened to s16, zero past k.
   void (*s8_to_s16)(const int8_t* x, int64_t k, int16_t* out, int64_t kpad);
@@ -99,6 +114,11 @@ struct KernelTable {
 
 const KernelTable& table(Isa isa);
 const KernelTable& ref_table();
-const KernelTable& avx2_table();  // only valid if the build has AVX2 (QLLM_HAVE_AVX2)
+const KernelTable& avx2_table();    // x86 builds only (QLLM_HAVE_AVX2)
+const KernelTable& avx512_table();  // AVX-512 VNNI int8 GEMM, everything else from avx2_table()
+
+// Activation preparation shared by the tables that read pairs: s8 widened to s16, zero padded
+// to a whole pair. (int8_a_bytes / int8_prepare_a of ref and avx2.)
+int64_t a_bytes_pairs(int64_t k);
 
 }  // namespace qllm::kernels

@@ -50,7 +50,7 @@ constexpr const char* kOp = "grouped_matmul";
 
 struct Plan {
   bool quant = false;
-  int64_t m = 0, k = 0, n = 0, G = 0, kpad = 0;
+  int64_t m = 0, k = 0, n = 0, G = 0;
   DType xdt = DType::f32;
   const PackedWeight* packed = nullptr;
 };
@@ -88,7 +88,6 @@ Plan validate(const GroupedMatmulArgs& a, const GroupedMatmulParams& p) {
     throw_invalid(kOp, "x", "k = ", pl.k, " exceeds 131072, where s32 accumulation could overflow");
   pl.G = wg;
   pl.n = wn;
-  pl.kpad = (pl.k + 1) / 2 * 2;
   pl.packed = a.packed_w;
   if (pl.quant) {
     if (p.out_dtype != DType::s32 && !is_float(p.out_dtype))
@@ -132,16 +131,23 @@ size_t grouped_matmul_workspace_size(const GroupedMatmulArgs& a, const GroupedMa
   WorkspacePlan w;
   w.add<int64_t>(pl.G + 1);                                   // offsets
   w.add<int64_t>(pl.G + 1);                                   // work-item prefix
-  if (pl.quant) w.add<int16_t>(pl.m * pl.kpad);               // widened x
+  if (pl.quant) w.add<uint8_t>(pl.m * kernels::a_bytes_pairs(pl.k));  // prepared x (pairs: the larger form)
   else w.add<float>(pl.m * pl.k);                             // x in f32
   if (!pl.quant) w.add<float>(pl.G * pl.n);                   // bias in f32
-  if (!pl.packed) w.add<uint8_t>(PackedWeight::packed_bytes(pl.xdt, pl.G, pl.k, pl.n));
+  if (!pl.packed)
+    w.add<uint8_t>(std::max(PackedWeight::packed_bytes(pl.xdt, pl.G, pl.k, pl.n, Int8Layout::pairs),
+                            PackedWeight::packed_bytes(pl.xdt, pl.G, pl.k, pl.n, Int8Layout::quads)));
   return w.bytes();
 }
 
 void grouped_matmul(Context& ctx, const GroupedMatmulArgs& a, const TensorView& y,
                     const GroupedMatmulParams& p, Workspace* ws_in) {
   const Plan pl = validate(a, p);
+  const kernels::KernelTable& kt = ctx.kernels();
+  if (pl.quant && pl.packed && kt.isa != Isa::ref && pl.packed->int8_layout() != kt.int8_layout)
+    throw_invalid(kOp, "packed_w", "packed_w holds int8 weights in the ", int8_layout_name(pl.packed->int8_layout()),
+                  " layout, but this context's ISA ", isa_name(kt.isa), " reads ", int8_layout_name(kt.int8_layout),
+                  "; pack them for ", isa_name(kt.isa));
   check::dtype(kOp, "y", y, p.out_dtype);
   check::shape(kOp, "y", y, {pl.m, pl.n});
   Workspace& ws = ws_in ? *ws_in : ctx.workspace(grouped_matmul_workspace_size(a, p));
@@ -149,7 +155,6 @@ void grouped_matmul(Context& ctx, const GroupedMatmulArgs& a, const TensorView& 
   const int64_t total = detail::group_offsets(kOp, a.group_list, p.group_list_type, pl.m, pl.G, offsets);
   // All input is valid from here on; nothing was written before this point.
 
-  const kernels::KernelTable& kt = ctx.kernels();
   ThreadPool& pool = ctx.pool();
   const size_t osz = static_cast<size_t>(dtype_size(p.out_dtype));
   // Rows past the group total are zero.
@@ -157,21 +162,24 @@ void grouped_matmul(Context& ctx, const GroupedMatmulArgs& a, const TensorView& 
   if (total == 0 || pl.n == 0) return;
 
   int64_t* item_prefix = ws.alloc<int64_t>(pl.G + 1, kOp);
-  void* xa = pl.quant ? static_cast<void*>(ws.alloc<int16_t>(pl.m * pl.kpad, kOp))
+  const int64_t abytes = pl.quant ? kt.int8_a_bytes(pl.k) : 0;
+  void* xa = pl.quant ? static_cast<void*>(ws.alloc<uint8_t>(pl.m * abytes, kOp))
                       : static_cast<void*>(ws.alloc<float>(pl.m * pl.k, kOp));
   float* bias32 = pl.quant ? nullptr : ws.alloc<float>(pl.G * pl.n, kOp);
   PackedWeight local;
   const PackedWeight* pw = pl.packed;
   if (!pw) {
-    local = PackedWeight::pack_into(a.w, p.transpose_w, ws.alloc<uint8_t>(PackedWeight::packed_bytes(pl.xdt, pl.G, pl.k, pl.n), kOp));
+    local = PackedWeight::pack_into(a.w, p.transpose_w,
+                                    ws.alloc<uint8_t>(PackedWeight::packed_bytes(pl.xdt, pl.G, pl.k, pl.n, kt.int8_layout), kOp),
+                                    kt.int8_layout);
     pw = &local;
   }
   if (a.bias.present()) kt.to_f32(a.bias.raw(), a.bias.dtype(), pl.G * pl.n, bias32);
 
-  // Convert the activations once (s8 -> s16 pairs, or float -> f32).
+  // Convert the activations once (s8 -> the int8 kernel's form, or float -> f32).
   pool.parallel_for(total, 16, [&](int64_t b, int64_t e, int) {
     for (int64_t r = b; r < e; ++r) {
-      if (pl.quant) kt.s8_to_s16(a.x.data<int8_t>() + r * pl.k, pl.k, static_cast<int16_t*>(xa) + r * pl.kpad, pl.kpad);
+      if (pl.quant) kt.int8_prepare_a(a.x.data<int8_t>() + r * pl.k, pl.k, static_cast<uint8_t*>(xa) + r * abytes);
       else kt.to_f32(a.x.data<uint8_t>() + r * pl.k * dtype_size(pl.xdt), pl.xdt, pl.k, static_cast<float*>(xa) + r * pl.k);
     }
   });
@@ -193,9 +201,11 @@ void grouped_matmul(Context& ctx, const GroupedMatmulArgs& a, const TensorView& 
       const int64_t r0 = offsets[g] + rb * kRowBlock;
       const int64_t rows = std::min(kRowBlock, offsets[g + 1] - r0);
       const int64_t p0 = pb * kPanelBlock, p1 = std::min(panels, p0 + kPanelBlock);
-      const uint8_t* gdata = pw->data() + g * pw->group_stride_bytes();
+      const uint8_t* gdata = pw->panels(g);
       if (pl.quant) {
-        const kernels::Int8Panels bp{reinterpret_cast<const int8_t*>(gdata), pl.k, pl.kpad / 2, pl.n};
+        const int64_t gs = int8_group(pw->int8_layout());
+        const kernels::Int8Panels bp{reinterpret_cast<const int8_t*>(gdata), pl.k, (pl.k + gs - 1) / gs, pl.n,
+                                     pw->int8_layout(), pw->colsum(g)};
         kernels::Int8Epilogue ep;
         ep.kind = is_float(p.out_dtype) ? kernels::Epi::dequant : kernels::Epi::s32;
         ep.col_scale = is_float(p.out_dtype) ? a.scale.data<float>() + g * pl.n : nullptr;
@@ -204,7 +214,7 @@ void grouped_matmul(Context& ctx, const GroupedMatmulArgs& a, const TensorView& 
         ep.out = y.mutable_data<uint8_t>() + r0 * pl.n * osz;
         ep.ldo = pl.n;
         ep.out_cols = pl.n;
-        kt.int8_gemm(static_cast<const int16_t*>(xa) + r0 * pl.kpad, pl.kpad, rows, bp, p0, p1, ep);
+        kt.int8_gemm(static_cast<const uint8_t*>(xa) + r0 * abytes, abytes, rows, bp, p0, p1, ep);
       } else {
         const kernels::FloatPanels bp{gdata, pl.xdt, pl.k, pl.n};
         kernels::FloatEpilogue ep;

@@ -83,15 +83,15 @@ struct Segment {
 
 size_t workspace_bytes(const FfnShape& s) {
   const int64_t mb = std::min<int64_t>(std::max<int64_t>(s.m, 1), kMaxBlockRows);
-  const int64_t kp1 = (s.k1 + 1) / 2, kp2 = (s.k2 + 1) / 2;
+  // Activation rows are sized for the larger of the kernels' forms (s16 pairs).
   WorkspacePlan w;
-  w.add<int64_t>(s.G + 1);        // row offsets
-  w.add<Segment>(s.G + 1);        // segments of the current block
-  w.add<int16_t>(mb * kp1 * 2);   // A1: block rows of x1 widened to s16
-  w.add<float>(mb * s.k2);        // Y: SwiGLU output, f32
-  w.add<int8_t>(mb * s.k2);       // q2 as s8
-  w.add<int16_t>(mb * kp2 * 2);   // A2: q2 widened
-  w.add<float>(mb);               // s2
+  w.add<int64_t>(s.G + 1);                                // row offsets
+  w.add<Segment>(s.G + 1);                                // segments of the current block
+  w.add<uint8_t>(mb * kernels::a_bytes_pairs(s.k1));      // A1: block rows of x1, kernel form
+  w.add<float>(mb * s.k2);                                // Y: SwiGLU output, f32
+  w.add<int8_t>(mb * s.k2);                               // q2 as s8
+  w.add<uint8_t>(mb * kernels::a_bytes_pairs(s.k2));      // A2: q2, kernel form
+  w.add<float>(mb);                                       // s2
   return w.bytes();
 }
 
@@ -102,9 +102,14 @@ void run(Context& ctx, const char* op, const MoeFfnArgs& a, const TensorView& ou
   std::optional<PackedExpertFFN> local;
   const PackedExpertFFN* pk = a.packed;
   if (!pk) {
-    local.emplace(PackedExpertFFN::pack(a.weight1, a.scale1, a.weight2, a.scale2, p.weight_up_permute, op));
+    local.emplace(PackedExpertFFN::pack(a.weight1, a.scale1, a.weight2, a.scale2, p.weight_up_permute, op, ctx.isa()));
     pk = &*local;
   }
+  const kernels::KernelTable& kt = ctx.kernels();
+  if (kt.isa != Isa::ref && pk->int8_layout() != kt.int8_layout)
+    throw_invalid(op, "packed", "the packed weights are in the ", int8_layout_name(pk->int8_layout()),
+                  " layout, but this context's ISA ", isa_name(kt.isa), " reads ", int8_layout_name(kt.int8_layout),
+                  "; pack them for ", isa_name(kt.isa));
   check::dtype(op, "out", out, p.out_dtype);
   check::shape(op, "out", out, {s.m, s.n2});
 
@@ -116,19 +121,19 @@ void run(Context& ctx, const char* op, const MoeFfnArgs& a, const TensorView& ou
   // Validation is complete; from here on the output is written.
 
   const int64_t mb = std::min<int64_t>(std::max<int64_t>(s.m, 1), kMaxBlockRows);
-  const int64_t kp1 = pk->kp1(), kp2 = pk->kp2();
+  const int64_t kg1 = pk->kg1(), kg2 = pk->kg2();
+  const int64_t ab1 = kt.int8_a_bytes(s.k1), ab2 = kt.int8_a_bytes(s.k2);
   Segment* segs = ws.alloc<Segment>(s.G + 1, op);
-  int16_t* A1 = ws.alloc<int16_t>(mb * kp1 * 2, op);
+  uint8_t* A1 = ws.alloc<uint8_t>(mb * ab1, op);
   float* Y = ws.alloc<float>(mb * s.k2, op);
   int8_t* Q2 = ws.alloc<int8_t>(mb * s.k2, op);
-  int16_t* A2 = ws.alloc<int16_t>(mb * kp2 * 2, op);
+  uint8_t* A2 = ws.alloc<uint8_t>(mb * ab2, op);
   float* S2 = ws.alloc<float>(mb, op);
 
   const size_t osz = static_cast<size_t>(dtype_size(p.out_dtype));
   uint8_t* outp = out.mutable_data<uint8_t>();
   if (total < s.m) std::memset(outp + total * s.n2 * osz, 0, (s.m - total) * s.n2 * osz);
 
-  const kernels::KernelTable& kt = ctx.kernels();
   ThreadPool& pool = ctx.pool();
   const int8_t* x1 = a.x1.data<int8_t>();
   const float* pts1 = a.per_token_scale1.data<float>();
@@ -163,11 +168,11 @@ void run(Context& ctx, const char* op, const MoeFfnArgs& a, const TensorView& ou
     }
     if (nseg == 0) break;
 
-    // 1. Widen the block's activations to s16 pairs.
+    // 1. The block's activations in the int8 kernel's form.
     pool.parallel_for(nseg, 1, [&](int64_t b, int64_t e, int) {
       for (int64_t i = b; i < e; ++i)
         for (int64_t r = 0; r < segs[i].rows; ++r)
-          kt.s8_to_s16(x1 + (segs[i].r0 + r) * s.k1, s.k1, A1 + (segs[i].slot + r) * kp1 * 2, kp1 * 2);
+          kt.int8_prepare_a(x1 + (segs[i].r0 + r) * s.k1, s.k1, A1 + (segs[i].slot + r) * ab1);
     });
     // 2. matmul 1 with the dequant + SwiGLU epilogue: Y[rows, k2] in natural order, f32.
     pool.parallel_for(nseg * chunks1, 1, [&](int64_t b, int64_t e, int) {
@@ -182,16 +187,16 @@ void run(Context& ctx, const char* op, const MoeFfnArgs& a, const TensorView& ou
         e1.out = Y + sg.slot * s.k2;
         e1.ldo = s.k2;
         e1.out_cols = s.k2;
-        const kernels::Int8Panels w1{pk->w1(sg.g), s.k1, kp1, panels1 * kPanel};
-        kt.int8_gemm(A1 + sg.slot * kp1 * 2, kp1 * 2, sg.rows, w1, c * kPanelGrain,
+        const kernels::Int8Panels w1{pk->w1(sg.g), s.k1, kg1, panels1 * kPanel, pk->int8_layout(), pk->c1(sg.g)};
+        kt.int8_gemm(A1 + sg.slot * ab1, ab1, sg.rows, w1, c * kPanelGrain,
                      std::min(panels1, (c + 1) * kPanelGrain), e1);
       }
     });
-    // 3. Per-row dynamic quant of Y (SPEC section 0), widened for matmul 2.
+    // 3. Per-row dynamic quant of Y (SPEC section 0), in the kernel's form for matmul 2.
     pool.parallel_for(used, 4, [&](int64_t b, int64_t e, int) {
       for (int64_t r = b; r < e; ++r) {
         S2[r] = kt.quantize_row(Y + r * s.k2, nullptr, s.k2, Q2 + r * s.k2);
-        kt.s8_to_s16(Q2 + r * s.k2, s.k2, A2 + r * kp2 * 2, kp2 * 2);
+        kt.int8_prepare_a(Q2 + r * s.k2, s.k2, A2 + r * ab2);
       }
     });
     // 4. matmul 2 with the dequant epilogue straight into the output rows.
@@ -207,8 +212,8 @@ void run(Context& ctx, const char* op, const MoeFfnArgs& a, const TensorView& ou
         e2.out = outp + sg.r0 * s.n2 * osz;
         e2.ldo = s.n2;
         e2.out_cols = s.n2;
-        const kernels::Int8Panels w2{pk->w2(sg.g), s.k2, kp2, s.n2};
-        kt.int8_gemm(A2 + sg.slot * kp2 * 2, kp2 * 2, sg.rows, w2, c * kPanelGrain,
+        const kernels::Int8Panels w2{pk->w2(sg.g), s.k2, kg2, s.n2, pk->int8_layout(), pk->c2(sg.g)};
+        kt.int8_gemm(A2 + sg.slot * ab2, ab2, sg.rows, w2, c * kPanelGrain,
                      std::min(panels2, (c + 1) * kPanelGrain), e2);
       }
     });

@@ -34,15 +34,17 @@ WeightUpPermute parse_weight_up_permute(const char* name, const char* op) {
 
 namespace detail {
 
-int64_t panel_group_bytes(DType dt, int64_t k, int64_t n) {
+int64_t panel_group_bytes(DType dt, int64_t k, int64_t n, Int8Layout layout) {
   const int64_t panels = (n + kPanel - 1) / kPanel;
-  const int64_t bytes = dt == DType::s8 ? panels * ((k + 1) / 2) * 2 * kPanel
+  const int64_t gs = int8_group(layout);
+  const int64_t bytes = dt == DType::s8 ? panels * ((k + gs - 1) / gs) * gs * kPanel
                                         : panels * k * kPanel * dtype_size(dt);
   return static_cast<int64_t>(align_up(static_cast<size_t>(bytes)));
 }
 
 void pack_panels(const void* w, DType dt, int64_t k, int64_t n_src, bool transposed,
-                 const int64_t* slot_col, int64_t nslots, uint8_t* out) {
+                 const int64_t* slot_col, int64_t nslots, uint8_t* out, Int8Layout layout,
+                 int32_t* colsum) {
   const int64_t panels = (nslots + kPanel - 1) / kPanel;
   const int64_t es = dtype_size(dt);
   const uint8_t* src = static_cast<const uint8_t*>(w);
@@ -50,15 +52,19 @@ void pack_panels(const void* w, DType dt, int64_t k, int64_t n_src, bool transpo
     return src + (transposed ? col * k + kk : kk * n_src + col) * es;
   };
   if (dt == DType::s8) {
-    const int64_t kp = (k + 1) / 2;
+    const int64_t gs = int8_group(layout), kg = (k + gs - 1) / gs;
     for (int64_t p = 0; p < panels; ++p) {
-      int8_t* pp = reinterpret_cast<int8_t*>(out) + p * kp * 2 * kPanel;
+      int8_t* pp = reinterpret_cast<int8_t*>(out) + p * kg * gs * kPanel;
       for (int64_t s = 0; s < kPanel; ++s) {
         const int64_t slot = p * kPanel + s;
         const int64_t col = slot < nslots ? (slot_col ? slot_col[slot] : slot) : -1;
-        for (int64_t kk = 0; kk < 2 * kp; ++kk)
-          pp[(kk / 2) * 2 * kPanel + s * 2 + (kk % 2)] =
-              (col >= 0 && kk < k) ? *reinterpret_cast<const int8_t*>(src_at(kk, col)) : 0;
+        int32_t sum = 0;
+        for (int64_t kk = 0; kk < gs * kg; ++kk) {
+          const int8_t v = (col >= 0 && kk < k) ? *reinterpret_cast<const int8_t*>(src_at(kk, col)) : 0;
+          pp[(kk / gs) * gs * kPanel + s * gs + (kk % gs)] = v;
+          sum += v;
+        }
+        if (colsum) colsum[slot] = sum;
       }
     }
     return;
@@ -99,35 +105,46 @@ WeightDims weight_dims(const char* op, const TensorView& w, bool transpose_w) {
 
 }  // namespace
 
-size_t PackedWeight::packed_bytes(DType dtype, int64_t groups, int64_t k, int64_t n) {
-  return static_cast<size_t>(groups * detail::panel_group_bytes(dtype, k, n));
+namespace {
+// Bytes of the column sums stored after an int8 group's panels (one s32 per slot).
+int64_t colsum_bytes(DType dt, int64_t n) {
+  return dt == DType::s8 ? static_cast<int64_t>(align_up(static_cast<size_t>((n + kPanel - 1) / kPanel * kPanel * 4))) : 0;
+}
+}  // namespace
+
+size_t PackedWeight::packed_bytes(DType dtype, int64_t groups, int64_t k, int64_t n, Int8Layout layout) {
+  return static_cast<size_t>(groups * (detail::panel_group_bytes(dtype, k, n, layout) + colsum_bytes(dtype, n)));
 }
 
-void PackedWeight::init(const TensorView& w, bool transpose_w, uint8_t* memory) {
+void PackedWeight::init(const TensorView& w, bool transpose_w, uint8_t* memory, Int8Layout layout) {
   const WeightDims d = weight_dims("PackedWeight", w, transpose_w);
   dtype_ = w.dtype();
+  layout_ = layout;
   groups_ = d.g;
   k_ = d.k;
   n_ = d.n;
-  group_bytes_ = detail::panel_group_bytes(dtype_, k_, n_);
+  panel_bytes_ = detail::panel_group_bytes(dtype_, k_, n_, layout_);
+  group_bytes_ = panel_bytes_ + colsum_bytes(dtype_, n_);
   const int64_t src_group = k_ * n_ * dtype_size(dtype_);
+  data_ = memory;
   for (int64_t g = 0; g < groups_; ++g)
     detail::pack_panels(w.data<uint8_t>() + g * src_group, dtype_, k_, n_, transpose_w, nullptr, n_,
-                        memory + g * group_bytes_);
-  data_ = memory;
+                        memory + g * group_bytes_, layout_,
+                        dtype_ == DType::s8 ? const_cast<int32_t*>(colsum(g)) : nullptr);
 }
 
-PackedWeight PackedWeight::pack(const TensorView& w, bool transpose_w) {
+PackedWeight PackedWeight::pack(const TensorView& w, bool transpose_w, Isa isa) {
   const WeightDims d = weight_dims("PackedWeight", w, transpose_w);
+  const Int8Layout layout = int8_layout_for(isa);
   PackedWeight pw;
-  pw.owned_.reset(static_cast<uint8_t*>(aligned_malloc(packed_bytes(w.dtype(), d.g, d.k, d.n))));
-  pw.init(w, transpose_w, pw.owned_.get());
+  pw.owned_.reset(static_cast<uint8_t*>(aligned_malloc(packed_bytes(w.dtype(), d.g, d.k, d.n, layout))));
+  pw.init(w, transpose_w, pw.owned_.get(), layout);
   return pw;
 }
 
-PackedWeight PackedWeight::pack_into(const TensorView& w, bool transpose_w, void* memory) {
+PackedWeight PackedWeight::pack_into(const TensorView& w, bool transpose_w, void* memory, Int8Layout layout) {
   PackedWeight pw;
-  pw.init(w, transpose_w, static_cast<uint8_t*>(memory));
+  pw.init(w, transpose_w, static_cast<uint8_t*>(memory), layout);
   return pw;
 }
 
@@ -135,7 +152,7 @@ PackedWeight PackedWeight::pack_into(const TensorView& w, bool transpose_w, void
 
 PackedExpertFFN PackedExpertFFN::pack(const TensorView& weight1, const TensorView& scale1,
                                       const TensorView& weight2, const TensorView& scale2,
-                                      WeightUpPermute permute, const char* op) {
+                                      WeightUpPermute permute, const char* op, Isa isa) {
   check::dtype(op, "weight1", weight1, DType::s8);
   check::dtype(op, "scale1", scale1, DType::f32);
   check::dtype(op, "weight2", weight2, DType::s8);
@@ -174,15 +191,19 @@ PackedExpertFFN PackedExpertFFN::pack(const TensorView& weight1, const TensorVie
 
   PackedExpertFFN f;
   f.groups_ = G; f.k1_ = k1; f.n1_ = n1; f.k2_ = k2; f.n2_ = n2;
+  f.layout_ = int8_layout_for(isa);
   // weight1 slots: panel p holds natural gate columns 8p..8p+7 then up columns 8p..8p+7.
   const int64_t panels1 = (k2 + kPanel / 2 - 1) / (kPanel / 2);
   const int64_t slots1 = panels1 * kPanel;
   const int64_t panels2 = (n2 + kPanel - 1) / kPanel;
-  f.w1_group_ = align_up(static_cast<size_t>(panels1 * f.kp1() * 2 * kPanel));
-  f.s1_group_ = align_up(static_cast<size_t>(slots1) * sizeof(float));
-  f.w2_group_ = static_cast<size_t>(detail::panel_group_bytes(DType::s8, k2, n2));
-  f.s2_group_ = align_up(static_cast<size_t>(panels2 * kPanel) * sizeof(float));
-  f.bytes_ = G * (f.w1_group_ + f.s1_group_ + f.w2_group_ + f.s2_group_);
+  f.part_bytes_[0] = static_cast<size_t>(detail::panel_group_bytes(DType::s8, k1, slots1, f.layout_));
+  f.part_bytes_[1] = align_up(static_cast<size_t>(slots1) * sizeof(float));
+  f.part_bytes_[2] = align_up(static_cast<size_t>(slots1) * sizeof(int32_t));
+  f.part_bytes_[3] = static_cast<size_t>(detail::panel_group_bytes(DType::s8, k2, n2, f.layout_));
+  f.part_bytes_[4] = align_up(static_cast<size_t>(panels2 * kPanel) * sizeof(float));
+  f.part_bytes_[5] = align_up(static_cast<size_t>(panels2 * kPanel) * sizeof(int32_t));
+  for (size_t b : f.part_bytes_) f.group_block_ += b;
+  f.bytes_ = G * f.group_block_;
   f.buf_.reset(static_cast<uint8_t*>(aligned_malloc(f.bytes_)));
   std::memset(f.buf_.get(), 0, f.bytes_);
 
@@ -200,28 +221,22 @@ PackedExpertFFN PackedExpertFFN::pack(const TensorView& weight1, const TensorVie
   }
   for (int64_t g = 0; g < G; ++g) {
     detail::pack_panels(weight1.data<int8_t>() + g * k1 * n1, DType::s8, k1, n1, false, slot_col.get(),
-                        slots1, reinterpret_cast<uint8_t*>(const_cast<int8_t*>(f.w1(g))));
+                        slots1, reinterpret_cast<uint8_t*>(const_cast<int8_t*>(f.w1(g))), f.layout_,
+                        const_cast<int32_t*>(f.c1(g)));
     float* s1 = const_cast<float*>(f.s1(g));
     for (int64_t s = 0; s < slots1; ++s) s1[s] = slot_col[s] >= 0 ? scale1.data<float>()[g * n1 + slot_col[s]] : 0.0f;
     detail::pack_panels(weight2.data<int8_t>() + g * n2 * k2, DType::s8, k2, n2, true, nullptr, n2,
-                        reinterpret_cast<uint8_t*>(const_cast<int8_t*>(f.w2(g))));
+                        reinterpret_cast<uint8_t*>(const_cast<int8_t*>(f.w2(g))), f.layout_,
+                        const_cast<int32_t*>(f.c2(g)));
     std::memcpy(const_cast<float*>(f.s2(g)), scale2.data<float>() + g * n2, n2 * sizeof(float));
   }
   return f;
 }
 
-// Group g's block: [w1 | s1 | w2 | s2], each 64-byte aligned.
-const int8_t* PackedExpertFFN::w1(int64_t g) const {
-  return reinterpret_cast<const int8_t*>(buf_.get() + g * (w1_group_ + s1_group_ + w2_group_ + s2_group_));
-}
-const float* PackedExpertFFN::s1(int64_t g) const {
-  return reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(w1(g)) + w1_group_);
-}
-const int8_t* PackedExpertFFN::w2(int64_t g) const {
-  return reinterpret_cast<const int8_t*>(reinterpret_cast<const uint8_t*>(s1(g)) + s1_group_);
-}
-const float* PackedExpertFFN::s2(int64_t g) const {
-  return reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(w2(g)) + w2_group_);
+const uint8_t* PackedExpertFFN::part(int64_t g, int i) const {
+  const uint8_t* p = buf_.get() + g * group_block_;
+  for (int j = 0; j < i; ++j) p += part_bytes_[j];
+  return p;
 }
 
 size_t PackedExpertFFN::group_bytes() const {

@@ -16,6 +16,8 @@ float FloatPanels::at(int64_t kk, int64_t s) const {
   }
 }
 
+int64_t a_bytes_pairs(int64_t k) { return (k + 1) / 2 * 2 * static_cast<int64_t>(sizeof(int16_t)); }
+
 namespace {
 
 void store_f32(DType dt, void* out, int64_t i, float v) {
@@ -34,10 +36,11 @@ int32_t dot_s8(const int16_t* a, const Int8Panels& b, int64_t slot) {
   return static_cast<int32_t>(acc);
 }
 
-void int8_gemm_ref(const int16_t* a, int64_t lda, int64_t rows, const Int8Panels& b, int64_t p0,
+// Reads weights of either layout through Int8Panels::at; activations are s16 (prepare_a_ref).
+void int8_gemm_ref(const void* a, int64_t lda, int64_t rows, const Int8Panels& b, int64_t p0,
                    int64_t p1, const Int8Epilogue& ep) {
   for (int64_t r = 0; r < rows; ++r) {
-    const int16_t* ar = a + r * lda;
+    const int16_t* ar = reinterpret_cast<const int16_t*>(static_cast<const uint8_t*>(a) + r * lda);
     const float rs = ep.row_scale ? ep.row_scale[r] : 1.0f;
     for (int64_t p = p0; p < p1; ++p) {
       if (ep.kind == Epi::swiglu) {
@@ -77,6 +80,10 @@ void float_gemm_ref(const float* a, int64_t lda, int64_t rows, const FloatPanels
 
 void s8_to_s16_ref(const int8_t* x, int64_t k, int16_t* out, int64_t kpad) {
   for (int64_t i = 0; i < kpad; ++i) out[i] = i < k ? x[i] : 0;
+}
+
+void prepare_a_ref(const int8_t* x, int64_t k, void* out) {
+  s8_to_s16_ref(x, k, static_cast<int16_t*>(out), a_bytes_pairs(k) / 2);
 }
 
 void to_f32_ref(const void* x, DType dt, int64_t n, float* out) {
@@ -120,8 +127,9 @@ void dequant_row_ref(const int32_t* acc, int64_t n, const float* scale, float ro
 }  // namespace
 
 const KernelTable& ref_table() {
-  static const KernelTable t{Isa::ref, int8_gemm_ref, float_gemm_ref, s8_to_s16_ref, to_f32_ref,
-                             from_f32_ref, quantize_row_ref, swiglu_row_ref, dequant_row_ref};
+  static const KernelTable t{Isa::ref,       int8_gemm_ref,    Int8Layout::pairs, a_bytes_pairs,
+                             prepare_a_ref,  float_gemm_ref,   s8_to_s16_ref,     to_f32_ref,
+                             from_f32_ref,   quantize_row_ref, swiglu_row_ref,    dequant_row_ref};
   return t;
 }
 

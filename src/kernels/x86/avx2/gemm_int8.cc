@@ -18,6 +18,7 @@
 #include <cstring>
 
 #include "kernels/kernels.h"
+#include "kernels/x86/avx2/int8_epilogue.h"
 #include "kernels/x86/avx2/simd.h"
 
 namespace qllm::kernels::avx2 {
@@ -67,8 +68,11 @@ void run_tile(int mr, const int16_t* a, int64_t lda, const int8_t* bp, int64_t k
   }
 }
 
+}  // namespace
+
 // Applies the epilogue to an mr x 16 s32 tile of panel p whose rows start at row r0.
-void epilogue(const int32_t* c, int mr, int64_t r0, int64_t p, const Int8Epilogue& ep) {
+// Shared with the AVX-512 kernel (int8_epilogue.h).
+void int8_epilogue(const int32_t* c, int mr, int64_t r0, int64_t p, const Int8Epilogue& ep) {
   if (ep.kind == Epi::swiglu) {
     const int64_t col0 = p * (kPanel / 2);
     const int64_t ncols = ep.out_cols - col0 < kPanel / 2 ? ep.out_cols - col0 : kPanel / 2;
@@ -110,10 +114,10 @@ void epilogue(const int32_t* c, int mr, int64_t r0, int64_t p, const Int8Epilogu
   }
 }
 
-}  // namespace
-
-void int8_gemm(const int16_t* a, int64_t lda, int64_t rows, const Int8Panels& b, int64_t p0,
+void int8_gemm(const void* a_bytes, int64_t lda_bytes, int64_t rows, const Int8Panels& b, int64_t p0,
                int64_t p1, const Int8Epilogue& ep) {
+  const int16_t* a = static_cast<const int16_t*>(a_bytes);
+  const int64_t lda = lda_bytes / static_cast<int64_t>(sizeof(int16_t));
   alignas(64) int32_t c[kMR * kPanel];
   // Panel-outer: each panel is read from memory once and reused from L2 by every row strip.
   // The weights come from DRAM, and the hardware prefetcher alone leaves the first strip of
@@ -127,8 +131,8 @@ void int8_gemm(const int16_t* a, int64_t lda, int64_t rows, const Int8Panels& b,
       const int mr = static_cast<int>(rows - r0 < kMR ? rows - r0 : kMR);
       const bool first = r0 == 0, last = r0 + kMR >= rows;
       const int8_t* pf = first ? bp + kPrefetchAhead : (last && p + 1 < p1) ? bp + b.panel_bytes() : nullptr;
-      run_tile(mr, a + r0 * lda, lda, bp, b.kp, c, pf);
-      epilogue(c, mr, r0, p, ep);
+      run_tile(mr, a + r0 * lda, lda, bp, b.kg, c, pf);
+      int8_epilogue(c, mr, r0, p, ep);
     }
   }
 }

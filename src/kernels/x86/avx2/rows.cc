@@ -9,7 +9,7 @@
 
 namespace qllm::kernels::avx2 {
 
-void int8_gemm(const int16_t*, int64_t, int64_t, const Int8Panels&, int64_t, int64_t, const Int8Epilogue&);
+void int8_gemm(const void*, int64_t, int64_t, const Int8Panels&, int64_t, int64_t, const Int8Epilogue&);
 void float_gemm(const float*, int64_t, int64_t, const FloatPanels&, int64_t, int64_t, const FloatEpilogue&);
 
 namespace {
@@ -20,6 +20,10 @@ void s8_to_s16(const int8_t* x, int64_t k, int16_t* out, int64_t kpad) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
                         _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
   for (; i < kpad; ++i) out[i] = i < k ? x[i] : 0;
+}
+
+void prepare_a(const int8_t* x, int64_t k, void* out) {
+  s8_to_s16(x, k, static_cast<int16_t*>(out), a_bytes_pairs(k) / 2);
 }
 
 void to_f32(const void* x, DType dt, int64_t n, float* out) {
@@ -116,9 +120,10 @@ void dequant_row(const int32_t* acc, int64_t n, const float* scale, float row_sc
 namespace qllm::kernels {
 
 const KernelTable& avx2_table() {
-  static const KernelTable t{Isa::avx2,           avx2::int8_gemm,    avx2::float_gemm,
-                             avx2::s8_to_s16,     avx2::to_f32,       avx2::from_f32,
-                             avx2::quantize_row,  avx2::swiglu_row,   avx2::dequant_row};
+  static const KernelTable t{Isa::avx2,          avx2::int8_gemm,     Int8Layout::pairs,
+                             a_bytes_pairs,       avx2::prepare_a,     avx2::float_gemm,
+                             avx2::s8_to_s16,     avx2::to_f32,        avx2::from_f32,
+                             avx2::quantize_row,  avx2::swiglu_row,    avx2::dequant_row};
   return t;
 }
 
