@@ -290,7 +290,7 @@ PYBIND11_MODULE(qllm, m) {
         py::arg("n"), "Use n threads (0: QLLM_NUM_THREADS or physical cores).");
   m.def("set_isa", [](const std::string& isa) {
     ctx_slot() = std::make_unique<Context>(ContextOptions{ctx().threads(), false, parse_isa(isa)});
-  }, py::arg("isa"), "Force the kernels: 'ref' or 'avx2'.");
+  }, py::arg("isa"), "Force the kernels: 'ref', 'avx2' or 'avx512'.");
   m.def("info", [] {
     py::dict d;
     d["isa"] = isa_name(ctx().isa());

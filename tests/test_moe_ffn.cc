@@ -216,6 +216,25 @@ TEST(MoeFfn, PermuteWeightUpHelper) {
                      {"T must be 128 or 256"});
 }
 
+TEST(MoeFfn, RejectsWeightsPackedForAnotherLayout) {
+  if (!isa_supported(Isa::avx512)) GTEST_SKIP() << "needs a CPU with both int8 layouts' ISAs";
+  Ffn f = make(4, 32, 128, 16, {4}, 0);
+  MoeFfnArgs a = args_of(f);
+  const PackedExpertFFN quads = PackedExpertFFN::pack(a.weight1, a.scale1, a.weight2, a.scale2, WeightUpPermute::none,
+                                                      "PackedExpertFFN", Isa::avx512);
+  a.weight1 = a.scale1 = a.weight2 = a.scale2 = TensorView();
+  a.packed = &quads;
+  std::vector<uint16_t> out(f.m * f.n2, 0x1234);
+  test::expect_error([&] { gmm_deq_swiglu_quant_gmm_deq(test::context(Isa::avx2), a, TensorView(out.data(), DType::f16, {f.m, f.n2})); },
+                     {"gmm_deq_swiglu_quant_gmm_deq: ", "quads layout", "avx2 reads pairs"});
+  for (uint16_t v : out) ASSERT_EQ(v, 0x1234);
+  // ref reads either layout, with identical results.
+  std::vector<uint16_t> o_ref(f.m * f.n2), o_vnni(f.m * f.n2);
+  gmm_deq_swiglu_quant_gmm_deq(test::context(Isa::ref), a, TensorView(o_ref.data(), DType::f16, {f.m, f.n2}));
+  gmm_deq_swiglu_quant_gmm_deq(test::context(Isa::avx512), a, TensorView(o_vnni.data(), DType::f16, {f.m, f.n2}));
+  EXPECT_EQ(o_ref, o_vnni);
+}
+
 TEST(MoeFfn, RejectsBadInput) {
   Ffn f = make(8, 32, 256, 16, {4, 4}, 256);
   Context& ctx = test::default_context();

@@ -27,7 +27,8 @@ struct Peak {
   int threads = 1;
   double fma_gflops = 0;    // f32 FMA, 2 flops each
   double int8_gops = 0;     // vpmaddubsw + vpmaddwd + vpaddd idiom, 2 ops per multiply-add
-  double int8_exact_gops = 0;  // exact s16 vpmaddwd path (what qllm's int8 kernels use)
+  double int8_exact_gops = 0;  // exact s16 vpmaddwd loop (what qllm's avx2 int8 kernel runs)
+  double int8_vnni_gops = 0;   // AVX-512 VNNI vpdpbusd loop (the avx512 kernel's); 0 without VNNI
   double dram_gbps = 0;     // streaming read of a 1 GiB buffer
   double dram_ms = 0;       // median time of one such pass
 };

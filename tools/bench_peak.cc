@@ -15,6 +15,7 @@
 
 #include "bench_common.h"
 #include "qllm/core/arena.h"
+#include "qllm/core/cpu.h"
 
 namespace qllm::bench {
 
@@ -123,6 +124,37 @@ double int8_exact_gops(int threads, int64_t iters) {
   return threads * static_cast<double>(iters) * 12 * 16 * 2 / s / 1e9;
 }
 
+#define QLLM_VNNI_ROW(off, acc)                                \
+  "vpbroadcastd " #off "(%2), %%zmm9\n\t"                       \
+  "vpdpbusd %%zmm8, %%zmm9, %%zmm" #acc "\n\t"
+
+// The AVX-512 VNNI loop qllm's avx512 int8 kernel runs: per k-quad one 64-byte weight load,
+// 8 activation broadcasts, 8 vpdpbusd (64 multiply-adds each) into 8 accumulators (zmm0-7).
+// Only called where the CPU has AVX-512 VNNI (the instructions are in the assembler string).
+double int8_vnni_gops(int threads, int64_t iters) {
+  const double s = run_threads(threads, [&](int) {
+    alignas(64) int8_t w[64];
+    alignas(64) int32_t act[16];
+    for (int i = 0; i < 64; ++i) w[i] = static_cast<int8_t>(i * 7);
+    for (int i = 0; i < 16; ++i) act[i] = 0x01020304 + i;
+    int64_t n = iters;
+    asm volatile(
+        "vpxord %%zmm0, %%zmm0, %%zmm0\n\t"
+        "vmovdqa64 %%zmm0, %%zmm1\n\t vmovdqa64 %%zmm0, %%zmm2\n\t vmovdqa64 %%zmm0, %%zmm3\n\t"
+        "vmovdqa64 %%zmm0, %%zmm4\n\t vmovdqa64 %%zmm0, %%zmm5\n\t vmovdqa64 %%zmm0, %%zmm6\n\t vmovdqa64 %%zmm0, %%zmm7\n\t"
+        "1:\n\t"
+        "vmovdqu64 (%1), %%zmm8\n\t"
+        QLLM_VNNI_ROW(0, 0) QLLM_VNNI_ROW(4, 1) QLLM_VNNI_ROW(8, 2) QLLM_VNNI_ROW(12, 3)
+        QLLM_VNNI_ROW(16, 4) QLLM_VNNI_ROW(20, 5) QLLM_VNNI_ROW(24, 6) QLLM_VNNI_ROW(28, 7)
+        "dec %0\n\t jnz 1b\n\t"
+        "vzeroupper\n\t"
+        : "+r"(n)
+        : "r"(w), "r"(act)
+        : "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9");
+  });
+  return threads * static_cast<double>(iters) * 8 * 64 * 2 / s / 1e9;
+}
+
 // Streaming read of a 1 GiB buffer split across the threads (4 independent load chains
 // each). The best of several software-prefetch distances (0 = hardware prefetch only) is the
 // limit: it is the most a streaming kernel can get, so no kernel can beat it by prefetching.
@@ -187,6 +219,7 @@ Peak measure_peak(int threads, double seconds) {
   p.fma_gflops = calibrated(fma_gflops, threads, seconds);
   p.int8_gops = calibrated(int8_idiom_gops, threads, seconds);
   p.int8_exact_gops = calibrated(int8_exact_gops, threads, seconds);
+  if (isa_supported(Isa::avx512)) p.int8_vnni_gops = calibrated(int8_vnni_gops, threads, seconds);
   p.dram_gbps = dram_gbps(threads, 3);
   p.dram_ms = (size_t{1} << 30) / p.dram_gbps / 1e6;
   return p;

@@ -24,6 +24,7 @@ int bench_peak(const qllm::bench::Options& o) {
     j["fma_gflops"] = p.fma_gflops;
     j["int8_gops"] = p.int8_gops;
     j["int8_exact_gops"] = p.int8_exact_gops;
+    j["int8_vnni_gops"] = p.int8_vnni_gops;
     j["dram_gbps"] = p.dram_gbps;
     j["threads"] = t;
     rep.row(j);

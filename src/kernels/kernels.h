@@ -14,7 +14,7 @@
 
 namespace qllm::kernels {
 
-// ---- Packed weight panels (layout version 1; docs/packed-layout.md) -------------------------
+// ---- Packed weight panels (layout version 2; docs/packed-layout.md) -------------------------
 //
 // A weight B[k, n] (n output columns, reduction depth k) is stored as ceil(n / 16) panels of
 // 16 columns ("slots"). Within a panel, k runs outermost, so one thread streams a panel from

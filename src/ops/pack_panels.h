@@ -1,4 +1,4 @@
-// Internal: the one routine that writes the panel layout of kernels.h (layout version 1).
+// Internal: the one routine that writes the panel layout of kernels.h (layout version 2).
 #pragma once
 
 #include <cstdint>

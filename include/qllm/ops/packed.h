@@ -1,5 +1,5 @@
 // Prepacked weights: the weights of a grouped matmul or of a fused expert FFN, rearranged once
-// into the panel layout the kernels stream (docs/packed-layout.md, layout version 1).
+// into the panel layout the kernels stream (docs/packed-layout.md, layout version 2).
 //
 // Weights are constant across calls, so packing is paid once (FBGEMM's PackBMatrix idea). A
 // packed weight is the only copy the library keeps: pack, then drop the original.
@@ -14,7 +14,7 @@
 
 namespace qllm {
 
-constexpr int kPackedLayoutVersion = 1;
+constexpr int kPackedLayoutVersion = 2;
 
 enum class GroupListType { cumsum, count };
 
