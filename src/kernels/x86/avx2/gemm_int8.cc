@@ -18,7 +18,7 @@
 #include <cstring>
 
 #include "kernels/kernels.h"
-#include "kernels/x86/avx2/int8_epilogue.h"
+#include "kernels/x86/avx2/int8_common.h"
 #include "kernels/x86/avx2/simd.h"
 
 namespace qllm::kernels::avx2 {
@@ -71,7 +71,7 @@ void run_tile(int mr, const int16_t* a, int64_t lda, const int8_t* bp, int64_t k
 }  // namespace
 
 // Applies the epilogue to an mr x 16 s32 tile of panel p whose rows start at row r0.
-// Shared with the AVX-512 kernel (int8_epilogue.h).
+// Shared with the AVX-512 kernel (int8_common.h).
 void int8_epilogue(const int32_t* c, int mr, int64_t r0, int64_t p, const Int8Epilogue& ep) {
   if (ep.kind == Epi::swiglu) {
     const int64_t col0 = p * (kPanel / 2);
@@ -119,22 +119,9 @@ void int8_gemm(const void* a_bytes, int64_t lda_bytes, int64_t rows, const Int8P
   const int16_t* a = static_cast<const int16_t*>(a_bytes);
   const int64_t lda = lda_bytes / static_cast<int64_t>(sizeof(int16_t));
   alignas(64) int32_t c[kMR * kPanel];
-  // Panel-outer: each panel is read from memory once and reused from L2 by every row strip.
-  // The weights come from DRAM, and the hardware prefetcher alone leaves the first strip of
-  // each panel stalled on it; so the first strip prefetches kPrefetchAhead bytes ahead in its
-  // panel (about two DRAM latencies of streaming at one core's share of the bandwidth), and
-  // the last strip of a multi-strip panel pulls in the next panel of this call's range.
-  constexpr int64_t kPrefetchAhead = 2048;
-  for (int64_t p = p0; p < p1; ++p) {
-    const int8_t* bp = b.data + p * b.panel_bytes();
-    for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
-      const int mr = static_cast<int>(rows - r0 < kMR ? rows - r0 : kMR);
-      const bool first = r0 == 0, last = r0 + kMR >= rows;
-      const int8_t* pf = first ? bp + kPrefetchAhead : (last && p + 1 < p1) ? bp + b.panel_bytes() : nullptr;
-      run_tile(mr, a + r0 * lda, lda, bp, b.kg, c, pf);
-      int8_epilogue(c, mr, r0, p, ep);
-    }
-  }
+  int8_panel_loop<kMR>(rows, b, p0, p1, c, ep, [&](int mr, int64_t r0, int64_t, const int8_t* bp, const int8_t* pf) {
+    run_tile(mr, a + r0 * lda, lda, bp, b.kg, c, pf);
+  });
 }
 
 }  // namespace qllm::kernels::avx2

@@ -17,7 +17,7 @@
 #include <utility>
 
 #include "kernels/kernels.h"
-#include "kernels/x86/avx2/int8_epilogue.h"
+#include "kernels/x86/avx2/int8_common.h"
 
 namespace qllm::kernels::avx512 {
 
@@ -66,19 +66,9 @@ void int8_gemm(const void* a_bytes_ptr, int64_t lda, int64_t rows, const Int8Pan
                const Int8Epilogue& ep) {
   const uint8_t* a = static_cast<const uint8_t*>(a_bytes_ptr);
   alignas(64) int32_t c[kMR * kPanel];
-  // The AVX2 kernel's schedule and prefetching (see there): panel-outer, the first strip
-  // prefetches 2 KiB ahead, the last strip of a multi-strip panel pulls in the next panel.
-  constexpr int64_t kPrefetchAhead = 2048;
-  for (int64_t p = p0; p < p1; ++p) {
-    const int8_t* bp = b.data + p * b.panel_bytes();
-    for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
-      const int mr = static_cast<int>(rows - r0 < kMR ? rows - r0 : kMR);
-      const bool first = r0 == 0, last = r0 + kMR >= rows;
-      const int8_t* pf = first ? bp + kPrefetchAhead : (last && p + 1 < p1) ? bp + b.panel_bytes() : nullptr;
-      kTiles[mr - 1](a + r0 * lda, lda, bp, b.kg, b.colsum + p * kPanel, c, pf);
-      avx2::int8_epilogue(c, mr, r0, p, ep);
-    }
-  }
+  avx2::int8_panel_loop<kMR>(rows, b, p0, p1, c, ep, [&](int mr, int64_t r0, int64_t p, const int8_t* bp, const int8_t* pf) {
+    kTiles[mr - 1](a + r0 * lda, lda, bp, b.kg, b.colsum + p * kPanel, c, pf);
+  });
 }
 
 }  // namespace
