@@ -1,9 +1,10 @@
 // The kernel table: one implementation of every kernel per ISA, same signatures.
 //
 // Kernels trust their arguments (ops/ validates) and never throw or allocate. kernels/ref is the
-// scalar ground truth; kernels/x86/avx2 is compiled with -mavx2 -mfma -mf16c and only called when
-// the CPU has them. Both read weights through the same packed layouts defined here, so a test can
-// run the same packed weight through either table and demand identical bits.
+// scalar ground truth; kernels/x86/avx2 (-mavx2 -mfma -mf16c) and kernels/x86/avx512 (adds
+// AVX-512 F/BW/VL/VNNI, int8 GEMM only) are only called when the CPU has them. ref reads every
+// packed layout defined here, so a test can run the same packed weight through ref and a SIMD
+// table and demand identical bits.
 #pragma once
 
 #include <cstdint>
