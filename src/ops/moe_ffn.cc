@@ -81,6 +81,24 @@ struct Segment {
   int64_t g, r0, rows, slot;  // slot: first row of the block buffers it occupies
 };
 
+// One matmul of a block: work items (segment, kPanelGrain panels) claimed by the threads, so
+// uneven experts balance. setup(segment, weights, epilogue) names the weights and epilogue.
+template <class Setup>
+void matmul_phase(ThreadPool& pool, const kernels::KernelTable& kt, const Segment* segs, int64_t nseg,
+                  int64_t panels, const uint8_t* A, int64_t ab, Setup&& setup) {
+  const int64_t chunks = ceil_div(panels, kPanelGrain);
+  pool.parallel_for(nseg * chunks, 1, [&](int64_t b, int64_t e, int) {
+    for (int64_t it = b; it < e; ++it) {
+      const Segment& sg = segs[it / chunks];
+      const int64_t c = it % chunks;
+      kernels::Int8Panels w;
+      kernels::Int8Epilogue ep;
+      setup(sg, w, ep);
+      kt.int8_gemm(A + sg.slot * ab, ab, sg.rows, w, c * kPanelGrain, std::min(panels, (c + 1) * kPanelGrain), ep);
+    }
+  });
+}
+
 size_t workspace_bytes(const FfnShape& s) {
   const int64_t mb = std::min<int64_t>(std::max<int64_t>(s.m, 1), kMaxBlockRows);
   // Activation rows are sized for the larger of the kernels' forms (s16 pairs).
@@ -138,7 +156,6 @@ void run(Context& ctx, const char* op, const MoeFfnArgs& a, const TensorView& ou
   const int8_t* x1 = a.x1.data<int8_t>();
   const float* pts1 = a.per_token_scale1.data<float>();
   const int64_t panels1 = ceil_div(s.k2, kPanel / 2), panels2 = ceil_div(s.n2, kPanel);
-  const int64_t chunks1 = ceil_div(panels1, kPanelGrain), chunks2 = ceil_div(panels2, kPanelGrain);
 
   // Blocks of at most mb rows. Groups of up to mb rows are packed whole into shared blocks, so
   // decode-sized groups (a few rows per expert) run as one block with three barriers in all and
@@ -175,22 +192,15 @@ void run(Context& ctx, const char* op, const MoeFfnArgs& a, const TensorView& ou
           kt.int8_prepare_a(x1 + (segs[i].r0 + r) * s.k1, s.k1, A1 + (segs[i].slot + r) * ab1);
     });
     // 2. matmul 1 with the dequant + SwiGLU epilogue: Y[rows, k2] in natural order, f32.
-    pool.parallel_for(nseg * chunks1, 1, [&](int64_t b, int64_t e, int) {
-      for (int64_t it = b; it < e; ++it) {
-        const Segment& sg = segs[it / chunks1];
-        const int64_t c = it % chunks1;
-        kernels::Int8Epilogue e1;
-        e1.kind = kernels::Epi::swiglu;
-        e1.col_scale = pk->s1(sg.g);
-        e1.row_scale = pts1 + sg.r0;
-        e1.out_dtype = DType::f32;
-        e1.out = Y + sg.slot * s.k2;
-        e1.ldo = s.k2;
-        e1.out_cols = s.k2;
-        const kernels::Int8Panels w1{pk->w1(sg.g), s.k1, kg1, panels1 * kPanel, pk->int8_layout(), pk->c1(sg.g)};
-        kt.int8_gemm(A1 + sg.slot * ab1, ab1, sg.rows, w1, c * kPanelGrain,
-                     std::min(panels1, (c + 1) * kPanelGrain), e1);
-      }
+    matmul_phase(pool, kt, segs, nseg, panels1, A1, ab1, [&](const Segment& sg, kernels::Int8Panels& w, kernels::Int8Epilogue& e) {
+      w = {pk->w1(sg.g), s.k1, kg1, panels1 * kPanel, pk->int8_layout(), pk->c1(sg.g)};
+      e.kind = kernels::Epi::swiglu;
+      e.col_scale = pk->s1(sg.g);
+      e.row_scale = pts1 + sg.r0;
+      e.out_dtype = DType::f32;
+      e.out = Y + sg.slot * s.k2;
+      e.ldo = s.k2;
+      e.out_cols = s.k2;
     });
     // 3. Per-row dynamic quant of Y (SPEC section 0), in the kernel's form for matmul 2.
     pool.parallel_for(used, 4, [&](int64_t b, int64_t e, int) {
@@ -200,22 +210,15 @@ void run(Context& ctx, const char* op, const MoeFfnArgs& a, const TensorView& ou
       }
     });
     // 4. matmul 2 with the dequant epilogue straight into the output rows.
-    pool.parallel_for(nseg * chunks2, 1, [&](int64_t b, int64_t e, int) {
-      for (int64_t it = b; it < e; ++it) {
-        const Segment& sg = segs[it / chunks2];
-        const int64_t c = it % chunks2;
-        kernels::Int8Epilogue e2;
-        e2.kind = kernels::Epi::dequant;
-        e2.col_scale = pk->s2(sg.g);
-        e2.row_scale = S2 + sg.slot;
-        e2.out_dtype = p.out_dtype;
-        e2.out = outp + sg.r0 * s.n2 * osz;
-        e2.ldo = s.n2;
-        e2.out_cols = s.n2;
-        const kernels::Int8Panels w2{pk->w2(sg.g), s.k2, kg2, s.n2, pk->int8_layout(), pk->c2(sg.g)};
-        kt.int8_gemm(A2 + sg.slot * ab2, ab2, sg.rows, w2, c * kPanelGrain,
-                     std::min(panels2, (c + 1) * kPanelGrain), e2);
-      }
+    matmul_phase(pool, kt, segs, nseg, panels2, A2, ab2, [&](const Segment& sg, kernels::Int8Panels& w, kernels::Int8Epilogue& e) {
+      w = {pk->w2(sg.g), s.k2, kg2, s.n2, pk->int8_layout(), pk->c2(sg.g)};
+      e.kind = kernels::Epi::dequant;
+      e.col_scale = pk->s2(sg.g);
+      e.row_scale = S2 + sg.slot;
+      e.out_dtype = p.out_dtype;
+      e.out = outp + sg.r0 * s.n2 * osz;
+      e.ldo = s.n2;
+      e.out_cols = s.n2;
     });
   }
 }

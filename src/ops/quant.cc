@@ -30,7 +30,7 @@ void check_rows_2d(const char* op, const char* arg, const TensorView& t) {
 size_t dynamic_quant_workspace_size(const DynamicQuantArgs& a, int threads) {
   check_rows_2d("dynamic_quant", "x", a.x);
   WorkspacePlan w;
-  w.add<float>(static_cast<size_t>(threads) * row_stride(a.x.dim(1)) * 2);
+  w.add<float>(static_cast<size_t>(threads) * row_stride(a.x.dim(1)));  // one f32 row per thread
   return w.bytes();
 }
 
@@ -71,11 +71,11 @@ void dynamic_quant(Context& ctx, const DynamicQuantArgs& a, const TensorView& q,
   const int T = ctx.threads();
   Workspace& ws = ws_in ? *ws_in : ctx.workspace(dynamic_quant_workspace_size(a, T));
   const int64_t rs = row_stride(h);
-  float* scratch = thread_rows(ws, T, 2 * rs, op);
+  float* scratch = thread_rows(ws, T, rs, op);
   const kernels::KernelTable& kt = ctx.kernels();
   const DType dt = a.x.dtype();
   ctx.pool().parallel_for(rows, 8, [&](int64_t b, int64_t e, int tid) {
-    float* row = scratch + tid * 2 * rs;
+    float* row = scratch + tid * rs;
     for (int64_t r = b; r < e; ++r) {
       const float* smooth = nullptr;
       if (G == 0 && a.smooth_scales.present()) smooth = a.smooth_scales.data<float>();
