@@ -11,6 +11,21 @@ int bench_moe_ffn(const Options& o);
 }
 
 namespace {
+int bench_peak(const qllm::bench::Options& o);
+
+// Every benchmark the CLI knows: `qllm bench <name>`. Each is a function of the shared options,
+// defined in its own tools/bench_*.cc.
+struct BenchEntry {
+  const char* name;
+  int (*run)(const qllm::bench::Options&);
+};
+constexpr BenchEntry kBenches[] = {
+    {"peak", bench_peak},
+    {"moe-ffn", qllm::bench::bench_moe_ffn},
+};
+}  // namespace
+
+namespace {
 
 int bench_peak(const qllm::bench::Options& o) {
   qllm::bench::Reporter rep(o);
@@ -42,7 +57,13 @@ int main(int argc, char** argv) {
   auto* bench = app.add_subcommand("bench", "benchmarks (see docs/benchmarks.md)");
   qllm::bench::Options o;
   std::string name;
-  bench->add_option("name", name, "peak | moe-ffn")->required()->check(CLI::IsMember({"peak", "moe-ffn"}));
+  std::vector<std::string> names;
+  std::string names_help;
+  for (const auto& b : kBenches) {
+    names.emplace_back(b.name);
+    names_help += (names_help.empty() ? "" : " | ") + names.back();
+  }
+  bench->add_option("name", name, names_help)->required()->check(CLI::IsMember(names));
   bench->add_flag("--json", o.json, "one JSON object per line instead of a table");
   bench->add_option("--threads", o.threads, "threads (default: QLLM_NUM_THREADS or physical cores)")->check(CLI::Range(0, 1024));
   bench->add_option("--min-time", o.min_time_s, "seconds to repeat each measured case (median reported)")->check(CLI::Range(0.0, 600.0));
@@ -66,8 +87,9 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "qllm bench: this CPU lacks AVX2/FMA/F16C, which the peak measurements use\n");
       return 2;
     }
-    if (name == "peak") return bench_peak(o);
-    return qllm::bench::bench_moe_ffn(o);
+    for (const auto& b : kBenches)
+      if (name == b.name) return b.run(o);
+    return 2;  // unreachable: CLI11 checked the name
   } catch (const qllm::Error& e) {
     std::fprintf(stderr, "qllm: %s\n", e.what());
     return 2;
