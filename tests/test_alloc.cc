@@ -71,5 +71,34 @@ TEST(HotPath, NoHeapAllocations) {
   }
 }
 
+
+// The whole MoE block (router, gating, routing with quant, fused experts, shared expert, combine).
+TEST(HotPath, MoeLayerNoHeapAllocations) {
+  for (Isa isa : test::isas()) {
+    Context& ctx = test::context(isa);
+    MoeLayerConfig c;
+    c.hidden_size = 32; c.num_experts = 8; c.num_experts_per_tok = 2; c.moe_intermediate_size = 16;
+    c.n_group = 2; c.topk_group = 1; c.scoring_func = ScoringFunc::sigmoid; c.norm_topk_prob = true; c.n_shared_experts = 1;
+    const int64_t E = 8, h = 32, I = 16, T = 13;
+    auto r = test::rand_f32(E * h), g = test::rand_f32(E * I * h), u = test::rand_f32(E * I * h), d = test::rand_f32(E * h * I);
+    auto sg = test::rand_f32(I * h), su = test::rand_f32(I * h), sd = test::rand_f32(h * I), x = test::rand_f32(T * h);
+    MoeLayerHfWeights w;
+    w.router = TensorView(r.data(), DType::f32, {E, h});
+    w.gate_proj = TensorView(g.data(), DType::f32, {E, I, h});
+    w.up_proj = TensorView(u.data(), DType::f32, {E, I, h});
+    w.down_proj = TensorView(d.data(), DType::f32, {E, h, I});
+    w.shared_gate_proj = TensorView(sg.data(), DType::f32, {I, h});
+    w.shared_up_proj = TensorView(su.data(), DType::f32, {I, h});
+    w.shared_down_proj = TensorView(sd.data(), DType::f32, {h, I});
+    for (MoeExperts fmt : {MoeExperts::w8a8, MoeExperts::bf16}) {
+      const MoeLayer L = MoeLayer::from_hf(c, w, fmt, isa);
+      std::vector<float> out(T * h);
+      EXPECT_EQ(allocations_of([&] {
+        L.forward(ctx, TensorView(x.data(), DType::f32, {T, h}), TensorView(out.data(), DType::f32, {T, h}));
+      }), 0) << isa_name(isa);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace qllm
