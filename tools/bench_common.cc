@@ -48,11 +48,16 @@ void Reporter::row(const nlohmann::ordered_json& j) {
   for (auto& [k, v] : j.items())
     if (k != "bench" && k != "case") cols.emplace_back(k, cell(v));
   const std::string bench = j["bench"].get<std::string>();
-  if (bench != last_bench_) {
-    std::printf("\n== qllm bench %s ==\n", bench.c_str());
+  // A header whenever the columns change (rows of one bench may carry extra figures, such as a
+  // comparison measured only for some cases).
+  std::string header;
+  for (auto& c : cols) header += c.first + ",";
+  if (bench != last_bench_) std::printf("\n== qllm bench %s ==\n", bench.c_str());
+  if (bench != last_bench_ || header != last_header_) {
     for (auto& c : cols) std::printf("%*s ", static_cast<int>(std::max<size_t>(c.first.size(), 9)), c.first.c_str());
     std::printf("\n");
     last_bench_ = bench;
+    last_header_ = header;
   }
   for (auto& c : cols) std::printf("%*s ", static_cast<int>(std::max<size_t>(c.first.size(), 9)), c.second.c_str());
   std::printf("\n");

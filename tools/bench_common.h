@@ -19,6 +19,7 @@ struct Options {
   int min_reps = 3;         // ...and at least this many times
   bool quick = false;     // small shapes, for smoke tests
   std::vector<int64_t> rows;  // moe-ffn: rows per expert to run (empty: the standard list)
+  std::vector<int64_t> tokens;  // moe-layer: tokens per call to run (empty: the standard list)
   bool no_peers = false;  // skip the comparison runs (for quick tuning)
 };
 
@@ -50,6 +51,7 @@ class Reporter {
  private:
   const Options& o_;
   std::string last_bench_;
+  std::string last_header_;
 };
 
 }  // namespace qllm::bench
