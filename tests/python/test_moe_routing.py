@@ -3,61 +3,26 @@
 The reference blocks follow the math of the Hugging Face modelling code (transformers'
 DeepseekV3MoE, Qwen2MoeSparseMoeBlock, MixtralSparseMoeBlock), written here in float64 torch.
 """
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import qllm
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
+import hf_moe  # noqa: E402  (the HF-style PyTorch MoE blocks, shared with the benchmark script)
+
 
 def gate_torch(logits, k, scoring="softmax", bias=None, n_group=1, topk_group=1, renorm=False, scale=1.0):
-    """HF routing math; grouped selection masks the dropped groups with -inf (SPEC: top-k inside
-    the kept groups). Returns (weights, ids) sorted best first, ties to the lower id."""
-    logits = logits.double()
-    scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
-    choice = scores + bias.double() if bias is not None else scores.clone()
-    T, E = choice.shape
-    if n_group > 1:
-        g = choice.view(T, n_group, E // n_group)
-        gs = g.topk(min(2, E // n_group), dim=-1).values.sum(-1)
-        # stable: the lower group wins a tie
-        order = torch.sort(-gs, dim=-1, stable=True).indices[:, :topk_group]
-        mask = torch.zeros(T, n_group, dtype=torch.bool).scatter_(1, order, True)
-        choice = choice.masked_fill(~mask.repeat_interleave(E // n_group, dim=1), float("-inf"))
-    ids = torch.sort(-choice, dim=-1, stable=True).indices[:, :k]
-    w = scores.gather(1, ids)
-    if renorm:
-        w = w / w.sum(-1, keepdim=True)
-    return (w * scale).float(), ids.int()
-
-
-def expert_torch(x, gate, up, down):
-    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+    w, ids = hf_moe.gate(logits.double(), k, scoring, bias, n_group, topk_group, renorm, scale)
+    return w.float(), ids.int()
 
 
 def block_torch(cfg, w, x):
-    """HF MoE block forward (float64)."""
-    x = x.double()
-    E = cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts")
-    logits = x @ w["router"].double().T
-    bias = w.get("e_score_correction_bias")
-    tw, ids = gate_torch(logits, cfg["num_experts_per_tok"], cfg.get("scoring_func", "softmax"), bias,
-                         cfg.get("n_group", 1), cfg.get("topk_group", 1), cfg.get("norm_topk_prob", False),
-                         cfg.get("routed_scaling_factor", 1.0))
-    out = torch.zeros_like(x)
-    for e in range(E):  # the HF loop over experts
-        tok, slot = torch.where(ids == e)
-        if tok.numel() == 0:
-            continue
-        y = expert_torch(x[tok], w["gate_proj"][e].double(), w["up_proj"][e].double(), w["down_proj"][e].double())
-        out.index_add_(0, tok, y * tw[tok, slot, None].double())
-    if "shared_gate_proj" in w:
-        s = expert_torch(x, w["shared_gate_proj"].double(), w["shared_up_proj"].double(), w["shared_down_proj"].double())
-        if "shared_expert_gate" in w:
-            s = torch.sigmoid(x @ w["shared_expert_gate"].double().T) * s
-        out = out + s
-    return out
+    return hf_moe.block(cfg, w, x.double())
 
 
 CONFIGS = {
