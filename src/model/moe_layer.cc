@@ -117,15 +117,24 @@ MoeLayer MoeLayer::from_hf(const MoeLayerConfig& cfg, const MoeLayerHfWeights& w
       std::vector<int8_t> w1(static_cast<size_t>(G * h * 2 * inter)), w2(static_cast<size_t>(G * h * inter));
       std::vector<float> s1(static_cast<size_t>(G * 2 * inter)), s2(static_cast<size_t>(G * h));
       std::vector<int8_t> q(static_cast<size_t>(inter * h));
-      const std::vector<float> gf = to_f32_vec(gate), uf = to_f32_vec(up), df = to_f32_vec(down);
+      // One expert's matrix at a time in f32 (read in place when it already is f32), so
+      // converting never holds a second full copy of the checkpoint's experts.
+      std::vector<float> tmp;
+      auto slice = [&](const TensorView& t, int64_t g, int64_t n) -> const float* {
+        if (t.dtype() == DType::f32) return t.data<float>() + g * n;
+        tmp.resize(static_cast<size_t>(n));
+        kernels::ref_table().to_f32(t.data<uint8_t>() + g * n * dtype_size(t.dtype()), t.dtype(), n, tmp.data());
+        return tmp.data();
+      };
       for (int64_t g = 0; g < G; ++g) {
         for (int half = 0; half < 2; ++half) {
-          const float* src = (half == 0 ? gf : uf).data() + g * inter * h;
+          const float* src = slice(half == 0 ? gate : up, g, inter * h);
           quantize_rows(src, inter, h, q.data(), s1.data() + g * 2 * inter + half * inter);
+          // weight1 is [k1 = h, n1 = 2I]: transpose the [I, h] rows into columns.
           for (int64_t c = 0; c < inter; ++c)
             for (int64_t kk = 0; kk < h; ++kk) w1[(g * h + kk) * 2 * inter + half * inter + c] = q[c * h + kk];
         }
-        quantize_rows(df.data() + g * h * inter, h, inter, w2.data() + g * h * inter, s2.data() + g * h);
+        quantize_rows(slice(down, g, h * inter), h, inter, w2.data() + g * h * inter, s2.data() + g * h);
       }
       return std::make_shared<PackedExpertFFN>(PackedExpertFFN::pack(
           TensorView(w1.data(), DType::s8, {G, h, 2 * inter}), TensorView(s1.data(), DType::f32, {G, 2 * inter}),
