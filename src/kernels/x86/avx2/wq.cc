@@ -165,10 +165,20 @@ template <int BITS, bool OFF>
 void dequant_t(const WqPanels& w, int64_t p, int64_t k0, int64_t k1, float* tile) {
   constexpr int KB = BITS == 8 ? 4 : 8;
   constexpr float kBias = BITS == 8 ? 128.0f : 8.0f;
-  for (int64_t kb0 = k0; kb0 < k1; kb0 += KB) {
-    const int64_t g = kb0 / w.kgroup;
-    const uint8_t* blk = w.group(p, g) + ((kb0 - g * w.kgroup) / KB) * kWqBlockBytes;
-    const float* sc = w.scale(p, g);
+  // Geometry once per call (its divisions would otherwise cost more than the decode).
+  const uint8_t* pb = w.panel(p);
+  const int64_t gbytes = w.group_bytes();
+  int64_t g = k0 / w.kgroup;
+  int64_t gend = (g + 1) * w.kgroup;
+  const uint8_t* blk = pb + g * gbytes + ((k0 - g * w.kgroup) / KB) * kWqBlockBytes;
+  const float* sc = w.scale(p, g);
+  for (int64_t kb0 = k0; kb0 < k1; kb0 += KB, blk += kWqBlockBytes) {
+    if (kb0 >= gend) {  // next group: its blocks follow this group's scales (and offsets)
+      ++g;
+      gend += w.kgroup;
+      blk = pb + g * gbytes;
+      sc = w.scale(p, g);
+    }
     const __m256 s0 = _mm256_load_ps(sc), s1 = _mm256_load_ps(sc + 8);
     __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps();
     if constexpr (OFF) {
@@ -214,36 +224,51 @@ void dequant(const WqPanels& w, int64_t p, int64_t k0, int64_t k1, float* tile) 
   }
 }
 
-template <int MR>
-void micro_t(const float* a, const float* b, int64_t kc, float* c, int64_t ldc, bool accumulate) {
+template <int MR, bool ACC>
+void micro_t(const float* a, const float* b, int64_t kc, float* c, int64_t ldc) {
+  // ACC is a template parameter: a run-time choice between loading and zeroing the
+  // accumulators makes GCC keep them in memory (a store per FMA pair).
   __m256 acc0[MR], acc1[MR];
+#pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
-    acc0[r] = accumulate ? _mm256_loadu_ps(c + r * ldc) : _mm256_setzero_ps();
-    acc1[r] = accumulate ? _mm256_loadu_ps(c + r * ldc + 8) : _mm256_setzero_ps();
+    if constexpr (ACC) {
+      acc0[r] = _mm256_loadu_ps(c + r * ldc);
+      acc1[r] = _mm256_loadu_ps(c + r * ldc + 8);
+    } else {
+      acc0[r] = acc1[r] = _mm256_setzero_ps();
+    }
   }
   for (int64_t kk = 0; kk < kc; ++kk) {
     const __m256 b0 = _mm256_load_ps(b + kk * kWqPanel), b1 = _mm256_load_ps(b + kk * kWqPanel + 8);
-    for (int r = 0; r < MR; ++r) {
+  #pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
       const __m256 av = _mm256_broadcast_ss(a + kk * kWqMR + r);
       acc0[r] = _mm256_fmadd_ps(av, b0, acc0[r]);
       acc1[r] = _mm256_fmadd_ps(av, b1, acc1[r]);
     }
   }
+#pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
     _mm256_storeu_ps(c + r * ldc, acc0[r]);
     _mm256_storeu_ps(c + r * ldc + 8, acc1[r]);
   }
 }
 
-void micro(const float* a, const float* b, int64_t kc, float* c, int64_t ldc, int rows, bool accumulate) {
+template <bool ACC>
+void micro_rows(const float* a, const float* b, int64_t kc, float* c, int64_t ldc, int rows) {
   switch (rows) {
-    case 1: micro_t<1>(a, b, kc, c, ldc, accumulate); break;
-    case 2: micro_t<2>(a, b, kc, c, ldc, accumulate); break;
-    case 3: micro_t<3>(a, b, kc, c, ldc, accumulate); break;
-    case 4: micro_t<4>(a, b, kc, c, ldc, accumulate); break;
-    case 5: micro_t<5>(a, b, kc, c, ldc, accumulate); break;
-    default: micro_t<6>(a, b, kc, c, ldc, accumulate); break;
+    case 1: micro_t<1, ACC>(a, b, kc, c, ldc); break;
+    case 2: micro_t<2, ACC>(a, b, kc, c, ldc); break;
+    case 3: micro_t<3, ACC>(a, b, kc, c, ldc); break;
+    case 4: micro_t<4, ACC>(a, b, kc, c, ldc); break;
+    case 5: micro_t<5, ACC>(a, b, kc, c, ldc); break;
+    default: micro_t<6, ACC>(a, b, kc, c, ldc); break;
   }
+}
+
+void micro(const float* a, const float* b, int64_t kc, float* c, int64_t ldc, int rows, bool accumulate) {
+  if (accumulate) micro_rows<true>(a, b, kc, c, ldc, rows);
+  else micro_rows<false>(a, b, kc, c, ldc, rows);
 }
 
 }  // namespace
