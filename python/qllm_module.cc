@@ -55,4 +55,5 @@ PYBIND11_MODULE(qllm, m) {
   py::module_ ops = m.def_submodule("ops", "qllm operators (see docs/operators.md)");
   bind_moe_ffn(m, ops);
   bind_moe_routing(m, ops);
+  bind_weight_quant(m, ops);
 }

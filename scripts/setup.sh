@@ -9,7 +9,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends \
-  g++ cmake ninja-build \
+  g++ cmake ninja-build libopenblas-dev \
   libgtest-dev libcli11-dev nlohmann-json3-dev \
   python3-dev pybind11-dev python3-numpy python3-torch python3-pytest
 

@@ -96,6 +96,21 @@ TEST(HotPath, MoeLayerNoHeapAllocations) {
       EXPECT_EQ(allocations_of([&] {
         L.forward(ctx, TensorView(x.data(), DType::f32, {T, h}), TensorView(out.data(), DType::f32, {T, h}));
       }), 0) << isa_name(isa);
+TEST(HotPath, WeightQuantNoHeapAllocations) {
+  for (Isa isa : test::isas()) {
+    Context& ctx = test::context(isa);
+    const int64_t k = 256, n = 48;
+    auto q = test::rand_s8(n * k / 2);
+    auto sc = test::rand_f32(2 * n, 0.01f, 0.02f);
+    const PackedQuantWeight pw = PackedQuantWeight::pack(TensorView(q.data(), DType::s4x2, {n, k / 2}),
+                                                         TensorView(sc.data(), DType::f32, {2, n}), TensorView(), 128, true);
+    for (int64_t m : {1, 20}) {  // matrix-vector and GEMM paths
+      auto x = test::rand_f32(m * k);
+      std::vector<float> y(m * n);
+      WeightQuantMatmulArgs a;
+      a.x = TensorView(x.data(), DType::f32, {m, k});
+      a.packed_w = &pw;
+      EXPECT_EQ(allocations_of([&] { weight_quant_matmul(ctx, a, TensorView(y.data(), DType::f32, {m, n})); }), 0);
     }
   }
 }

@@ -14,3 +14,4 @@
 #include "qllm/ops/moe_routing.h"
 #include "qllm/ops/packed.h"
 #include "qllm/ops/quant.h"
+#include "qllm/ops/weight_quant.h"
