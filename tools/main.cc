@@ -8,6 +8,7 @@
 
 namespace qllm::bench {
 int bench_moe_ffn(const Options& o);
+int bench_sparse24(const Options& o);
 }
 
 namespace {
@@ -22,6 +23,7 @@ struct BenchEntry {
 constexpr BenchEntry kBenches[] = {
     {"peak", bench_peak},
     {"moe-ffn", qllm::bench::bench_moe_ffn},
+    {"sparse24", qllm::bench::bench_sparse24},
 };
 }  // namespace
 
@@ -69,7 +71,7 @@ int main(int argc, char** argv) {
   bench->add_option("--min-time", o.min_time_s, "seconds to repeat each measured case (median reported)")->check(CLI::Range(0.0, 600.0));
   bench->add_option("--min-reps", o.min_reps, "repetitions per case at least")->check(CLI::Range(1, 1000));
   bench->add_flag("--quick", o.quick, "small shapes (a smoke test, not a measurement)");
-  bench->add_option("--rows", o.rows, "moe-ffn: rows per expert to run (default 1,4,16,64,256,512)")->delimiter(',');
+  bench->add_option("--rows", o.rows, "moe-ffn: rows per expert to run (default 1,4,16,64,256,512); sparse24: m values (default 1,4,16,512)")->delimiter(',');
   bench->add_flag("--no-peers", o.no_peers, "skip the comparison runs (unfused chain, 1 thread)");
   CLI11_PARSE(app, argc, argv);
   try {
