@@ -269,7 +269,7 @@ namespace {
 
 constexpr const char* kOp = "sparse24_matmul";
 
-// Work item = (row block, pair block), claimed dynamically. 60 rows = 12 tiles of the kernel's 5
+// Work item = (row block, pair block), claimed dynamically. 60 rows = 15 tiles of the kernel's 4
 // rows; 16 pairs = 32 output channels. Within an item k runs in chunks of 128 blocks (1024 deep),
 // so the chunk of x (60 x 1024 f32 = 240 KB) stays in L2 while all 16 pairs' chunks (L1-sized
 // per pair) stream past it; per-lane partial sums live in a per-thread tile between chunks.

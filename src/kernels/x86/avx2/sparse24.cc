@@ -6,9 +6,11 @@
 // for two blocks and one vpsrlvd put each position in the low bits of its lane, no mask or table
 // needed. Each useful FMA then costs one permute and no wasted multiply: half the FMAs of the
 // dense product. Zen 4 sustains ~1.25 permute+FMA pairs a cycle (measured), so the GEMM ceiling
-// is ~1.25x the dense FMA peak in dense-equivalent flops. Tiles: 5 rows x 2 pairs (10
-// accumulators, enough to cover the 4-cycle FMA latency at that rate, 16 ymm in all), and
-// 1 row x 8 pairs for the memory-bound matrix-vector case (8 independent chains, 16 streams).
+// is ~1.25x the dense FMA peak in dense-equivalent flops. Tiles: 4 rows x 2 pairs (8
+// accumulators + 2 indices + 2 value vectors + x + the permute result = 14 ymm: with 5 rows
+// the compiler ran out of registers and reloaded x per pair and the values per row, and the
+// loads, not the FMAs, set the pace), and 1 row x 8 pairs for the memory-bound matrix-vector
+// case (8 independent chains).
 //
 // s8: x is widened to s16 once; a ymm of 16 s16 spans two blocks, vpshufb (in-lane) gathers the
 // kept x of both channels with a control built from a 256-entry table indexed by the channel's
@@ -37,27 +39,30 @@ void ftile(const float* x, int64_t ldx, const S24Panels& w, int64_t p, int64_t k
            int64_t ld_acc) {
   constexpr int64_t es = dtype_size(DT);
   __m256 a[PR][MR];
+  // One pointer per pair; meta and values are reached through two shared running offsets, so
+  // 8 pairs need 8 + 2 general registers and nothing spills.
   const uint8_t* v[PR];
-  const uint16_t* m[PR];
   for (int j = 0; j < PR; ++j) {
     v[j] = w.values(p + j);
-    m[j] = w.meta(p + j);
     for (int r = 0; r < MR; ++r) a[j][r] = _mm256_loadu_ps(acc + r * ld_acc + j * 8);
   }
+  const int64_t moff = w.kb * 8 * es;
   // Lane shifts: lane 4h + 2c + s reads bits 8c + 4h + 2s of the block's u16 (kernels/sparse24.h);
   // the odd block of a pair of blocks sits 16 bits higher in the 32-bit load.
   const __m256i sh0 = _mm256_setr_epi32(0, 2, 8, 10, 4, 6, 12, 14);
   const __m256i sh1 = _mm256_add_epi32(sh0, _mm256_set1_epi32(16));
   for (int64_t kb = kb0; kb < kb1; kb += 2) {
-    if constexpr (MR <= 2) {
-      for (int j = 0; j < PR; ++j) _mm_prefetch(reinterpret_cast<const char*>(v[j] + (kb + 32) * 8 * es), _MM_HINT_T0);
+    const int64_t vo = kb * 8 * es, mo = moff + kb * 2;
+    if constexpr (MR == 1) {
+      // Matrix-vector: 8 pairs are 8 value streams; fetch 1 KB ahead of each.
+      for (int j = 0; j < PR; ++j) _mm_prefetch(reinterpret_cast<const char*>(v[j] + vo + 1024), _MM_HINT_T0);
     }
     for (int h = 0; h < 2; ++h) {
       __m256i idx[PR];
       __m256 vv[PR];
       for (int j = 0; j < PR; ++j) {
-        idx[j] = _mm256_srlv_epi32(_mm256_set1_epi32(load_u32(m[j] + kb)), h ? sh1 : sh0);
-        vv[j] = load8(DT, v[j] + (kb + h) * 8 * es);
+        idx[j] = _mm256_srlv_epi32(_mm256_set1_epi32(load_u32(reinterpret_cast<const uint16_t*>(v[j] + mo))), h ? sh1 : sh0);
+        vv[j] = load8(DT, v[j] + vo + h * 8 * es);
       }
       for (int r = 0; r < MR; ++r) {
         const __m256 xv = _mm256_loadu_ps(x + r * ldx + (kb + h) * 8);
@@ -76,15 +81,14 @@ void ftile_rows(int mr, const float* x, int64_t ldx, const S24Panels& w, int64_t
     case 1: ftile<DT, 1, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc); break;
     case 2: ftile<DT, 2, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc); break;
     case 3: ftile<DT, 3, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc); break;
-    case 4: ftile<DT, 4, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc); break;
-    default: ftile<DT, 5, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc); break;
+    default: ftile<DT, 4, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc); break;
   }
 }
 
 template <DType DT>
 void fmm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0, int64_t p1, int64_t kb0,
          int64_t kb1, float* acc, int64_t ld_acc) {
-  constexpr int kMR = 5;
+  constexpr int kMR = 4;
   if (rows == 1) {
     int64_t p = p0;
     for (; p + 8 <= p1; p += 8) ftile<DT, 1, 8>(x, ldx, w, p, kb0, kb1, acc + (p - p0) * 8, ld_acc);
@@ -124,23 +128,24 @@ template <int MR, int PR>
 void itile(const int16_t* x, int64_t ldx, const S24Panels& w, int64_t p, int64_t kb0, int64_t kb1, int32_t* acc,
            int64_t ld_acc) {
   __m256i a[PR][MR];
-  const int8_t* v[PR];
-  const uint8_t* m[PR];
+  const uint8_t* v[PR];  // as ftile: one pointer per pair, shared running offsets
   for (int j = 0; j < PR; ++j) {
-    v[j] = reinterpret_cast<const int8_t*>(w.values(p + j));
-    m[j] = reinterpret_cast<const uint8_t*>(w.meta(p + j));
+    v[j] = w.values(p + j);
     for (int r = 0; r < MR; ++r) a[j][r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * ld_acc + j * 8));
   }
+  const int64_t moff = w.kb * 8;
   for (int64_t kb = kb0; kb < kb1; kb += 2) {
-    if constexpr (MR <= 2) {
-      for (int j = 0; j < PR; ++j) _mm_prefetch(reinterpret_cast<const char*>(v[j] + (kb + 64) * 8), _MM_HINT_T0);
+    const int64_t vo = kb * 8, mo = moff + kb * 2;
+    if constexpr (MR == 1) {
+      for (int j = 0; j < PR; ++j) _mm_prefetch(reinterpret_cast<const char*>(v[j] + vo + 1024), _MM_HINT_T0);
     }
     __m256i ctrl[PR], wv[PR];
     for (int j = 0; j < PR; ++j) {
-      const uint8_t* mb = m[j] + 2 * kb;  // A(kb), B(kb), A(kb+1), B(kb+1)
-      ctrl[j] = _mm256_setr_epi64x(static_cast<int64_t>(kLut[mb[0]]), static_cast<int64_t>(kLut[mb[1]]),
-                                   static_cast<int64_t>(kLut[mb[2]]), static_cast<int64_t>(kLut[mb[3]]));
-      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v[j] + kb * 8)));
+      uint32_t mb;  // A(kb), B(kb), A(kb+1), B(kb+1)
+      std::memcpy(&mb, v[j] + mo, 4);
+      ctrl[j] = _mm256_setr_epi64x(static_cast<int64_t>(kLut[mb & 0xff]), static_cast<int64_t>(kLut[(mb >> 8) & 0xff]),
+                                   static_cast<int64_t>(kLut[(mb >> 16) & 0xff]), static_cast<int64_t>(kLut[mb >> 24]));
+      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v[j] + vo)));
     }
     for (int r = 0; r < MR; ++r) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * ldx + kb * 8));
@@ -159,8 +164,7 @@ void itile_rows(int mr, const int16_t* x, int64_t ldx, const S24Panels& w, int64
     case 1: itile<1, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc); break;
     case 2: itile<2, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc); break;
     case 3: itile<3, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc); break;
-    case 4: itile<4, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc); break;
-    default: itile<5, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc); break;
+    default: itile<4, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc); break;
   }
 }
 
@@ -177,7 +181,7 @@ void s24_float_mm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w,
 
 void s24_int8_mm(const int16_t* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0, int64_t p1,
                  int64_t kb0, int64_t kb1, int32_t* acc, int64_t ld_acc) {
-  constexpr int kMR = 5;
+  constexpr int kMR = 4;  // 8 accumulators + 2 controls + 2 weight vectors + x + temporaries
   if (rows == 1) {
     int64_t p = p0;
     for (; p + 8 <= p1; p += 8) itile<1, 8>(x, ldx, w, p, kb0, kb1, acc + (p - p0) * 8, ld_acc);
