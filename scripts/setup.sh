@@ -11,7 +11,8 @@ $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends \
   g++ cmake ninja-build \
   libgtest-dev libcli11-dev nlohmann-json3-dev \
-  python3-dev pybind11-dev python3-numpy python3-torch python3-pytest
+  python3-dev pybind11-dev python3-numpy python3-torch python3-pytest \
+  libopenblas-dev
 
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DQLLM_PYTHON=/usr/bin/python3
 cmake --build build
