@@ -56,4 +56,5 @@ PYBIND11_MODULE(qllm, m) {
   bind_moe_ffn(m, ops);
   bind_moe_routing(m, ops);
   bind_weight_quant(m, ops);
+  bind_sparse24(m, ops);
 }

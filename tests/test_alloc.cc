@@ -71,7 +71,6 @@ TEST(HotPath, NoHeapAllocations) {
   }
 }
 
-
 // The whole MoE block (router, gating, routing with quant, fused experts, shared expert, combine).
 TEST(HotPath, MoeLayerNoHeapAllocations) {
   for (Isa isa : test::isas()) {
@@ -96,6 +95,10 @@ TEST(HotPath, MoeLayerNoHeapAllocations) {
       EXPECT_EQ(allocations_of([&] {
         L.forward(ctx, TensorView(x.data(), DType::f32, {T, h}), TensorView(out.data(), DType::f32, {T, h}));
       }), 0) << isa_name(isa);
+    }
+  }
+}
+
 TEST(HotPath, WeightQuantNoHeapAllocations) {
   for (Isa isa : test::isas()) {
     Context& ctx = test::context(isa);
@@ -112,6 +115,37 @@ TEST(HotPath, WeightQuantNoHeapAllocations) {
       a.packed_w = &pw;
       EXPECT_EQ(allocations_of([&] { weight_quant_matmul(ctx, a, TensorView(y.data(), DType::f32, {m, n})); }), 0);
     }
+  }
+}
+
+}  // namespace
+}  // namespace qllm
+
+namespace qllm {
+namespace {
+
+// sparse24_matmul on a packed weight: the warmed-up call allocates nothing (float and W8A8).
+TEST(HotPath, Sparse24NoHeapAllocations) {
+  for (Isa isa : test::isas()) {
+    Context& ctx = test::context(isa);
+    const int64_t m = 7, k = 96, n = 40;
+    std::vector<float> w = test::rand_f32(n * k), vals(n * k / 2), x = test::rand_f32(m * k), y(m * n);
+    std::vector<uint8_t> meta(n * sparse24_meta_cols(k));
+    const TensorView vv(vals.data(), DType::f32, {n, k / 2}), mv(meta.data(), DType::u8, {n, sparse24_meta_cols(k)});
+    prune_24(TensorView(w.data(), DType::f32, {n, k}), vv, mv);
+    const PackedSparse24 pk = PackedSparse24::pack(vv, mv);
+    Sparse24MatmulArgs a;
+    a.x = TensorView(x.data(), DType::f32, {m, k});
+    a.packed = &pk;
+    EXPECT_EQ(allocations_of([&] { sparse24_matmul(ctx, a, TensorView(y.data(), DType::f32, {m, n})); }), 0);
+    std::vector<int8_t> w8 = test::rand_s8(n * k), v8(n * k / 2), x8 = test::rand_s8(m * k);
+    prune_24(TensorView(w8.data(), DType::s8, {n, k}), TensorView(v8.data(), DType::s8, {n, k / 2}), mv);
+    const PackedSparse24 pk8 = PackedSparse24::pack(TensorView(v8.data(), DType::s8, {n, k / 2}), mv);
+    std::vector<float> scale = test::rand_f32(n);
+    a.x = TensorView(x8.data(), DType::s8, {m, k});
+    a.packed = &pk8;
+    a.scale = TensorView(scale.data(), DType::f32, {n});
+    EXPECT_EQ(allocations_of([&] { sparse24_matmul(ctx, a, TensorView(y.data(), DType::f32, {m, n}), {DType::f32}); }), 0);
   }
 }
 

@@ -10,6 +10,7 @@ namespace qllm::bench {
 int bench_moe_ffn(const Options& o);
 int bench_moe_layer(const Options& o);
 int bench_wq_gemm(const Options& o);
+int bench_sparse24(const Options& o);
 }
 
 namespace {
@@ -26,6 +27,7 @@ constexpr BenchEntry kBenches[] = {
     {"moe-ffn", qllm::bench::bench_moe_ffn},
     {"moe-layer", qllm::bench::bench_moe_layer},
     {"wq-gemm", qllm::bench::bench_wq_gemm},
+    {"sparse24", qllm::bench::bench_sparse24},
 };
 }  // namespace
 
@@ -73,7 +75,7 @@ int main(int argc, char** argv) {
   bench->add_option("--min-time", o.min_time_s, "seconds to repeat each measured case (median reported)")->check(CLI::Range(0.0, 600.0));
   bench->add_option("--min-reps", o.min_reps, "repetitions per case at least")->check(CLI::Range(1, 1000));
   bench->add_flag("--quick", o.quick, "small shapes (a smoke test, not a measurement)");
-  bench->add_option("--rows", o.rows, "moe-ffn: rows per expert to run (default 1,4,16,64,256,512); wq-gemm: m values (default 1,4,16,512)")->delimiter(',');
+  bench->add_option("--rows", o.rows, "moe-ffn: rows per expert to run (default 1,4,16,64,256,512); wq-gemm, sparse24: m values (default 1,4,16,512)")->delimiter(',');
   bench->add_option("--tokens", o.tokens, "moe-layer: tokens per call to run (default 1,8,64,512)")->delimiter(',');
   bench->add_flag("--no-peers", o.no_peers, "skip the comparison runs (unfused chain, 1 thread)");
   CLI11_PARSE(app, argc, argv);

@@ -15,3 +15,4 @@
 #include "qllm/ops/packed.h"
 #include "qllm/ops/quant.h"
 #include "qllm/ops/weight_quant.h"
+#include "qllm/ops/sparse24.h"

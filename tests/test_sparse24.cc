@@ -1,0 +1,322 @@
+// 2:4 structured sparsity (SPEC section 6): prune/compress/decompress round trips, sparse24_matmul
+// against the dense product of the decompressed weight (computed here in double / int64), every
+// ISA against ref bit for bit on one packed weight, and the rejected inputs.
+#include <cmath>
+
+#include "test_util.h"
+
+namespace qllm {
+namespace {
+
+using test::context;
+using test::expect_error;
+
+// Random weight [n, k] of dtype dt as raw bytes, with whole zero rows and sparse groups mixed in
+// (row 1 all zero when n > 1; every 5th group has one non-zero, every 7th none).
+std::vector<uint8_t> make_weight(DType dt, int64_t n, int64_t k, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<float> d(-2.0f, 2.0f);
+  const int64_t es = dtype_size(dt);
+  std::vector<uint8_t> w(static_cast<size_t>(n * k * es));
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < k; ++c) {
+      const int64_t grp = r * (k / 4) + c / 4;
+      float v = d(g);
+      if ((n > 1 && r == 1) || grp % 7 == 3 || (grp % 5 == 2 && c % 4 != 1)) v = 0.0f;
+      const int64_t i = r * k + c;
+      switch (dt) {
+        case DType::f16: reinterpret_cast<uint16_t*>(w.data())[i] = f32_to_f16(v); break;
+        case DType::bf16: reinterpret_cast<uint16_t*>(w.data())[i] = f32_to_bf16(v); break;
+        case DType::s8: reinterpret_cast<int8_t*>(w.data())[i] = static_cast<int8_t>(std::lround(v * 63.5f)); break;
+        default: reinterpret_cast<float*>(w.data())[i] = v; break;
+      }
+    }
+  return w;
+}
+
+double elem(DType dt, const void* p, int64_t i) {
+  switch (dt) {
+    case DType::f16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    case DType::bf16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    case DType::s8: return static_cast<const int8_t*>(p)[i];
+    case DType::s32: return static_cast<const int32_t*>(p)[i];
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+struct Compressed {
+  std::vector<uint8_t> values, meta, dense;  // dense = decompress_24(values, meta)
+};
+
+Compressed prune(DType dt, int64_t n, int64_t k, const std::vector<uint8_t>& w) {
+  Compressed c;
+  const int64_t es = dtype_size(dt);
+  c.values.resize(static_cast<size_t>(n * k / 2 * es));
+  c.meta.resize(static_cast<size_t>(n * sparse24_meta_cols(k)));
+  c.dense.resize(static_cast<size_t>(n * k * es));
+  const TensorView vv(c.values.data(), dt, {n, k / 2}), mv(c.meta.data(), DType::u8, {n, sparse24_meta_cols(k)});
+  prune_24(TensorView(w.data(), dt, {n, k}), vv, mv);
+  decompress_24(vv, mv, TensorView(c.dense.data(), dt, {n, k}));
+  return c;
+}
+
+TEST(Sparse24, PruneKnownRow) {
+  // Groups: keep |3|, |-5| at 1, 2; all zero -> (0, 1); one non-zero at 3 -> (0, 3); ties -> (0, 1).
+  const std::vector<float> w = {0, 3, -5, 1, 0, 0, 0, 0, 0, 0, 0, 7, 1, -1, 1, -1};
+  std::vector<float> vals(8);
+  std::vector<uint8_t> meta(2);
+  prune_24(TensorView(w.data(), DType::f32, {1, 16}), TensorView(vals.data(), DType::f32, {1, 8}),
+           TensorView(meta.data(), DType::u8, {1, 2}));
+  EXPECT_EQ(vals, (std::vector<float>{3, -5, 0, 0, 0, 7, 1, -1}));
+  EXPECT_EQ(meta[0], 0x49);  // group 0: i0 = 1, i1 = 2 -> 0x9; group 1: (0, 1) -> 0x4
+  EXPECT_EQ(meta[1], 0x4c);  // group 2: (0, 3) -> 0xc; group 3: (0, 1) -> 0x4
+  // k % 8 == 4: the padding nibble is written as 0.
+  std::vector<uint8_t> m1(1);
+  prune_24(TensorView(w.data(), DType::f32, {1, 4}), TensorView(vals.data(), DType::f32, {1, 2}),
+           TensorView(m1.data(), DType::u8, {1, 1}));
+  EXPECT_EQ(m1[0], 0x09);
+}
+
+TEST(Sparse24, RoundTrips) {
+  for (DType dt : {DType::f32, DType::f16, DType::bf16, DType::s8})
+    for (int64_t k : {4, 12, 100}) {
+      const int64_t n = 7;
+      const auto w = make_weight(dt, n, k, 11);
+      const Compressed c = prune(dt, n, k, w);
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t g = 0; g < k / 4; ++g) {
+          int nz = 0;
+          double kept_min = 1e30, dropped_max = 0;
+          for (int i = 0; i < 4; ++i) {
+            const int64_t e = r * k + 4 * g + i;
+            const double d = elem(dt, c.dense.data(), e), o = elem(dt, w.data(), e);
+            nz += d != 0.0;
+            if (d != 0.0) {
+              EXPECT_EQ(d, o);
+              kept_min = std::min(kept_min, std::fabs(o));
+            } else {
+              dropped_max = std::max(dropped_max, std::fabs(o));
+            }
+          }
+          EXPECT_LE(nz, 2);
+          if (nz == 2) {
+            EXPECT_LE(dropped_max, kept_min) << "row " << r << " group " << g;
+          }
+        }
+      // The pruned weight is 2:4, so compress_24 accepts it and gives the same compressed form.
+      std::vector<uint8_t> v2(c.values.size()), m2(c.meta.size());
+      compress_24(TensorView(c.dense.data(), dt, {n, k}), TensorView(v2.data(), dt, {n, k / 2}),
+                  TensorView(m2.data(), DType::u8, {n, sparse24_meta_cols(k)}));
+      EXPECT_EQ(v2, c.values) << dtype_name(dt) << " k " << k;
+      EXPECT_EQ(m2, c.meta) << dtype_name(dt) << " k " << k;
+    }
+}
+
+// Checks y (m x n, dtype odt) of the float path against double sums over the decompressed weight.
+// Tolerance: each output is a sum of k/2 products accumulated in f32 with one rounding per FMA
+// plus the 3 adds of the lane reduction, so |error| <= (k/2 + 4) * 2^-24 * sum|w x| (first-order
+// bound, gamma_n); an f16/bf16 output adds half an ulp of the result (2^-11 / 2^-8 relative).
+void check_float(DType wdt, DType xdt, DType odt, int64_t m, int64_t k, int64_t n, const Compressed& c,
+                 const std::vector<uint8_t>& x, const std::vector<uint8_t>& y) {
+  const double out_eps = odt == DType::f16 ? std::ldexp(1.0, -11) : odt == DType::bf16 ? std::ldexp(1.0, -8) : 0.0;
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t col = 0; col < n; ++col) {
+      double s = 0, sa = 0;
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const double t = elem(wdt, c.dense.data(), col * k + kk) * elem(xdt, x.data(), r * k + kk);
+        s += t;
+        sa += std::fabs(t);
+      }
+      const double tol = (k / 2 + 4) * std::ldexp(1.0, -24) * sa + out_eps * std::fabs(s) + 1e-30;
+      ASSERT_NEAR(elem(odt, y.data(), r * n + col), s, tol)
+          << dtype_name(wdt) << " x " << dtype_name(xdt) << " -> " << dtype_name(odt) << " m " << m << " k " << k << " n " << n
+          << " at " << r << "," << col;
+    }
+}
+
+std::vector<uint8_t> make_x(DType dt, int64_t m, int64_t k, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::vector<uint8_t> x(static_cast<size_t>(m * k * dtype_size(dt)));
+  if (dt == DType::s8) {
+    std::uniform_int_distribution<int> d(-128, 127);
+    for (auto& b : x) b = static_cast<uint8_t>(d(g));
+    return x;
+  }
+  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+  for (int64_t i = 0; i < m * k; ++i) {
+    const float v = d(g);
+    if (dt == DType::f16) reinterpret_cast<uint16_t*>(x.data())[i] = f32_to_f16(v);
+    else if (dt == DType::bf16) reinterpret_cast<uint16_t*>(x.data())[i] = f32_to_bf16(v);
+    else reinterpret_cast<float*>(x.data())[i] = v;
+  }
+  return x;
+}
+
+TEST(Sparse24, FloatMatmulSweep) {
+  Context& ctx = test::default_context();
+  for (DType wdt : {DType::f32, DType::f16, DType::bf16})
+    for (int64_t k : {4, 12, 100})
+      for (int64_t n : {1, 5, 34})
+        for (int64_t m : {1, 3, 17}) {
+          const DType xdt = m == 3 ? DType::bf16 : (m == 17 ? DType::f16 : DType::f32);
+          const DType odt = n == 5 ? DType::f16 : (n == 1 ? DType::bf16 : DType::f32);
+          const Compressed c = prune(wdt, n, k, make_weight(wdt, n, k, static_cast<uint32_t>(k * 131 + n)));
+          const auto x = make_x(xdt, m, k, static_cast<uint32_t>(m));
+          std::vector<uint8_t> y(static_cast<size_t>(m * n * 4), 0xee);
+          Sparse24MatmulArgs a;
+          a.x = TensorView(x.data(), xdt, {m, k});
+          a.values = TensorView(c.values.data(), wdt, {n, k / 2});
+          a.meta = TensorView(c.meta.data(), DType::u8, {n, sparse24_meta_cols(k)});
+          sparse24_matmul(ctx, a, TensorView(y.data(), odt, {m, n}), {odt});
+          check_float(wdt, xdt, odt, m, k, n, c, x, y);
+        }
+}
+
+TEST(Sparse24, Int8MatmulSweep) {
+  Context& ctx = test::default_context();
+  for (int64_t k : {4, 12, 100})
+    for (int64_t n : {1, 5, 34})
+      for (int64_t m : {1, 3, 17}) {
+        const Compressed c = prune(DType::s8, n, k, make_weight(DType::s8, n, k, static_cast<uint32_t>(k + n)));
+        const auto x = make_x(DType::s8, m, k, static_cast<uint32_t>(m * 7));
+        // The extremes: -128 x -128 products in the first row.
+        for (int64_t kk = 0; kk < k; ++kk) reinterpret_cast<int8_t*>(const_cast<uint8_t*>(x.data()))[kk] = -128;
+        Sparse24MatmulArgs a;
+        a.x = TensorView(x.data(), DType::s8, {m, k});
+        a.values = TensorView(c.values.data(), DType::s8, {n, k / 2});
+        a.meta = TensorView(c.meta.data(), DType::u8, {n, sparse24_meta_cols(k)});
+        std::vector<int32_t> acc(m * n);
+        sparse24_matmul(ctx, a, TensorView(acc.data(), DType::s32, {m, n}), {DType::s32});
+        std::vector<int64_t> want(m * n);
+        for (int64_t r = 0; r < m; ++r)
+          for (int64_t col = 0; col < n; ++col) {
+            int64_t s = 0;
+            for (int64_t kk = 0; kk < k; ++kk)
+              s += static_cast<int64_t>(reinterpret_cast<const int8_t*>(c.dense.data())[col * k + kk]) *
+                   reinterpret_cast<const int8_t*>(x.data())[r * k + kk];
+            want[r * n + col] = s;
+            ASSERT_EQ(acc[r * n + col], s) << "m " << m << " k " << k << " n " << n;
+          }
+        // Dequantised outputs: SPEC section 1's formula, bit for bit.
+        const auto scale = test::rand_f32(n, 0.001f, 0.01f), pts = test::rand_f32(m, 0.5f, 2.0f);
+        a.scale = TensorView(scale.data(), DType::f32, {n});
+        for (DType odt : {DType::f32, DType::f16, DType::bf16})
+          for (bool with_pts : {false, true}) {
+            a.per_token_scale = with_pts ? TensorView(pts.data(), DType::f32, {m}) : TensorView();
+            std::vector<uint8_t> y(m * n * 4);
+            sparse24_matmul(ctx, a, TensorView(y.data(), odt, {m, n}), {odt});
+            for (int64_t i = 0; i < m * n; ++i) {
+              const float f = (static_cast<float>(want[i]) * scale[i % n]) * (with_pts ? pts[i / n] : 1.0f);
+              const double expect = odt == DType::f16 ? f16_to_f32(f32_to_f16(f)) : odt == DType::bf16 ? bf16_to_f32(f32_to_bf16(f)) : f;
+              ASSERT_EQ(elem(odt, y.data(), i), expect) << dtype_name(odt) << " i " << i;
+            }
+          }
+      }
+}
+
+// Every ISA gives ref's bits, on the real model depth (k = 7168) and odd shapes, from one packed
+// weight reused across contexts (the packed layout is the same for every ISA).
+TEST(Sparse24, IsasAgreeBitwise) {
+  struct Case { int64_t m, k, n; };
+  for (const Case cs : {Case{1, 7168, 66}, Case{17, 7168, 34}, Case{3, 100, 17}, Case{12, 1040, 40}})
+    for (DType wdt : {DType::f32, DType::f16, DType::bf16, DType::s8}) {
+      const DType xdt = wdt == DType::s8 ? DType::s8 : DType::f32;
+      const Compressed c = prune(wdt, cs.n, cs.k, make_weight(wdt, cs.n, cs.k, 5));
+      const PackedSparse24 pk = PackedSparse24::pack(TensorView(c.values.data(), wdt, {cs.n, cs.k / 2}),
+                                                     TensorView(c.meta.data(), DType::u8, {cs.n, sparse24_meta_cols(cs.k)}));
+      const auto x = make_x(xdt, cs.m, cs.k, 9);
+      Sparse24MatmulArgs a;
+      a.x = TensorView(x.data(), xdt, {cs.m, cs.k});
+      a.packed = &pk;
+      const DType odt = wdt == DType::s8 ? DType::s32 : DType::f32;
+      std::vector<uint8_t> want(cs.m * cs.n * 4), got(cs.m * cs.n * 4);
+      sparse24_matmul(context(Isa::ref), a, TensorView(want.data(), odt, {cs.m, cs.n}), {odt});
+      if (wdt == DType::f16 && cs.k == 7168) check_float(wdt, xdt, odt, cs.m, cs.k, cs.n, c, x, want);
+      for (Isa isa : test::fast_isas()) {
+        sparse24_matmul(context(isa), a, TensorView(got.data(), odt, {cs.m, cs.n}), {odt});
+        EXPECT_EQ(got, want) << isa_name(isa) << " " << dtype_name(wdt) << " m " << cs.m << " k " << cs.k;
+      }
+    }
+}
+
+TEST(Sparse24, RejectsBadInput) {
+  Context& ctx = test::default_context();
+  const int64_t n = 4, k = 16;
+  std::vector<float> w(n * k, 1.0f), vals(n * k / 2, 1.0f), dense(n * k);
+  std::vector<uint8_t> meta(n * 2, 0x44);
+  const TensorView vv(vals.data(), DType::f32, {n, k / 2}), mv(meta.data(), DType::u8, {n, 2});
+  // k not a multiple of 4.
+  expect_error([&] { prune_24(TensorView(w.data(), DType::f32, {2, 6}), TensorView(vals.data(), DType::f32, {2, 3}),
+                              TensorView(meta.data(), DType::u8, {2, 1})); },
+               {"prune_24", "w", "k = 6", "multiple of 4"});
+  expect_error([&] { decompress_24(TensorView(vals.data(), DType::f32, {2, 3}), TensorView(meta.data(), DType::u8, {2, 1}),
+                                   TensorView(dense.data(), DType::f32, {2, 6})); },
+               {"decompress_24", "values", "k = 6", "multiple of 4"});
+  // Not 2:4: names the row and the group; nothing written.
+  std::vector<float> w3(n * k, 0.0f);
+  w3[1 * k + 8] = w3[1 * k + 9] = w3[1 * k + 11] = 1.0f;
+  std::vector<uint8_t> mcopy = meta;
+  expect_error([&] { compress_24(TensorView(w3.data(), DType::f32, {n, k}), vv, mv); },
+               {"compress_24", "w[row 1, group 2]", "3 non-zeros"});
+  EXPECT_EQ(meta, mcopy);
+  // Positions not increasing, and a non-zero padding nibble.
+  std::vector<uint8_t> bad = meta;
+  bad[2 * 2 + 1] = 0x64;  // row 2, group 3 (high nibble): i0 = 2, i1 = 1
+  expect_error([&] { decompress_24(vv, TensorView(bad.data(), DType::u8, {n, 2}), TensorView(dense.data(), DType::f32, {n, k})); },
+               {"decompress_24", "meta[row 2, group 3]", "i0 = 2, i1 = 1", "i0 < i1"});
+  bad[2 * 2 + 1] = 0x54;  // i0 = i1 = 1
+  expect_error([&] { PackedSparse24::pack(vv, TensorView(bad.data(), DType::u8, {n, 2})); },
+               {"PackedSparse24", "meta[row 2, group 3]", "i0 = 1, i1 = 1"});
+  std::vector<uint8_t> pad = {0x44, 0x44, 0x44};  // k = 12: one byte and a half per row
+  std::vector<float> v12(6, 1.0f), d12(12);
+  expect_error([&] { decompress_24(TensorView(v12.data(), DType::f32, {1, 6}), TensorView(pad.data(), DType::u8, {1, 2}),
+                                   TensorView(d12.data(), DType::f32, {1, 12})); },
+               {"decompress_24", "meta", "padding"});
+  // Shapes and dtypes.
+  expect_error([&] { decompress_24(vv, TensorView(meta.data(), DType::u8, {n, 3}), TensorView(dense.data(), DType::f32, {n, k})); },
+               {"decompress_24", "meta"});
+  expect_error([&] { prune_24(TensorView(w.data(), DType::f32, {n, k}), TensorView(vals.data(), DType::f16, {n, k / 2}), mv); },
+               {"prune_24", "values"});
+  expect_error([&] { prune_24(TensorView(w.data(), DType::s32, {n, k}), vv, mv); }, {"prune_24", "w", "int32"});
+
+  // sparse24_matmul: nothing written to y on rejection.
+  const int64_t m = 3;
+  std::vector<float> x(m * k, 1.0f), y(m * n, -7.0f);
+  std::vector<int8_t> x8(m * k, 1), v8(n * k / 2, 1);
+  const TensorView yv(y.data(), DType::f32, {m, n});
+  Sparse24MatmulArgs a;
+  a.x = TensorView(x.data(), DType::f32, {m, k});
+  a.values = vv;
+  a.meta = TensorView(bad.data(), DType::u8, {n, 2});
+  expect_error([&] { sparse24_matmul(ctx, a, yv); }, {"sparse24_matmul", "meta[row 2, group 3]"});
+  a.meta = mv;
+  a.x = TensorView(x.data(), DType::f32, {m, 12});
+  expect_error([&] { sparse24_matmul(ctx, a, yv); }, {"sparse24_matmul", "x", "k = 12", "k = 16"});
+  a.x = TensorView(x8.data(), DType::s8, {m, k});
+  expect_error([&] { sparse24_matmul(ctx, a, TensorView(y.data(), DType::s32, {m, n}), {DType::s32}); },
+               {"sparse24_matmul", "int8 x needs int8 values"});
+  a.values = TensorView(v8.data(), DType::s8, {n, k / 2});
+  expect_error([&] { sparse24_matmul(ctx, a, yv, {DType::f32}); }, {"sparse24_matmul", "scale"});
+  std::vector<float> sc(n + 1, 1.0f);
+  a.scale = TensorView(sc.data(), DType::f32, {n + 1});
+  expect_error([&] { sparse24_matmul(ctx, a, yv, {DType::f32}); }, {"sparse24_matmul", "scale"});
+  a.scale = TensorView(sc.data(), DType::f32, {n});
+  a.per_token_scale = TensorView(sc.data(), DType::f32, {m + 1});
+  expect_error([&] { sparse24_matmul(ctx, a, yv, {DType::f32}); }, {"sparse24_matmul", "per_token_scale"});
+  a.per_token_scale = TensorView();
+  expect_error([&] { sparse24_matmul(ctx, a, TensorView(y.data(), DType::s32, {m, n}), {DType::s32}); },
+               {"sparse24_matmul", "scale", "int32"});
+  a.scale = TensorView();
+  expect_error([&] { sparse24_matmul(ctx, a, TensorView(y.data(), DType::s32, {m, n - 1}), {DType::s32}); },
+               {"sparse24_matmul", "y"});
+  a.x = TensorView(x.data(), DType::f32, {m, k});
+  a.values = vv;
+  expect_error([&] { sparse24_matmul(ctx, a, yv, {DType::s32}); }, {"sparse24_matmul", "out_dtype"});
+  const PackedSparse24 pk = PackedSparse24::pack(vv, mv);
+  a.packed = &pk;
+  expect_error([&] { sparse24_matmul(ctx, a, yv); }, {"sparse24_matmul", "either values/meta or packed"});
+  for (float v : y) EXPECT_EQ(v, -7.0f);
+}
+
+}  // namespace
+}  // namespace qllm
