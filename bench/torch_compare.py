@@ -10,27 +10,16 @@ Machine limits come from `build/qllm bench peak --json`, run first in the same i
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "build", "python"))
+sys.path.insert(0, HERE)
 import qllm  # noqa: E402
-
-
-def median_ms(fn, reps, min_time):
-    times = []
-    start = time.perf_counter()
-    while len(times) < reps or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+from benchutil import machine_peak, median_ms  # noqa: E402
 
 
 def main():
@@ -48,12 +37,7 @@ def main():
     threads = qllm.info()["threads"]
     torch.set_num_threads(threads)
 
-    cli = os.path.join(HERE, "..", "build", "qllm")
-    peak = {}
-    for line in subprocess.run([cli, "bench", "peak", "--json"], check=True, capture_output=True, text=True).stdout.splitlines():
-        j = json.loads(line)
-        if j["threads"] == threads:
-            peak = j
+    peak = machine_peak(threads)
     rng = np.random.default_rng(0)
     w1 = rng.integers(-127, 128, (G, k1, n1), dtype=np.int8)
     w2 = rng.integers(-127, 128, (G, n2, k2), dtype=np.int8)

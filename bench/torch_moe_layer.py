@@ -13,10 +13,7 @@ Balanced routing (random router weights). Machine limits from `build/qllm bench 
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
@@ -26,16 +23,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "build", "python"))
 sys.path.insert(0, HERE)
 import hf_moe  # noqa: E402
 import qllm  # noqa: E402
-
-
-def median_ms(fn, reps, min_time):
-    times = []
-    start = time.perf_counter()
-    while len(times) < reps or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+from benchutil import machine_peak, median_ms  # noqa: E402
 
 
 def weights(cfg, gen):
@@ -62,12 +50,7 @@ def main():
     a = ap.parse_args()
     threads = qllm.info()["threads"]
     torch.set_num_threads(threads)
-    cli = os.path.join(HERE, "..", "build", "qllm")
-    peak = {}
-    for line in subprocess.run([cli, "bench", "peak", "--json"], check=True, capture_output=True, text=True).stdout.splitlines():
-        j = json.loads(line)
-        if j["threads"] == threads:
-            peak = j
+    peak = machine_peak(threads)
     models = {
         "deepseek-v3": dict(hidden_size=7168, n_routed_experts=a.deepseek_experts, num_experts_per_tok=8, n_group=8,
                             topk_group=4, norm_topk_prob=True, scoring_func="sigmoid", routed_scaling_factor=2.5,

@@ -1,9 +1,43 @@
 #include "bench_common.h"
 
+#include <random>
+
 #include <algorithm>
 #include <cstdio>
 
 namespace qllm::bench {
+
+nlohmann::ordered_json peak_row(const Peak& p) {
+  nlohmann::ordered_json j;
+  j["bench"] = "peak";
+  j["case"] = {{"threads", p.threads}};
+  j["median_ms"] = p.dram_ms;  // one 1 GiB read pass
+  j["fma_gflops"] = p.fma_gflops;
+  j["int8_gops"] = p.int8_gops;
+  j["int8_exact_gops"] = p.int8_exact_gops;
+  j["int8_vnni_gops"] = p.int8_vnni_gops;
+  j["dram_gbps"] = p.dram_gbps;
+  j["threads"] = p.threads;
+  return j;
+}
+
+std::vector<int8_t> random_s8(size_t n, uint32_t seed) {
+  std::vector<int8_t> v(n);
+  std::mt19937 g(seed);
+  for (size_t i = 0; i < n; i += 4) {
+    const uint32_t r = g();
+    for (size_t j = 0; j < 4 && i + j < n; ++j) v[i + j] = static_cast<int8_t>(r >> (8 * j));
+  }
+  return v;
+}
+
+std::vector<float> random_f32(size_t n, float lo, float hi, uint32_t seed) {
+  std::vector<float> v(n);
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<float> d(lo, hi);
+  for (auto& x : v) x = d(g);
+  return v;
+}
 
 double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();

@@ -38,6 +38,14 @@ Peak measure_peak(int threads, double seconds_per_test);
 // memory-bound cases measure it again right before they run.
 double measure_dram(int threads, int reps);
 
+// The limits as one benchmark row (`bench` = "peak"), printed first by every benchmark so its
+// ratios can be checked against the limits of the same run.
+nlohmann::ordered_json peak_row(const Peak& p);
+
+// Deterministic benchmark data: full-range int8 (four values per generator draw) and uniform floats.
+std::vector<int8_t> random_s8(size_t n, uint32_t seed);
+std::vector<float> random_f32(size_t n, float lo, float hi, uint32_t seed);
+
 double now_s();
 // Runs fn until min_time_s and min_reps are both reached; returns the median seconds per call.
 double median_seconds(const Options& o, const std::function<void()>& fn);

@@ -14,24 +14,6 @@ namespace {
 
 struct Shape { int64_t G, k1, n1, n2; };
 
-std::vector<int8_t> random_s8(size_t n, uint32_t seed) {
-  std::vector<int8_t> v(n);
-  std::mt19937 g(seed);
-  for (size_t i = 0; i < n; i += 4) {
-    const uint32_t r = g();
-    for (size_t j = 0; j < 4 && i + j < n; ++j) v[i + j] = static_cast<int8_t>(r >> (8 * j));
-  }
-  return v;
-}
-
-std::vector<float> random_f32(size_t n, float lo, float hi, uint32_t seed) {
-  std::vector<float> v(n);
-  std::mt19937 g(seed);
-  std::uniform_real_distribution<float> d(lo, hi);
-  for (auto& x : v) x = d(g);
-  return v;
-}
-
 }  // namespace
 
 int bench_moe_ffn(const Options& o) {
@@ -44,18 +26,7 @@ int bench_moe_ffn(const Options& o) {
   Context ctx(ContextOptions{o.threads, true, Isa::ref});
   const Peak peak = measure_peak(ctx.threads(), o.quick ? 0.05 : 0.3);
   Reporter rep(o);
-  {
-    nlohmann::ordered_json j;
-    j["bench"] = "peak";
-    j["case"] = {{"threads", peak.threads}};
-    j["fma_gflops"] = peak.fma_gflops;
-    j["int8_gops"] = peak.int8_gops;
-    j["int8_exact_gops"] = peak.int8_exact_gops;
-    j["int8_vnni_gops"] = peak.int8_vnni_gops;
-    j["dram_gbps"] = peak.dram_gbps;
-    j["threads"] = peak.threads;
-    rep.row(j);
-  }
+  rep.row(peak_row(peak));
 
   // Weights: random full-range int8, scales that keep activations O(1). Packed once for the
   // fused operator and once (plain panels) for the unfused chain.

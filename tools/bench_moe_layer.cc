@@ -37,14 +37,6 @@ void fill_random(void* p, size_t bytes, uint64_t seed) {
   for (; i < bytes; ++i) b[i] = static_cast<uint8_t>(i * 131 + seed);
 }
 
-std::vector<float> uniform(size_t n, float lo, float hi, uint32_t seed) {
-  std::vector<float> v(n);
-  std::mt19937 g(seed);
-  std::uniform_real_distribution<float> d(lo, hi);
-  for (auto& x : v) x = d(g);
-  return v;
-}
-
 // Random W8A8 experts in the fused operator's form, packed for this machine.
 PackedExpertFFN random_ffn(int64_t G, int64_t h, int64_t inter, uint64_t seed, Isa isa) {
   std::vector<int8_t> w1(static_cast<size_t>(G * h * 2 * inter)), w2(static_cast<size_t>(G * h * inter));
@@ -52,7 +44,7 @@ PackedExpertFFN random_ffn(int64_t G, int64_t h, int64_t inter, uint64_t seed, I
   fill_random(w2.data(), w2.size(), seed + 1);
   // Scales that keep the SwiGLU input O(1) for full-range int8 activations (as bench moe-ffn).
   const float s1v = 1.0f / (64.0f * 64.0f * std::sqrt(static_cast<float>(h)));
-  const std::vector<float> s1 = uniform(G * 2 * inter, 0.5f * s1v, 1.5f * s1v, 3), s2 = uniform(G * h, 1e-4f, 2e-4f, 4);
+  const std::vector<float> s1 = random_f32(G * 2 * inter, 0.5f * s1v, 1.5f * s1v, 3), s2 = random_f32(G * h, 1e-4f, 2e-4f, 4);
   return PackedExpertFFN::pack(TensorView(w1.data(), DType::s8, {G, h, 2 * inter}), TensorView(s1.data(), DType::f32, {G, 2 * inter}),
                                TensorView(w2.data(), DType::s8, {G, h, inter}), TensorView(s2.data(), DType::f32, {G, h}),
                                WeightUpPermute::none, "bench moe-layer", isa);
@@ -79,7 +71,7 @@ std::vector<int64_t> route(const MoeLayerConfig& c, int64_t t, bool skewed, int6
 // dimensions): the chosen experts get the largest logits, the others small random ones.
 std::vector<float> make_x(const MoeLayerConfig& c, int64_t T, bool skewed, int64_t shift, std::vector<int64_t>* rows_per_expert) {
   const int64_t E = c.num_experts, h = c.hidden_size;
-  std::vector<float> x = uniform(T * h, -1.0f, 1.0f, 7);
+  std::vector<float> x = random_f32(T * h, -1.0f, 1.0f, 7);
   rows_per_expert->assign(E, 0);
   for (int64_t t = 0; t < T; ++t) {
     float* r = x.data() + t * h;
@@ -131,18 +123,7 @@ int bench_moe_layer(const Options& o) {
   Context ctx1(ContextOptions{1, true, Isa::ref});
   const Peak peak = measure_peak(ctx.threads(), o.quick ? 0.05 : 0.3);
   Reporter rep(o);
-  {
-    nlohmann::ordered_json j;
-    j["bench"] = "peak";
-    j["case"] = {{"threads", peak.threads}};
-    j["fma_gflops"] = peak.fma_gflops;
-    j["int8_gops"] = peak.int8_gops;
-    j["int8_exact_gops"] = peak.int8_exact_gops;
-    j["int8_vnni_gops"] = peak.int8_vnni_gops;
-    j["dram_gbps"] = peak.dram_gbps;
-    j["threads"] = peak.threads;
-    rep.row(j);
-  }
+  rep.row(peak_row(peak));
 
   for (const Model& md : models) {
     const MoeLayerConfig& c = md.cfg;

@@ -48,17 +48,7 @@ int bench_sparse24(const Options& o) {
   Context ctx(ContextOptions{o.threads, true, Isa::ref});
   const Peak peak = measure_peak(ctx.threads(), o.quick ? 0.05 : 0.3);
   Reporter rep(o);
-  {
-    nlohmann::ordered_json j;
-    j["bench"] = "peak";
-    j["case"] = {{"threads", peak.threads}};
-    j["fma_gflops"] = peak.fma_gflops;
-    j["int8_exact_gops"] = peak.int8_exact_gops;
-    j["int8_vnni_gops"] = peak.int8_vnni_gops;
-    j["dram_gbps"] = peak.dram_gbps;
-    j["threads"] = peak.threads;
-    rep.row(j);
-  }
+  rep.row(peak_row(peak));
 #if QLLM_HAVE_OPENBLAS
   openblas_set_num_threads(ctx.threads());
 #endif

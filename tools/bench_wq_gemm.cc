@@ -39,14 +39,6 @@ std::vector<uint8_t> random_bytes(size_t n, uint32_t seed) {
   return v;
 }
 
-std::vector<float> random_f32(size_t n, float lo, float hi, uint32_t seed) {
-  std::vector<float> v(n);
-  std::mt19937 g(seed);
-  std::uniform_real_distribution<float> d(lo, hi);
-  for (auto& x : v) x = d(g);
-  return v;
-}
-
 struct Format {
   const char* name;
   int bits;  // 8, 4, or 0 for dense
@@ -67,15 +59,7 @@ int bench_wq_gemm(const Options& o) {
   Context ctx(ContextOptions{o.threads, true, Isa::ref});
   const Peak peak = measure_peak(ctx.threads(), o.quick ? 0.05 : 0.3);
   Reporter rep(o);
-  {
-    nlohmann::ordered_json j;
-    j["bench"] = "peak";
-    j["case"] = {{"threads", peak.threads}};
-    j["fma_gflops"] = peak.fma_gflops;
-    j["dram_gbps"] = peak.dram_gbps;
-    j["threads"] = peak.threads;
-    rep.row(j);
-  }
+  rep.row(peak_row(peak));
 #if QLLM_HAVE_OPENBLAS
   openblas_set_num_threads(ctx.threads());
 #endif

@@ -37,18 +37,7 @@ int bench_peak(const qllm::bench::Options& o) {
   qllm::bench::Reporter rep(o);
   const int all = qllm::Context(qllm::ContextOptions{o.threads, true, qllm::Isa::ref}).threads();
   for (int t : {1, all}) {
-    const qllm::bench::Peak p = qllm::bench::measure_peak(t, o.quick ? 0.05 : 0.5);
-    nlohmann::ordered_json j;
-    j["bench"] = "peak";
-    j["case"] = {{"threads", t}};
-    j["median_ms"] = p.dram_ms;  // one 1 GiB read pass
-    j["fma_gflops"] = p.fma_gflops;
-    j["int8_gops"] = p.int8_gops;
-    j["int8_exact_gops"] = p.int8_exact_gops;
-    j["int8_vnni_gops"] = p.int8_vnni_gops;
-    j["dram_gbps"] = p.dram_gbps;
-    j["threads"] = t;
-    rep.row(j);
+    rep.row(qllm::bench::peak_row(qllm::bench::measure_peak(t, o.quick ? 0.05 : 0.5)));
     if (all == 1) break;
   }
   return 0;
