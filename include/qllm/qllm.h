@@ -12,3 +12,4 @@
 #include "qllm/ops/moe_ffn.h"
 #include "qllm/ops/packed.h"
 #include "qllm/ops/quant.h"
+#include "qllm/ops/norm.h"
