@@ -13,3 +13,4 @@
 #include "qllm/ops/packed.h"
 #include "qllm/ops/quant.h"
 #include "qllm/ops/norm.h"
+#include "qllm/ops/attention.h"
