@@ -14,3 +14,4 @@
 #include "qllm/ops/quant.h"
 #include "qllm/ops/norm.h"
 #include "qllm/ops/attention.h"
+#include "qllm/engine/kv_block_allocator.h"
