@@ -8,6 +8,7 @@
 
 namespace qllm::bench {
 int bench_moe_ffn(const Options& o);
+int bench_attention(const Options& o);
 }
 
 namespace {
@@ -22,6 +23,7 @@ struct BenchEntry {
 constexpr BenchEntry kBenches[] = {
     {"peak", bench_peak},
     {"moe-ffn", qllm::bench::bench_moe_ffn},
+    {"attention", qllm::bench::bench_attention},
 };
 }  // namespace
 

@@ -8,8 +8,8 @@
 // by the whole head group. Extra memory is O(rows x tile), never O(Lq x Lk).
 //
 // Bit-identity: both ISAs compute each score as an 8-lane FMA dot product reduced in the
-// lane_tree8 order (kernels/norm.h), exponentials with exp_qllm / exp8, the running sums in key
-// order and every output element as a chain of FMAs in key order. The tests therefore compare
+// lane_tree8 order (kernels/norm.h), exponentials with exp_qllm / exp8, the softmax sums in
+// 8 lanes and every output element as a chain of FMAs in key order. The tests therefore compare
 // ref and avx2 exactly; the tolerance against the naive oracle is derived in the tests.
 #pragma once
 
@@ -56,7 +56,8 @@ struct AttnKernels {
   // with [a, b) its visible keys of the tile:
   //   s_j = lane_tree8(8-lane FMA dot of q and k_j); m' = max(m, max s_j);
   //   alpha = m == -inf ? 0 : exp_qllm(m - m'); p_j = exp_qllm(s_j - m');
-  //   l = l * alpha + p_a + ... + p_{b-1} (in key order); acc = acc * alpha, then
+  //   l = l * alpha + lane_tree8(lanes), lane i summing (in key order) the p_j with j % 8 == i
+  //   (j the index within the tile); acc = acc * alpha, then
   //   acc = fma(p_j, v_j, acc) for j = a .. b-1.
   void (*attend)(const float* q, int64_t rows, int64_t Dp, const float* kt, const float* vt, int64_t n, int64_t j0,
                  const int64_t* lo, const int64_t* hi, float* s, float* m, float* l, float* acc);

@@ -140,7 +140,7 @@ struct Seq {
 };
 
 struct Task {
-  int64_t b, h, p0, p1, split, k0, k1;
+  int64_t b, h0, h1, p0, p1, split, k0, k1;
 };
 
 // Everything the driver needs about one call.
@@ -192,13 +192,22 @@ struct Problem {
     return s;
   }
 
-  // Flash-decoding: a sequence whose queries fit one task has its keys split into up to
-  // ceil(Lk / 512) parts so that at least ~16 tasks exist (both cores stream KV even for one
-  // sequence). Fixed by the shapes, not the thread count, so results do not depend on it.
+  // A sequence whose queries fit one task (decode, short chunks) is done by tasks that cover all
+  // KV heads of a key range: tile by tile, every head's rows of the same tokens are read, so the
+  // cache (token-major: [block, token, head, D]) streams sequentially from DRAM instead of in
+  // 2 KB strides. Flash-decoding: its keys are split into up to ceil(Lk / 512) ranges so that at
+  // least ~16 tasks exist (both cores stream KV even for one sequence), merged at the end. Fixed
+  // by the shapes, not the thread count, so results do not depend on it.
+  bool all_heads(const Seq& s) const { return s.Lq <= Mq(); }
   int64_t nsplit(const Seq& s) const {
-    if (s.Lq > Mq() || s.Lk <= 512) return 1;
-    const int64_t want = (16 + B * Hkv - 1) / (B * Hkv);
-    return std::clamp<int64_t>(want, 1, (s.Lk + 511) / 512);
+    if (!all_heads(s) || s.Lk <= 512) return 1;
+    return std::clamp<int64_t>((16 + B - 1) / B, 1, (s.Lk + 511) / 512);
+  }
+  // Heads whose state one task holds (the scratch is sized for it).
+  int64_t heads_per_task() const {
+    for (int64_t b = 0; b < B; ++b)
+      if (all_heads(seq(b))) return Hkv;
+    return 1;
   }
 
   kernels::KvSource source(const Seq& s, int64_t h) const {
@@ -245,11 +254,12 @@ PlanSizes plan(const Problem& P, Seq* seqs, Task* tasks) {
     if (seqs) seqs[b] = s;
     // Split boundaries on tile multiples, so each split walks whole tiles.
     const int64_t chunk = s.nsplit > 1 ? ((s.Lk + s.nsplit - 1) / s.nsplit + Tk - 1) / Tk * Tk : s.Lk;
-    for (int64_t h = 0; h < P.Hkv; ++h)
+    const int64_t hstep = P.all_heads(s) ? P.Hkv : 1;
+    for (int64_t h = 0; h < P.Hkv; h += hstep)
       for (int64_t p0 = 0; p0 < s.Lq; p0 += Mq)
         for (int64_t sp = 0; sp < s.nsplit; ++sp) {
           if (tasks)
-            tasks[z.tasks] = Task{b, h, p0, std::min(p0 + Mq, s.Lq), sp, std::min(sp * chunk, s.Lk),
+            tasks[z.tasks] = Task{b, h, h + hstep, p0, std::min(p0 + Mq, s.Lq), sp, std::min(sp * chunk, s.Lk),
                                   s.nsplit > 1 ? std::min((sp + 1) * chunk, s.Lk) : s.Lk};
           ++z.tasks;
         }
@@ -259,9 +269,10 @@ PlanSizes plan(const Problem& P, Seq* seqs, Task* tasks) {
 
 // Per-thread scratch of one task, in floats (each piece 64-byte aligned).
 struct ThreadLayout {
-  int64_t q, acc, s, kt, vt, m, l, lo, hi, total;
+  int64_t q, acc, s, kt, vt, m, l, lo, hi, total, rows_per_head;
   explicit ThreadLayout(const Problem& P) {
-    const int64_t R = P.R(), Dp = P.Dp(), Tk = P.Tk();
+    const int64_t R = P.R() * P.heads_per_task(), Dp = P.Dp(), Tk = P.Tk();
+    rows_per_head = P.R();
     int64_t off = 0;
     auto take = [&](int64_t n) { const int64_t o = off; off += floats_aligned(n); return o; };
     q = take(R * Dp);
@@ -320,50 +331,57 @@ void run(Context& ctx, const Problem& P, Workspace* ws_in) {
       const Task& T = tasks[ti];
       const Seq& S = seqs[T.b];
       const int64_t rows = (T.p1 - T.p0) * g;
+      const int64_t RH = TL.rows_per_head;  // state of head h0 + i starts at row i * RH
       int64_t kmin = S.Lk, kmax = 0;
-      for (int64_t pi = T.p0; pi < T.p1; ++pi) {
-        const int64_t pos = pi + S.Lk - S.Lq;  // the aligned position of this query
-        const int64_t h_end = P.causal ? std::clamp<int64_t>(pos + 1, 0, S.Lk) : S.Lk;
-        const int64_t l_beg = P.window > 0 ? std::clamp<int64_t>(pos - P.window + 1, 0, S.Lk) : 0;
-        for (int64_t hh = 0; hh < g; ++hh) {
-          const int64_t r = (pi - T.p0) * g + hh;
-          lo[r] = l_beg;
-          hi[r] = h_end;
-          const uint8_t* src = P.q.data<uint8_t>() + ((S.q0 + pi) * Hq + T.h * g + hh) * D * qes;
-          kt.to_f32(src, qdt, D, q + r * Dp);
-          for (int64_t d = 0; d < D; ++d) q[r * Dp + d] = q[r * Dp + d] * scale;
-          for (int64_t d = D; d < Dp; ++d) q[r * Dp + d] = 0.0f;
-          m[r] = kNegInf;
-          l[r] = 0.0f;
-          std::memset(acc + r * Dp, 0, Dp * sizeof(float));
+      for (int64_t h = T.h0; h < T.h1; ++h)
+        for (int64_t pi = T.p0; pi < T.p1; ++pi) {
+          const int64_t pos = pi + S.Lk - S.Lq;  // the aligned position of this query
+          const int64_t h_end = P.causal ? std::clamp<int64_t>(pos + 1, 0, S.Lk) : S.Lk;
+          const int64_t l_beg = P.window > 0 ? std::clamp<int64_t>(pos - P.window + 1, 0, S.Lk) : 0;
+          for (int64_t hh = 0; hh < g; ++hh) {
+            const int64_t r = (h - T.h0) * RH + (pi - T.p0) * g + hh;
+            lo[r] = l_beg;
+            hi[r] = h_end;
+            const uint8_t* src = P.q.data<uint8_t>() + ((S.q0 + pi) * Hq + h * g + hh) * D * qes;
+            kt.to_f32(src, qdt, D, q + r * Dp);
+            for (int64_t d = 0; d < D; ++d) q[r * Dp + d] = q[r * Dp + d] * scale;
+            for (int64_t d = D; d < Dp; ++d) q[r * Dp + d] = 0.0f;
+            m[r] = kNegInf;
+            l[r] = 0.0f;
+            std::memset(acc + r * Dp, 0, Dp * sizeof(float));
+          }
+          if (l_beg < h_end) {
+            kmin = std::min(kmin, l_beg);
+            kmax = std::max(kmax, h_end);
+          }
         }
-        if (l_beg < h_end) {
-          kmin = std::min(kmin, l_beg);
-          kmax = std::max(kmax, h_end);
-        }
-      }
       const int64_t k0 = std::max(T.k0, kmin), k1 = std::min(T.k1, kmax);
-      const kernels::KvSource src = P.source(S, T.h);
       for (int64_t j = k0; j < k1; j += Tk) {
         const int64_t n = std::min(Tk, k1 - j);
-        ak.load_kv(src, j, n, D, Dp, ktile, vtile);
-        ak.attend(q, rows, Dp, ktile, vtile, n, j, lo, hi, s, m, l, acc);
-      }
-      if (S.nsplit == 1) {
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t pi = T.p0 + r / g, hq = T.h * g + r % g;
-          float* o = acc + r * Dp;
-          const float inv_l = l[r];
-          for (int64_t d = 0; d < D; ++d) o[d] = inv_l > 0.0f ? o[d] / inv_l : 0.0f;
-          kt.from_f32(o, D, odt, P.out.mutable_data<uint8_t>() + ((S.q0 + pi) * Hq + hq) * D * oes);
+        for (int64_t h = T.h0; h < T.h1; ++h) {
+          const int64_t r0 = (h - T.h0) * RH;
+          ak.load_kv(P.source(S, h), j, n, D, Dp, ktile, vtile);
+          ak.attend(q + r0 * Dp, rows, Dp, ktile, vtile, n, j, lo + r0, hi + r0, s, m + r0, l + r0, acc + r0 * Dp);
         }
-      } else {
-        // Partial state of this split: [h][split][row] x (m, l, acc[Dp]).
-        for (int64_t r = 0; r < rows; ++r) {
-          float* dst = part + S.part_off + ((T.h * S.nsplit + T.split) * S.Lq * g + r) * (Dp + 2);
-          dst[0] = m[r];
-          dst[1] = l[r];
-          std::memcpy(dst + 2, acc + r * Dp, Dp * sizeof(float));
+      }
+      for (int64_t h = T.h0; h < T.h1; ++h) {
+        const int64_t r0 = (h - T.h0) * RH;
+        if (S.nsplit == 1) {
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t pi = T.p0 + r / g, hq = h * g + r % g;
+            float* o = acc + (r0 + r) * Dp;
+            const float lr = l[r0 + r];
+            for (int64_t d = 0; d < D; ++d) o[d] = lr > 0.0f ? o[d] / lr : 0.0f;
+            kt.from_f32(o, D, odt, P.out.mutable_data<uint8_t>() + ((S.q0 + pi) * Hq + hq) * D * oes);
+          }
+        } else {
+          // Partial state of this split: [h][split][row] x (m, l, acc[Dp]).
+          for (int64_t r = 0; r < rows; ++r) {
+            float* dst = part + S.part_off + ((h * S.nsplit + T.split) * S.Lq * g + r) * (Dp + 2);
+            dst[0] = m[r0 + r];
+            dst[1] = l[r0 + r];
+            std::memcpy(dst + 2, acc + (r0 + r) * Dp, Dp * sizeof(float));
+          }
         }
       }
     }
@@ -373,7 +391,7 @@ void run(Context& ctx, const Problem& P, Workspace* ws_in) {
   // Scalar and in split order, the same for every ISA.
   if (z.partial_floats == 0) return;
   ctx.pool().parallel_for(P.B * P.Hkv, 1, [&](int64_t i0, int64_t i1, int tid) {
-    float* o = scratch + tid * TL.total + TL.q;
+    float* o = scratch + tid * TL.total + TL.q;  // a free row of this thread's scratch
     for (int64_t i = i0; i < i1; ++i) {
       const Seq& S = seqs[i / P.Hkv];
       const int64_t h = i % P.Hkv;

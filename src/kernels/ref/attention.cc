@@ -65,12 +65,12 @@ void attend_ref(const float* q, int64_t rows, int64_t Dp, const float* kt, const
     }
     const float mn = max_ps(mt, m[r]);
     const float alpha = m[r] == kNegInf ? 0.0f : exp_qllm(m[r] - mn);
-    float sum = l[r] * alpha;
+    float lanes[8] = {};
     for (int64_t j = a; j < b; ++j) {
       sr[j] = exp_qllm(sr[j] - mn);
-      sum = sum + sr[j];
+      lanes[j % 8] = lanes[j % 8] + sr[j];
     }
-    l[r] = sum;
+    l[r] = l[r] * alpha + lane_tree8(lanes);
     m[r] = mn;
     float* ar = acc + r * Dp;
     for (int64_t d = 0; d < Dp; ++d) {

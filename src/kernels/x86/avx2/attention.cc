@@ -194,23 +194,34 @@ void attend_group(const float* q, int64_t Dp, const float* kt, const float* vt, 
       for (int64_t j = ua; j < ub; ++j) sr[j] = 0.0f;
       continue;
     }
+    // Chunks of 8 aligned to the tile (lane i of a chunk is tile index j with j % 8 == i, as
+    // the lane sums of the definition require); lanes outside [a, b) are -inf for the max and
+    // 0 for the probabilities, lanes outside [ua, ub) are never stored.
+    const int64_t c0 = ua / 8 * 8;
+    const __m256 ninf = _mm256_set1_ps(kNegInf);
+    __m256 mx = ninf;
+    for (int64_t j = c0; j < b[r]; j += 8) {
+      const __m256i mk = lane_mask(a[r] - j, b[r] - j);
+      mx = _mm256_max_ps(_mm256_blendv_ps(ninf, _mm256_maskload_ps(sr + j, mk), _mm256_castsi256_ps(mk)), mx);
+    }
+    alignas(32) float mxl[8];
+    _mm256_store_ps(mxl, mx);
     float mt = kNegInf;
-    for (int64_t j = a[r]; j < b[r]; ++j) mt = max_ps(sr[j], mt);
+    for (int i = 0; i < 8; ++i) mt = max_ps(mxl[i], mt);
     const float mn = max_ps(mt, m[r]);
     alpha[r] = m[r] == kNegInf ? 0.0f : exp_qllm(m[r] - mn);
     const __m256 mv = _mm256_set1_ps(mn);
-    // exp8 over [ua, ub) in chunks of 8; lanes outside [a, b) become 0.
-    for (int64_t j = ua; j < ub; j += 8) {
-      const int64_t cnt = std::min<int64_t>(8, ub - j);
-      const __m256i mk = lane_mask(a[r] - j, std::min(b[r], j + cnt) - j);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = c0; j < ub; j += 8) {
+      const __m256i mk = lane_mask(a[r] - j, b[r] - j);
       const __m256 x = _mm256_maskload_ps(sr + j, mk);
       const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(x, mv)), _mm256_castsi256_ps(mk));
-      if (cnt == 8) _mm256_storeu_ps(sr + j, e);
-      else _mm256_maskstore_ps(sr + j, lane_mask(0, cnt), e);
+      sum = _mm256_add_ps(sum, e);
+      _mm256_maskstore_ps(sr + j, lane_mask(ua - j, ub - j), e);
     }
-    float sum = l[r] * alpha[r];
-    for (int64_t j = a[r]; j < b[r]; ++j) sum = sum + sr[j];
-    l[r] = sum;
+    alignas(32) float sl[8];
+    _mm256_store_ps(sl, sum);
+    l[r] = l[r] * alpha[r] + lane_tree8(sl);
     m[r] = mn;
   }
   pv<R>(s, n, vt, Dp, ua, ub, alpha, acc);
