@@ -107,5 +107,6 @@ inline GroupListType parse_glt(const std::string& s, const char* op) {
 
 // Binders, one per operator family; `m` is the module, `ops` its qllm.ops submodule.
 void bind_moe_ffn(py::module_& m, py::module_& ops);
+void bind_attention(py::module_& m, py::module_& ops);
 
 }  // namespace qllm::pybind

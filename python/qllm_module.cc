@@ -54,4 +54,5 @@ PYBIND11_MODULE(qllm, m) {
 
   py::module_ ops = m.def_submodule("ops", "qllm operators (see docs/operators.md)");
   bind_moe_ffn(m, ops);
+  bind_attention(m, ops);
 }
