@@ -110,5 +110,6 @@ void bind_moe_ffn(py::module_& m, py::module_& ops);
 void bind_moe_routing(py::module_& m, py::module_& ops);
 void bind_weight_quant(py::module_& m, py::module_& ops);
 void bind_sparse24(py::module_& m, py::module_& ops);
+void bind_attention(py::module_& m, py::module_& ops);
 
 }  // namespace qllm::pybind

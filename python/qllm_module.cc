@@ -57,4 +57,5 @@ PYBIND11_MODULE(qllm, m) {
   bind_moe_routing(m, ops);
   bind_weight_quant(m, ops);
   bind_sparse24(m, ops);
+  bind_attention(m, ops);
 }

@@ -151,3 +151,42 @@ TEST(HotPath, Sparse24NoHeapAllocations) {
 
 }  // namespace
 }  // namespace qllm
+
+// Attention and norms: warmed-up calls allocate nothing either.
+namespace qllm {
+namespace {
+TEST(HotPath, AttentionAndNormsNoHeapAllocations) {
+  for (Isa isa : test::isas()) {
+    Context& ctx = test::context(isa);
+    const int64_t nb = 8, bs = 16, Hkv = 2, Hq = 8, D = 64, B = 2;
+    std::vector<int8_t> kc(nb * bs * Hkv * D), vc(kc.size());
+    std::vector<float> ks(nb * bs * Hkv, 0.01f), vs(ks.size(), 0.01f);
+    KvCache c;
+    c.key_cache = TensorView(kc.data(), DType::s8, {nb, bs, Hkv, D});
+    c.value_cache = TensorView(vc.data(), DType::s8, {nb, bs, Hkv, D});
+    c.k_scale = TensorView(ks.data(), DType::f32, {nb, bs, Hkv});
+    c.v_scale = TensorView(vs.data(), DType::f32, {nb, bs, Hkv});
+    std::vector<int32_t> table = {0, 1, 2, 3, 4, 5, 6, 7}, lens = {60, 17};
+    auto q = test::rand_f32(B * Hq * D);
+    std::vector<float> o(q.size());
+    PagedAttentionArgs a;
+    a.q = TensorView(q.data(), DType::f32, {B, Hq, D});
+    a.cache = c;
+    a.block_tables = TensorView(table.data(), DType::s32, {B, 4});
+    a.context_lens = TensorView(lens.data(), DType::s32, {B});
+    EXPECT_EQ(allocations_of([&] { paged_attention(ctx, a, TensorView(o.data(), DType::f32, {B, Hq, D})); }), 0);
+    auto kv = test::rand_f32(B * Hkv * D);
+    std::vector<int32_t> slots = {3, 70};
+    EXPECT_EQ(allocations_of([&] {
+                reshape_and_cache(ctx, TensorView(kv.data(), DType::f32, {B, Hkv, D}), TensorView(kv.data(), DType::f32, {B, Hkv, D}),
+                                  c, TensorView(slots.data(), DType::s32, {B}));
+              }), 0);
+    auto g = test::rand_f32(D);
+    EXPECT_EQ(allocations_of([&] {
+                rms_norm(ctx, TensorView(q.data(), DType::f32, {B * Hq, D}), TensorView(g.data(), DType::f32, {D}), 1e-6f,
+                         TensorView(o.data(), DType::f32, {B * Hq, D}));
+              }), 0);
+  }
+}
+}  // namespace
+}  // namespace qllm

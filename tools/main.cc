@@ -11,6 +11,7 @@ int bench_moe_ffn(const Options& o);
 int bench_moe_layer(const Options& o);
 int bench_wq_gemm(const Options& o);
 int bench_sparse24(const Options& o);
+int bench_attention(const Options& o);
 }
 
 namespace {
@@ -28,6 +29,7 @@ constexpr BenchEntry kBenches[] = {
     {"moe-layer", qllm::bench::bench_moe_layer},
     {"wq-gemm", qllm::bench::bench_wq_gemm},
     {"sparse24", qllm::bench::bench_sparse24},
+    {"attention", qllm::bench::bench_attention},
 };
 }  // namespace
 

@@ -16,3 +16,6 @@
 #include "qllm/ops/quant.h"
 #include "qllm/ops/weight_quant.h"
 #include "qllm/ops/sparse24.h"
+#include "qllm/ops/norm.h"
+#include "qllm/ops/attention.h"
+#include "qllm/engine/kv_block_allocator.h"

@@ -1,0 +1,70 @@
+// Kernels of the attention family (SPEC section 7), one table per ISA.
+//
+// The driver (ops/attention.cc) cuts the work into tasks: one KV head, a block of query rows
+// (the query positions x the GQA group of query heads that share that KV head) and a range of
+// keys. A task walks its keys in tiles: load_kv converts one tile of K and V to f32 (int8
+// dequantised here, tile by tile, never into a full copy), and attend applies one online-softmax
+// step to all rows of the task, so every K/V tile is read from memory once per task and shared
+// by the whole head group. Extra memory is O(rows x tile), never O(Lq x Lk).
+//
+// Bit-identity: both ISAs compute each score as an 8-lane FMA dot product reduced in the
+// lane_tree8 order (kernels/norm.h), exponentials with exp_qllm / exp8, the softmax sums in
+// 8 lanes and every output element as a chain of FMAs in key order. The tests therefore compare
+// ref and avx2 exactly; the tolerance against the naive oracle is derived in the tests.
+#pragma once
+
+#include <cstdint>
+
+#include "qllm/core/cpu.h"
+#include "qllm/core/dtype.h"
+
+namespace qllm::kernels {
+
+// Where the keys and values of one (sequence, KV head) live. Token j is in logical block
+// j / block_size (physical block block_table[that], or the logical block itself when there is no
+// table), at offset j % block_size. Element offsets are in elements of `dtype`; for s8 caches the
+// per-(token, head) scales are f32 at the same token/block position with their own strides.
+struct KvSource {
+  const void* k = nullptr;  // token 0 of block 0 of this head
+  const void* v = nullptr;
+  const float* k_scale = nullptr;  // s8 only
+  const float* v_scale = nullptr;
+  DType dtype = DType::f32;
+  int64_t token_stride = 0;  // elements between consecutive tokens of a block (Hkv * D)
+  int64_t block_size = 1;
+  int64_t block_stride = 0;  // elements between blocks
+  int64_t scale_token_stride = 0;
+  int64_t scale_block_stride = 0;
+  const int32_t* block_table = nullptr;  // nullptr: contiguous
+  int64_t tokens = 0;  // tokens that exist (and whose block-table entries are valid)
+
+  int64_t token_offset(int64_t j, int64_t stride_tok, int64_t stride_blk) const {
+    const int64_t blk = j / block_size;
+    const int64_t phys = block_table ? block_table[blk] : blk;
+    return phys * stride_blk + (j % block_size) * stride_tok;
+  }
+};
+
+struct AttnKernels {
+  // kt, vt [n, Dp] f32 from keys [j0, j0 + n): f16/bf16 exactly, s8 as f32(q) * scale (one
+  // rounding); columns [D, Dp) are zero. Also prefetches the next tile's rows.
+  void (*load_kv)(const KvSource& src, int64_t j0, int64_t n, int64_t D, int64_t Dp, float* kt, float* vt);
+  // One online-softmax step of `rows` query rows over the tile's keys j0 .. j0 + n - 1.
+  // q [rows, Dp] (pre-scaled, zero padded), row r sees keys [lo[r], hi[r]). State per row: m
+  // (running max, -inf initially), l (running sum), acc [rows, Dp] (unnormalised output). s is
+  // scratch [rows, n]. A row that sees no key of the tile is left unchanged. For a row that does,
+  // with [a, b) its visible keys of the tile:
+  //   s_j = lane_tree8(8-lane FMA dot of q and k_j); m' = max(m, max s_j);
+  //   alpha = m == -inf ? 0 : exp_qllm(m - m'); p_j = exp_qllm(s_j - m');
+  //   l = l * alpha + lane_tree8(lanes), lane i summing (in key order) the p_j with j % 8 == i
+  //   (j the index within the tile); acc = acc * alpha, then
+  //   acc = fma(p_j, v_j, acc) for j = a .. b-1.
+  void (*attend)(const float* q, int64_t rows, int64_t Dp, const float* kt, const float* vt, int64_t n, int64_t j0,
+                 const int64_t* lo, const int64_t* hi, float* s, float* m, float* l, float* acc);
+};
+
+const AttnKernels& attn_kernels(Isa isa);
+const AttnKernels& attn_kernels_ref();
+const AttnKernels& attn_kernels_avx2();  // QLLM_HAVE_AVX2 builds only
+
+}  // namespace qllm::kernels

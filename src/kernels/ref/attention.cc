@@ -1,0 +1,99 @@
+// Scalar reference of the attention kernels: the exact arithmetic described in
+// kernels/attention.h, written plainly.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "kernels/attention.h"
+#include "kernels/norm.h"
+#include "kernels/ref/math.h"
+#include "qllm/core/error.h"
+
+namespace qllm::kernels {
+
+namespace {
+
+void load_row(const KvSource& s, const void* base, const float* scale, int64_t j, int64_t D, int64_t Dp, float* out) {
+  const int64_t off = s.token_offset(j, s.token_stride, s.block_stride);
+  switch (s.dtype) {
+    case DType::f16: {
+      const uint16_t* p = static_cast<const uint16_t*>(base) + off;
+      for (int64_t d = 0; d < D; ++d) out[d] = f16_to_f32(p[d]);
+      break;
+    }
+    case DType::bf16: {
+      const uint16_t* p = static_cast<const uint16_t*>(base) + off;
+      for (int64_t d = 0; d < D; ++d) out[d] = bf16_to_f32(p[d]);
+      break;
+    }
+    case DType::s8: {
+      const int8_t* p = static_cast<const int8_t*>(base) + off;
+      const float sc = scale[s.token_offset(j, s.scale_token_stride, s.scale_block_stride)];
+      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(p[d]) * sc;
+      break;
+    }
+    default: {
+      const float* p = static_cast<const float*>(base) + off;
+      for (int64_t d = 0; d < D; ++d) out[d] = p[d];
+      break;
+    }
+  }
+  for (int64_t d = D; d < Dp; ++d) out[d] = 0.0f;
+}
+
+void load_kv_ref(const KvSource& s, int64_t j0, int64_t n, int64_t D, int64_t Dp, float* kt, float* vt) {
+  for (int64_t j = 0; j < n; ++j) {
+    load_row(s, s.k, s.k_scale, j0 + j, D, Dp, kt + j * Dp);
+    load_row(s, s.v, s.v_scale, j0 + j, D, Dp, vt + j * Dp);
+  }
+}
+
+void attend_ref(const float* q, int64_t rows, int64_t Dp, const float* kt, const float* vt, int64_t n, int64_t j0,
+                const int64_t* lo, const int64_t* hi, float* s, float* m, float* l, float* acc) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t a = std::max<int64_t>(lo[r] - j0, 0), b = std::min<int64_t>(hi[r] - j0, n);
+    if (a >= b) continue;
+    const float* qr = q + r * Dp;
+    float* sr = s + r * n;
+    float mt = kNegInf;
+    for (int64_t j = a; j < b; ++j) {
+      float lanes[8] = {};
+      for (int64_t d = 0; d < Dp; ++d) lanes[d % 8] = std::fma(qr[d], kt[j * Dp + d], lanes[d % 8]);
+      sr[j] = lane_tree8(lanes);
+      mt = max_ps(sr[j], mt);
+    }
+    const float mn = max_ps(mt, m[r]);
+    const float alpha = m[r] == kNegInf ? 0.0f : exp_qllm(m[r] - mn);
+    float lanes[8] = {};
+    for (int64_t j = a; j < b; ++j) {
+      sr[j] = exp_qllm(sr[j] - mn);
+      lanes[j % 8] = lanes[j % 8] + sr[j];
+    }
+    l[r] = l[r] * alpha + lane_tree8(lanes);
+    m[r] = mn;
+    float* ar = acc + r * Dp;
+    for (int64_t d = 0; d < Dp; ++d) {
+      float o = ar[d] * alpha;
+      for (int64_t j = a; j < b; ++j) o = std::fma(sr[j], vt[j * Dp + d], o);
+      ar[d] = o;
+    }
+  }
+}
+
+}  // namespace
+
+const AttnKernels& attn_kernels_ref() {
+  static const AttnKernels t{load_kv_ref, attend_ref};
+  return t;
+}
+
+const AttnKernels& attn_kernels(Isa isa) {
+#if QLLM_HAVE_AVX2
+  if (isa == Isa::avx2 || isa == Isa::avx512) return attn_kernels_avx2();
+#endif
+  if (isa != Isa::ref) throw_invalid("qllm", "isa", "ISA ", isa_name(isa), " was not compiled into this build");
+  return attn_kernels_ref();
+}
+
+}  // namespace qllm::kernels

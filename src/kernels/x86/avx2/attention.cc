@@ -1,0 +1,250 @@
+// AVX2 attention kernels (the arithmetic of kernels/attention.h, bit-identical to ref).
+//
+// attend works on groups of 4 query rows (a GQA head group at one position, or 4 positions):
+//  - scores: 4 rows x 2 keys = 8 independent FMA chains (FMA latency 4 x 2 per cycle = 8 in
+//    flight) over 8-dim chunks, then one 3-hadd tree per 4 chains gives the lane_tree8 sums;
+//  - softmax: exp8 over 8 scores at a time, masked to each row's visible keys;
+//  - P.V: 4 rows x 16 dims = 8 accumulators, each V chunk loaded once and used by 4 rows,
+//    probabilities broadcast from the score buffer; the K/V tile is f32 in L1 (load_kv).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "kernels/attention.h"
+#include "kernels/norm.h"
+#include "kernels/x86/avx2/simd.h"
+
+namespace qllm::kernels {
+
+namespace {
+
+using avx2::exp8;
+
+// Prefetch distance: the next tile. A tile is ~16-32 KB of K+V, i.e. a few microseconds of DRAM
+// streaming, which covers the memory latency with room to spare.
+void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+}
+
+void load_row(const KvSource& s, const void* base, const float* scale, int64_t j, int64_t D, int64_t Dp, float* out) {
+  const int64_t off = s.token_offset(j, s.token_stride, s.block_stride);
+  int64_t d = 0;
+  switch (s.dtype) {
+    case DType::f16: {
+      const uint16_t* p = static_cast<const uint16_t*>(base) + off;
+      for (; d + 8 <= D; d += 8) _mm256_store_ps(out + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + d))));
+      for (; d < D; ++d) out[d] = f16_to_f32(p[d]);
+      break;
+    }
+    case DType::bf16: {
+      const uint16_t* p = static_cast<const uint16_t*>(base) + off;
+      for (; d + 8 <= D; d += 8) _mm256_store_ps(out + d, avx2::load8(DType::bf16, p + d));
+      for (; d < D; ++d) out[d] = bf16_to_f32(p[d]);
+      break;
+    }
+    case DType::s8: {
+      const int8_t* p = static_cast<const int8_t*>(base) + off;
+      const float sc = scale[s.token_offset(j, s.scale_token_stride, s.scale_block_stride)];
+      const __m256 sv = _mm256_set1_ps(sc);
+      for (; d + 8 <= D; d += 8) {
+        const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + d)));
+        _mm256_store_ps(out + d, _mm256_mul_ps(_mm256_cvtepi32_ps(w), sv));
+      }
+      for (; d < D; ++d) out[d] = static_cast<float>(p[d]) * sc;
+      break;
+    }
+    default: {
+      const float* p = static_cast<const float*>(base) + off;
+      for (; d + 8 <= D; d += 8) _mm256_store_ps(out + d, _mm256_loadu_ps(p + d));
+      for (; d < D; ++d) out[d] = p[d];
+      break;
+    }
+  }
+  for (; d < Dp; ++d) out[d] = 0.0f;
+}
+
+void load_kv(const KvSource& s, int64_t j0, int64_t n, int64_t D, int64_t Dp, float* kt, float* vt) {
+  const int64_t row_bytes = D * dtype_size(s.dtype);
+  for (int64_t j = 0; j < n; ++j) {
+    // The same row one tile ahead, if that token exists (its block-table entry was validated).
+    const int64_t jn = j0 + n + j;
+    if (jn < s.tokens) {
+      const int64_t off = s.token_offset(jn, s.token_stride, s.block_stride) * dtype_size(s.dtype);
+      prefetch_row(static_cast<const char*>(s.k) + off, row_bytes);
+      prefetch_row(static_cast<const char*>(s.v) + off, row_bytes);
+    }
+    load_row(s, s.k, s.k_scale, j0 + j, D, Dp, kt + j * Dp);
+    load_row(s, s.v, s.v_scale, j0 + j, D, Dp, vt + j * Dp);
+  }
+}
+
+// Sums of 4 vectors, each in the lane_tree8 order: ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)).
+inline __m128 tree4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 ab = _mm256_hadd_ps(a, b);   // a01 a23 b01 b23 | a45 a67 b45 b67
+  const __m256 cd = _mm256_hadd_ps(c, d);
+  const __m256 t = _mm256_hadd_ps(ab, cd);  // a0123 b0123 c0123 d0123 | a4567 ...
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+__m256i lane_mask(int64_t lo, int64_t hi) {  // lanes i with lo <= i < hi
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i ge = _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(static_cast<int>(lo) - 1));
+  const __m256i lt = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), idx);
+  return _mm256_and_si256(ge, lt);
+}
+
+// Scores of R (<= 4) rows for keys [ua, ub) of the tile into s[r * n + j].
+template <int R>
+void scores(const float* q, int64_t Dp, const float* kt, int64_t n, int64_t ua, int64_t ub, float* s) {
+  int64_t j = ua;
+  for (; j + 2 <= ub; j += 2) {
+    __m256 c[4][2];
+    for (int r = 0; r < 4; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
+    const float* k0 = kt + j * Dp;
+    const float* k1 = k0 + Dp;
+    for (int64_t d = 0; d < Dp; d += 8) {
+      const __m256 kv0 = _mm256_load_ps(k0 + d), kv1 = _mm256_load_ps(k1 + d);
+      for (int r = 0; r < R; ++r) {
+        const __m256 qv = _mm256_load_ps(q + r * Dp + d);
+        c[r][0] = _mm256_fmadd_ps(qv, kv0, c[r][0]);
+        c[r][1] = _mm256_fmadd_ps(qv, kv1, c[r][1]);
+      }
+    }
+    alignas(16) float t0[4], t1[4];
+    _mm_store_ps(t0, tree4(c[0][0], c[1][0], c[2][0], c[3][0]));
+    _mm_store_ps(t1, tree4(c[0][1], c[1][1], c[2][1], c[3][1]));
+    for (int r = 0; r < R; ++r) {
+      s[r * n + j] = t0[r];
+      s[r * n + j + 1] = t1[r];
+    }
+  }
+  if (j < ub) {
+    __m256 c[4];
+    for (int r = 0; r < 4; ++r) c[r] = _mm256_setzero_ps();
+    const float* k0 = kt + j * Dp;
+    for (int64_t d = 0; d < Dp; d += 8) {
+      const __m256 kv0 = _mm256_load_ps(k0 + d);
+      for (int r = 0; r < R; ++r) c[r] = _mm256_fmadd_ps(_mm256_load_ps(q + r * Dp + d), kv0, c[r]);
+    }
+    alignas(16) float t0[4];
+    _mm_store_ps(t0, tree4(c[0], c[1], c[2], c[3]));
+    for (int r = 0; r < R; ++r) s[r * n + j] = t0[r];
+  }
+}
+
+// acc[r] = acc[r] * alpha[r] + sum_j p[r][j] v_j over keys [ua, ub) (p = 0 outside a row's keys).
+template <int R>
+void pv(const float* p, int64_t n, const float* vt, int64_t Dp, int64_t ua, int64_t ub, const float* alpha, float* acc) {
+  int64_t d = 0;
+  for (; d + 16 <= Dp; d += 16) {
+    __m256 c[4][2];
+    for (int r = 0; r < R; ++r) {
+      const __m256 al = _mm256_set1_ps(alpha[r]);
+      c[r][0] = _mm256_mul_ps(_mm256_load_ps(acc + r * Dp + d), al);
+      c[r][1] = _mm256_mul_ps(_mm256_load_ps(acc + r * Dp + d + 8), al);
+    }
+    for (int64_t j = ua; j < ub; ++j) {
+      const __m256 v0 = _mm256_load_ps(vt + j * Dp + d), v1 = _mm256_load_ps(vt + j * Dp + d + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 pb = _mm256_broadcast_ss(p + r * n + j);
+        c[r][0] = _mm256_fmadd_ps(pb, v0, c[r][0]);
+        c[r][1] = _mm256_fmadd_ps(pb, v1, c[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_store_ps(acc + r * Dp + d, c[r][0]);
+      _mm256_store_ps(acc + r * Dp + d + 8, c[r][1]);
+    }
+  }
+  if (d < Dp) {  // Dp % 16 == 8
+    __m256 c[4];
+    for (int r = 0; r < R; ++r) c[r] = _mm256_mul_ps(_mm256_load_ps(acc + r * Dp + d), _mm256_set1_ps(alpha[r]));
+    for (int64_t j = ua; j < ub; ++j) {
+      const __m256 v0 = _mm256_load_ps(vt + j * Dp + d);
+      for (int r = 0; r < R; ++r) c[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + r * n + j), v0, c[r]);
+    }
+    for (int r = 0; r < R; ++r) _mm256_store_ps(acc + r * Dp + d, c[r]);
+  }
+}
+
+template <int R>
+void attend_group(const float* q, int64_t Dp, const float* kt, const float* vt, int64_t n, int64_t j0, const int64_t* lo,
+                  const int64_t* hi, float* s, float* m, float* l, float* acc) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  int64_t a[4], b[4];
+  int64_t ua = n, ub = 0;
+  for (int r = 0; r < R; ++r) {
+    a[r] = std::max<int64_t>(lo[r] - j0, 0);
+    b[r] = std::min<int64_t>(hi[r] - j0, n);
+    if (a[r] < b[r]) {
+      ua = std::min(ua, a[r]);
+      ub = std::max(ub, b[r]);
+    }
+  }
+  if (ua >= ub) return;
+  scores<R>(q, Dp, kt, n, ua, ub, s);
+  float alpha[4];
+  for (int r = 0; r < R; ++r) {
+    float* sr = s + r * n;
+    if (a[r] >= b[r]) {  // no visible key in this tile: state unchanged, p = 0 over [ua, ub)
+      alpha[r] = 1.0f;
+      for (int64_t j = ua; j < ub; ++j) sr[j] = 0.0f;
+      continue;
+    }
+    // Chunks of 8 aligned to the tile (lane i of a chunk is tile index j with j % 8 == i, as
+    // the lane sums of the definition require); lanes outside [a, b) are -inf for the max and
+    // 0 for the probabilities, lanes outside [ua, ub) are never stored.
+    const int64_t c0 = ua / 8 * 8;
+    const __m256 ninf = _mm256_set1_ps(kNegInf);
+    __m256 mx = ninf;
+    for (int64_t j = c0; j < b[r]; j += 8) {
+      const __m256i mk = lane_mask(a[r] - j, b[r] - j);
+      mx = _mm256_max_ps(_mm256_blendv_ps(ninf, _mm256_maskload_ps(sr + j, mk), _mm256_castsi256_ps(mk)), mx);
+    }
+    alignas(32) float mxl[8];
+    _mm256_store_ps(mxl, mx);
+    float mt = kNegInf;
+    for (int i = 0; i < 8; ++i) mt = max_ps(mxl[i], mt);
+    const float mn = max_ps(mt, m[r]);
+    alpha[r] = m[r] == kNegInf ? 0.0f : exp_qllm(m[r] - mn);
+    const __m256 mv = _mm256_set1_ps(mn);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = c0; j < ub; j += 8) {
+      const __m256i mk = lane_mask(a[r] - j, b[r] - j);
+      const __m256 x = _mm256_maskload_ps(sr + j, mk);
+      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(x, mv)), _mm256_castsi256_ps(mk));
+      sum = _mm256_add_ps(sum, e);
+      _mm256_maskstore_ps(sr + j, lane_mask(ua - j, ub - j), e);
+    }
+    alignas(32) float sl[8];
+    _mm256_store_ps(sl, sum);
+    l[r] = l[r] * alpha[r] + lane_tree8(sl);
+    m[r] = mn;
+  }
+  pv<R>(s, n, vt, Dp, ua, ub, alpha, acc);
+}
+
+void attend(const float* q, int64_t rows, int64_t Dp, const float* kt, const float* vt, int64_t n, int64_t j0,
+            const int64_t* lo, const int64_t* hi, float* s, float* m, float* l, float* acc) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    attend_group<4>(q + r * Dp, Dp, kt, vt, n, j0, lo + r, hi + r, s + r * n, m + r, l + r, acc + r * Dp);
+  switch (rows - r) {
+    case 3: attend_group<3>(q + r * Dp, Dp, kt, vt, n, j0, lo + r, hi + r, s + r * n, m + r, l + r, acc + r * Dp); break;
+    case 2: attend_group<2>(q + r * Dp, Dp, kt, vt, n, j0, lo + r, hi + r, s + r * n, m + r, l + r, acc + r * Dp); break;
+    case 1: attend_group<1>(q + r * Dp, Dp, kt, vt, n, j0, lo + r, hi + r, s + r * n, m + r, l + r, acc + r * Dp); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+const AttnKernels& attn_kernels_avx2() {
+  static const AttnKernels t{load_kv, attend};
+  return t;
+}
+
+}  // namespace qllm::kernels

@@ -1,0 +1,195 @@
+// bench attention: paged prefill and decode attention over an f16 or int8 KV cache, at the
+// shapes of the issue (32 query / 8 KV heads, head size 128 and 64), with every figure as a
+// ratio to the limits measured in the same run: prefill against the f32 FMA peak (the kernel
+// computes in f32), decode against DRAM bandwidth over the KV bytes it must read.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "bench_common.h"
+#include "qllm/qllm.h"
+
+namespace qllm::bench {
+
+namespace {
+
+struct Case {
+  const char* mode;  // prefill | decode
+  int64_t batch, queries, context, D;
+  DType kv;
+};
+
+// A paged cache holding `batch` sequences of `context` tokens (blocks of 16, shuffled), filled
+// through reshape_and_cache from uniform random keys/values.
+struct BenchCache {
+  int64_t nb, bs = 16, Hkv, D;
+  DType dt;
+  std::vector<uint8_t> k, v;
+  std::vector<float> ks, vs;
+  std::vector<int32_t> tables, lens;
+  int64_t maxb;
+  KvCache view() {
+    KvCache c;
+    c.key_cache = TensorView(k.data(), dt, {nb, bs, Hkv, D});
+    c.value_cache = TensorView(v.data(), dt, {nb, bs, Hkv, D});
+    if (dt == DType::s8) {
+      c.k_scale = TensorView(ks.data(), DType::f32, {nb, bs, Hkv});
+      c.v_scale = TensorView(vs.data(), DType::f32, {nb, bs, Hkv});
+    }
+    return c;
+  }
+  // Bytes attention must read for one token of one sequence (K and V of every KV head + scales).
+  double token_bytes() const { return 2.0 * Hkv * (D * dtype_size(dt) + (dt == DType::s8 ? 4 : 0)); }
+};
+
+BenchCache make_cache(Context& ctx, int64_t batch, int64_t context, int64_t Hkv, int64_t D, DType dt, uint32_t seed) {
+  BenchCache c;
+  c.Hkv = Hkv;
+  c.D = D;
+  c.dt = dt;
+  c.maxb = (context + c.bs - 1) / c.bs;
+  c.nb = batch * c.maxb;
+  c.k.resize(c.nb * c.bs * Hkv * D * dtype_size(dt));
+  c.v.resize(c.k.size());
+  if (dt == DType::s8) {
+    c.ks.resize(c.nb * c.bs * Hkv);
+    c.vs.resize(c.ks.size());
+  }
+  std::vector<int32_t> perm(c.nb);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::mt19937 g(seed);
+  std::shuffle(perm.begin(), perm.end(), g);
+  c.tables.assign(perm.begin(), perm.end());
+  c.lens.assign(batch, static_cast<int32_t>(context));
+  // Fill one block-table chunk of tokens at a time (bounded staging memory).
+  const int64_t chunk = 4096;
+  std::vector<float> kf(chunk * Hkv * D), vf(kf.size());
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (auto& x : kf) x = nd(g);
+  for (auto& x : vf) x = nd(g);
+  std::vector<int32_t> slots(chunk);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t0 = 0; t0 < context; t0 += chunk) {
+      const int64_t n = std::min(chunk, context - t0);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t j = t0 + i;
+        slots[i] = static_cast<int32_t>(c.tables[b * c.maxb + j / c.bs] * c.bs + j % c.bs);
+      }
+      std::rotate(kf.begin(), kf.begin() + Hkv * D * 7, kf.end());  // vary the data between chunks
+      reshape_and_cache(ctx, TensorView(kf.data(), DType::f32, {n, Hkv, D}), TensorView(vf.data(), DType::f32, {n, Hkv, D}),
+                        c.view(), TensorView(slots.data(), DType::s32, {n}));
+    }
+  return c;
+}
+
+}  // namespace
+
+int bench_attention(const Options& o) {
+  const int64_t Hq = 32, Hkv = 8;
+  std::vector<Case> cases;
+  const std::vector<int64_t> Ds = o.quick ? std::vector<int64_t>{64} : std::vector<int64_t>{128, 64};
+  for (DType kv : {DType::f16, DType::s8})
+    for (int64_t D : Ds) {
+      if (o.quick) {
+        cases.push_back({"prefill", 1, 64, 256, D, kv});
+        cases.push_back({"decode", 2, 1, 1024, D, kv});
+        continue;
+      }
+      cases.push_back({"prefill", 1, 512, 4096, D, kv});  // a 512-token chunk after 3584 cached tokens
+      cases.push_back({"prefill", 1, 2048, 2048, D, kv});  // a 2048-token prompt, causal
+      for (int64_t batch : {1, 8})
+        for (int64_t context : {1024, 4096, 16384}) cases.push_back({"decode", batch, 1, context, D, kv});
+    }
+
+  Context ctx(ContextOptions{o.threads, true, Isa::ref});
+  Context ctx1(ContextOptions{1, true, Isa::ref});
+  const Peak peak = measure_peak(ctx.threads(), o.quick ? 0.05 : 0.3);
+  Reporter rep(o);
+  {
+    nlohmann::ordered_json j;
+    j["bench"] = "peak";
+    j["case"] = {{"threads", peak.threads}};
+    j["fma_gflops"] = peak.fma_gflops;
+    j["dram_gbps"] = peak.dram_gbps;
+    j["threads"] = peak.threads;
+    rep.row(j);
+  }
+  // Median decode time of the f16 case with the same (batch, context, D), for int8's speedup.
+  std::vector<std::pair<std::tuple<int64_t, int64_t, int64_t>, double>> f16_decode;
+
+  uint32_t seed = 1;
+  for (const Case& c : cases) {
+    BenchCache cache = make_cache(ctx, c.batch, c.context, Hkv, c.D, c.kv, seed++);
+    const int64_t Tq = c.batch * c.queries;
+    std::vector<float> qf(Tq * Hq * c.D);
+    std::mt19937 g(seed++);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    for (auto& x : qf) x = nd(g);
+    std::vector<uint16_t> q(qf.size()), out(qf.size());
+    for (size_t i = 0; i < qf.size(); ++i) q[i] = f32_to_f16(qf[i]);
+    const TensorView qv(q.data(), DType::f16, {Tq, Hq, c.D}), ov(out.data(), DType::f16, {Tq, Hq, c.D});
+    const bool decode = std::string(c.mode) == "decode";
+    std::vector<int32_t> cu_q(c.batch + 1);
+    for (int64_t b = 0; b <= c.batch; ++b) cu_q[b] = static_cast<int32_t>(b * c.queries);
+    PagedAttentionArgs pa;
+    pa.q = qv;
+    pa.cache = cache.view();
+    pa.block_tables = TensorView(cache.tables.data(), DType::s32, {c.batch, cache.maxb});
+    pa.context_lens = TensorView(cache.lens.data(), DType::s32, {c.batch});
+    PagedPrefillArgs pp;
+    pp.q = qv;
+    pp.cu_seqlens_q = TensorView(cu_q.data(), DType::s32, {c.batch + 1});
+    pp.cache = pa.cache;
+    pp.block_tables = pa.block_tables;
+    pp.context_lens = pa.context_lens;
+    auto call = [&](Context& cx) {
+      if (decode) paged_attention(cx, pa, ov);
+      else paged_prefill_attention(cx, pp, ov);
+    };
+    const size_t ws_bytes = decode ? paged_attention_workspace_size(ctx, pa) : paged_prefill_attention_workspace_size(ctx, pp);
+    const double dram_now = decode ? measure_dram(ctx.threads(), o.quick ? 1 : 3) : peak.dram_gbps;
+    const double t = median_seconds(o, [&] { call(ctx); });
+
+    nlohmann::ordered_json j;
+    j["bench"] = "attention";
+    j["case"] = {{"mode", c.mode},         {"kv_dtype", c.kv == DType::s8 ? "int8" : "f16"},
+                 {"batch", c.batch},       {"queries", c.queries},
+                 {"context", c.context},   {"head_size", c.D},
+                 {"q_heads", Hq},          {"kv_heads", Hkv},
+                 {"threads", ctx.threads()}, {"isa", isa_name(ctx.isa())}};
+    j["median_ms"] = t * 1e3;
+    // Flops of the visible (query, key) pairs only: QK^T and PV, 2 flops per multiply-add each.
+    double pairs = 0;
+    for (int64_t i = 0; i < c.queries; ++i) pairs += static_cast<double>(c.context - c.queries + i + 1);
+    const double flops = 4.0 * c.D * Hq * pairs * c.batch;
+    j["gflops"] = flops / t / 1e9;
+    j["fma_peak_ratio"] = flops / t / 1e9 / peak.fma_gflops;
+    const double kv_bytes = cache.token_bytes() * c.context * c.batch;
+    j["kv_gbps"] = kv_bytes / t / 1e9;
+    // A fixed set of keys in every row (null where a figure does not apply), so the table lines up.
+    j["dram_gbps"] = decode ? nlohmann::ordered_json(dram_now) : nlohmann::ordered_json();
+    j["dram_ratio"] = decode ? nlohmann::ordered_json(kv_bytes / t / 1e9 / dram_now) : nlohmann::ordered_json();
+    j["speedup_vs_f16_kv"] = nullptr;
+    if (decode) {
+      const auto key = std::make_tuple(c.batch, c.context, c.D);
+      if (c.kv == DType::f16) f16_decode.push_back({key, t});
+      for (const auto& [k2, tf] : f16_decode)
+        if (c.kv == DType::s8 && k2 == key) j["speedup_vs_f16_kv"] = tf / t;
+    }
+    j["workspace_bytes"] = ws_bytes;  // the peak extra memory of one call (no other allocation)
+    j["one_thread_ms"] = nullptr;
+    j["speedup_vs_1thread"] = nullptr;
+    if (!o.no_peers && ctx.threads() > 1 && (!decode || c.context == 4096)) {
+      const double t1 = median_seconds(o, [&] { call(ctx1); });
+      j["one_thread_ms"] = t1 * 1e3;
+      j["speedup_vs_1thread"] = t1 / t;
+    }
+    rep.row(j);
+  }
+  return 0;
+}
+
+}  // namespace qllm::bench
