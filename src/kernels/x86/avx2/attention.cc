@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "kernels/attention.h"
@@ -240,10 +241,276 @@ void attend(const float* q, int64_t rows, int64_t Dp, const float* kt, const flo
   }
 }
 
+// ---- decode path -------------------------------------------------------------------------
+//
+// One query position: the GQA group's rows (4 for 32/8 heads) all see every key of the tile, so
+// nothing is masked and K/V are read straight from the cache rows: each K/V chunk is loaded and
+// converted once in registers (F16C / widening) and used by the 4 rows, with no f32 tile stored
+// and reloaded. Scores keep 4 rows x 2 keys = 8 accumulators (one tree4 per key gives the 4
+// rows' lane_tree8 sums); P.V keeps 4 rows x 16 dims with the probabilities broadcast.
+
+// Loaders of 8 cache elements as f32 (exactly the values load_row produces).
+struct LoadF32 {
+  static constexpr int64_t es = 4;
+  static __m256 load(const uint8_t* p) { return _mm256_loadu_ps(reinterpret_cast<const float*>(p)); }
+};
+struct LoadF16 {
+  static constexpr int64_t es = 2;
+  static __m256 load(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+};
+struct LoadBF16 {
+  static constexpr int64_t es = 2;
+  static __m256 load(const uint8_t* p) { return avx2::load8(DType::bf16, p); }
+};
+struct LoadS8 {  // V of an s8 cache: f32(v8), the scale is in the P.V weight
+  static constexpr int64_t es = 1;
+  static __m256 load(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+};
+
+// Elements [d, D) (< 8 of them) zero padded to 8: the tail chunk of a head size that is not a
+// multiple of 8, without reading past the row.
+template <class L>
+__m256 load_tail(const uint8_t* row, int64_t d, int64_t D) {
+  alignas(32) uint8_t buf[32] = {};
+  std::memcpy(buf, row + d * L::es, (D - d) * L::es);
+  return L::load(buf);
+}
+
+// Sums of 4 int32 vectors (any order: integer sums are exact).
+inline __m128i tree4_epi32(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+  return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+}
+
+template <int R, class L>
+void dec_scores_f(const float* q, int64_t D, int64_t Dp, const uint8_t* const* kp, int64_t n, int64_t Tk, float* s) {
+  const int64_t Df = D / 8 * 8;
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    __m256 c[4][2];
+    for (int r = 0; r < 4; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
+    const uint8_t* k0 = kp[j];
+    const uint8_t* k1 = kp[j + 1];
+    for (int64_t d = 0; d < Dp; d += 8) {
+      const __m256 kv0 = d < Df ? L::load(k0 + d * L::es) : load_tail<L>(k0, d, D);
+      const __m256 kv1 = d < Df ? L::load(k1 + d * L::es) : load_tail<L>(k1, d, D);
+      for (int r = 0; r < R; ++r) {
+        const __m256 qv = _mm256_load_ps(q + r * Dp + d);
+        c[r][0] = _mm256_fmadd_ps(qv, kv0, c[r][0]);
+        c[r][1] = _mm256_fmadd_ps(qv, kv1, c[r][1]);
+      }
+    }
+    alignas(16) float t0[4], t1[4];
+    _mm_store_ps(t0, tree4(c[0][0], c[1][0], c[2][0], c[3][0]));
+    _mm_store_ps(t1, tree4(c[0][1], c[1][1], c[2][1], c[3][1]));
+    for (int r = 0; r < R; ++r) {
+      s[r * Tk + j] = t0[r];
+      s[r * Tk + j + 1] = t1[r];
+    }
+  }
+  if (j < n) {
+    __m256 c[4];
+    for (int r = 0; r < 4; ++r) c[r] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < Dp; d += 8) {
+      const __m256 kv0 = d < Df ? L::load(kp[j] + d * L::es) : load_tail<L>(kp[j], d, D);
+      for (int r = 0; r < R; ++r) c[r] = _mm256_fmadd_ps(_mm256_load_ps(q + r * Dp + d), kv0, c[r]);
+    }
+    alignas(16) float t0[4];
+    _mm_store_ps(t0, tree4(c[0], c[1], c[2], c[3]));
+    for (int r = 0; r < R; ++r) s[r * Tk + j] = t0[r];
+  }
+}
+
+// 16 int8 of a K row as int16 (zero padded past D).
+inline __m256i load_k16(const uint8_t* row, int64_t d, int64_t D) {
+  if (d + 16 <= D) return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)));
+  alignas(16) uint8_t buf[16] = {};
+  std::memcpy(buf, row + d, D - d);
+  return _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+}
+
+// s8 scores: exact int32 q16.k8 dot products (vpmaddwd: 16 products per instruction, pairs
+// summed in int32, |pair| <= 2 * 127 * 128 so nothing saturates), 4 rows x 2 keys.
+template <int R>
+void dec_scores_s8(const int16_t* q16, const float* qs, int64_t D, const uint8_t* const* kp, const float* ks, int64_t n,
+                   int64_t Tk, float* s) {
+  const int64_t Dq = decode_q16_width(D);
+  __m128 qsv = _mm_setzero_ps();
+  {
+    alignas(16) float t[4] = {};
+    for (int r = 0; r < R; ++r) t[r] = qs[r];
+    qsv = _mm_load_ps(t);
+  }
+  auto emit = [&](__m128i dot, int64_t j) {
+    alignas(16) float t[4];
+    _mm_store_ps(t, _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(dot), _mm_set1_ps(ks[j])), qsv));
+    for (int r = 0; r < R; ++r) s[r * Tk + j] = t[r];
+  };
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    __m256i c[4][2];
+    for (int r = 0; r < 4; ++r) c[r][0] = c[r][1] = _mm256_setzero_si256();
+    for (int64_t d = 0; d < Dq; d += 16) {
+      const __m256i k0 = load_k16(kp[j], d, D), k1 = load_k16(kp[j + 1], d, D);
+      for (int r = 0; r < R; ++r) {
+        const __m256i qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(q16 + r * Dq + d));
+        c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(qv, k0));
+        c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(qv, k1));
+      }
+    }
+    emit(tree4_epi32(c[0][0], c[1][0], c[2][0], c[3][0]), j);
+    emit(tree4_epi32(c[0][1], c[1][1], c[2][1], c[3][1]), j + 1);
+  }
+  if (j < n) {
+    __m256i c[4];
+    for (int r = 0; r < 4; ++r) c[r] = _mm256_setzero_si256();
+    for (int64_t d = 0; d < Dq; d += 16) {
+      const __m256i k0 = load_k16(kp[j], d, D);
+      for (int r = 0; r < R; ++r)
+        c[r] = _mm256_add_epi32(c[r], _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(q16 + r * Dq + d)), k0));
+    }
+    emit(tree4_epi32(c[0], c[1], c[2], c[3]), j);
+  }
+}
+
+// acc[r] = acc[r] * alpha[r] + sum_j w[r][j] v_j, V straight from the cache rows.
+template <int R, class L>
+void dec_pv(const float* w, int64_t Tk, const uint8_t* const* vp, int64_t n, int64_t D, int64_t Dp, const float* alpha,
+            float* acc) {
+  const int64_t Df = D / 8 * 8;
+  int64_t d = 0;
+  for (; d + 16 <= Df; d += 16) {
+    __m256 c[4][2];
+    for (int r = 0; r < R; ++r) {
+      const __m256 al = _mm256_set1_ps(alpha[r]);
+      c[r][0] = _mm256_mul_ps(_mm256_load_ps(acc + r * Dp + d), al);
+      c[r][1] = _mm256_mul_ps(_mm256_load_ps(acc + r * Dp + d + 8), al);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 v0 = L::load(vp[j] + d * L::es), v1 = L::load(vp[j] + (d + 8) * L::es);
+      for (int r = 0; r < R; ++r) {
+        const __m256 pb = _mm256_broadcast_ss(w + r * Tk + j);
+        c[r][0] = _mm256_fmadd_ps(pb, v0, c[r][0]);
+        c[r][1] = _mm256_fmadd_ps(pb, v1, c[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_store_ps(acc + r * Dp + d, c[r][0]);
+      _mm256_store_ps(acc + r * Dp + d + 8, c[r][1]);
+    }
+  }
+  for (; d < Dp; d += 8) {  // the last one or two chunks, the last possibly partial
+    __m256 c[4];
+    for (int r = 0; r < R; ++r) c[r] = _mm256_mul_ps(_mm256_load_ps(acc + r * Dp + d), _mm256_set1_ps(alpha[r]));
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 v0 = d < Df ? L::load(vp[j] + d * L::es) : load_tail<L>(vp[j], d, D);
+      for (int r = 0; r < R; ++r) c[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r * Tk + j), v0, c[r]);
+    }
+    for (int r = 0; r < R; ++r) _mm256_store_ps(acc + r * Dp + d, c[r]);
+  }
+}
+
+// Online-softmax step of one row over all n keys of the tile (the arithmetic of attend with
+// a = 0, b = n); s8 caches fold the value scale into the stored P.V weight.
+inline void dec_softmax(float* sr, int64_t n, const float* vs, float* m, float* l, float* alpha) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const __m256 ninf = _mm256_set1_ps(kNegInf);
+  __m256 mx = ninf;
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256i mk = lane_mask(0, n - j);
+    mx = _mm256_max_ps(_mm256_blendv_ps(ninf, _mm256_loadu_ps(sr + j), _mm256_castsi256_ps(mk)), mx);
+  }
+  alignas(32) float mxl[8];
+  _mm256_store_ps(mxl, mx);
+  float mt = kNegInf;
+  for (int i = 0; i < 8; ++i) mt = max_ps(mxl[i], mt);
+  const float mn = max_ps(mt, *m);
+  *alpha = *m == kNegInf ? 0.0f : exp_qllm(*m - mn);
+  const __m256 mv = _mm256_set1_ps(mn);
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j += 8) {  // s has Tk >= round_up(n, 8) slots: lanes past n get 0
+    const __m256 mk = _mm256_castsi256_ps(lane_mask(0, n - j));
+    const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv)), mk);
+    sum = _mm256_add_ps(sum, e);
+    _mm256_storeu_ps(sr + j, vs ? _mm256_mul_ps(e, _mm256_loadu_ps(vs + j)) : e);
+  }
+  alignas(32) float sl[8];
+  _mm256_store_ps(sl, sum);
+  *l = *l * *alpha + lane_tree8(sl);
+  *m = mn;
+}
+
+template <int R>
+void dec_group(const float* q, const int16_t* q16, const float* qs, int64_t D, int64_t Dp, DType dt, const uint8_t* const* kp,
+               const uint8_t* const* vp, const float* ks, const float* vs, int64_t n, int64_t Tk, float* s, float* m, float* l,
+               float* acc) {
+  switch (dt) {
+    case DType::f16: dec_scores_f<R, LoadF16>(q, D, Dp, kp, n, Tk, s); break;
+    case DType::bf16: dec_scores_f<R, LoadBF16>(q, D, Dp, kp, n, Tk, s); break;
+    case DType::s8: dec_scores_s8<R>(q16, qs, D, kp, ks, n, Tk, s); break;
+    default: dec_scores_f<R, LoadF32>(q, D, Dp, kp, n, Tk, s); break;
+  }
+  float alpha[4];
+  for (int r = 0; r < R; ++r) dec_softmax(s + r * Tk, n, dt == DType::s8 ? vs : nullptr, m + r, l + r, alpha + r);
+  switch (dt) {
+    case DType::f16: dec_pv<R, LoadF16>(s, Tk, vp, n, D, Dp, alpha, acc); break;
+    case DType::bf16: dec_pv<R, LoadBF16>(s, Tk, vp, n, D, Dp, alpha, acc); break;
+    case DType::s8: dec_pv<R, LoadS8>(s, Tk, vp, n, D, Dp, alpha, acc); break;
+    default: dec_pv<R, LoadF32>(s, Tk, vp, n, D, Dp, alpha, acc); break;
+  }
+}
+
+void decode(const float* q, const int16_t* q16, const float* qs, int64_t rows, int64_t D, int64_t Dp, const KvSource& src,
+            int64_t j0, int64_t n, int64_t Tk, float* s, float* /*tmp*/, float* m, float* l, float* acc) {
+  // Row addresses (and s8 scales) of the tile's keys, walking the block table once.
+  constexpr int64_t kMaxTile = 128;  // Problem::Tk() <= 128
+  const uint8_t* kp[kMaxTile];
+  const uint8_t* vp[kMaxTile];
+  alignas(32) float ks[kMaxTile + 8], vs[kMaxTile + 8];
+  const int64_t es = dtype_size(src.dtype);
+  const bool s8 = src.dtype == DType::s8;
+  const uint8_t* kb = static_cast<const uint8_t*>(src.k);
+  const uint8_t* vb = static_cast<const uint8_t*>(src.v);
+  int64_t blk = j0 / src.block_size, off = j0 % src.block_size;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t phys = src.block_table ? src.block_table[blk] : blk;
+    const int64_t e = (phys * src.block_stride + off * src.token_stride) * es;
+    kp[j] = kb + e;
+    vp[j] = vb + e;
+    if (s8) {
+      const int64_t so = phys * src.scale_block_stride + off * src.scale_token_stride;
+      ks[j] = src.k_scale[so];
+      vs[j] = src.v_scale[so];
+    }
+    if (++off == src.block_size) off = 0, ++blk;
+  }
+  for (int64_t j = n; j < n + 8; ++j) ks[j] = vs[j] = 0.0f;
+  // Prefetch the next tile of this head (it is read after the other heads' current tiles).
+  const int64_t row_bytes = D * es;
+  for (int64_t j = j0 + n; j < std::min(j0 + 2 * n, src.tokens); ++j) {
+    const int64_t phys = src.block_table ? src.block_table[j / src.block_size] : j / src.block_size;
+    const int64_t e = (phys * src.block_stride + (j % src.block_size) * src.token_stride) * es;
+    prefetch_row(kb + e, row_bytes);
+    prefetch_row(vb + e, row_bytes);
+  }
+  const int64_t Dq = decode_q16_width(D);
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    dec_group<4>(q + r * Dp, q16 + r * Dq, qs + r, D, Dp, src.dtype, kp, vp, ks, vs, n, Tk, s, m + r, l + r, acc + r * Dp);
+  switch (rows - r) {
+    case 3: dec_group<3>(q + r * Dp, q16 + r * Dq, qs + r, D, Dp, src.dtype, kp, vp, ks, vs, n, Tk, s, m + r, l + r, acc + r * Dp); break;
+    case 2: dec_group<2>(q + r * Dp, q16 + r * Dq, qs + r, D, Dp, src.dtype, kp, vp, ks, vs, n, Tk, s, m + r, l + r, acc + r * Dp); break;
+    case 1: dec_group<1>(q + r * Dp, q16 + r * Dq, qs + r, D, Dp, src.dtype, kp, vp, ks, vs, n, Tk, s, m + r, l + r, acc + r * Dp); break;
+    default: break;
+  }
+}
+
 }  // namespace
 
 const AttnKernels& attn_kernels_avx2() {
-  static const AttnKernels t{load_kv, attend};
+  static const AttnKernels t{load_kv, attend, decode};
   return t;
 }
 
