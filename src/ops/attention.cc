@@ -378,13 +378,12 @@ void run(Context& ctx, const Problem& P, Workspace* ws_in) {
           }
       for (int64_t j = k0; j < k1; j += Tk) {
         const int64_t n = std::min(Tk, k1 - j);
+        if (dec) {  // all the task's heads at once (token-major reads)
+          ak.decode(q, q16, qs, rows, T.h1 - T.h0, RH, D, Dp, P.source(S, T.h0), j, n, Tk, s, ktile, m, l, acc);
+          continue;
+        }
         for (int64_t h = T.h0; h < T.h1; ++h) {
           const int64_t r0 = (h - T.h0) * RH;
-          if (dec) {
-            ak.decode(q + r0 * Dp, q16 + r0 * Dq, qs + r0, rows, D, Dp, P.source(S, h), j, n, Tk, s, ktile, m + r0, l + r0,
-                      acc + r0 * Dp);
-            continue;
-          }
           ak.load_kv(P.source(S, h), j, n, D, Dp, ktile, vtile);
           ak.attend(q + r0 * Dp, rows, Dp, ktile, vtile, n, j, lo + r0, hi + r0, s, m + r0, l + r0, acc + r0 * Dp);
         }

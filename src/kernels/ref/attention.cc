@@ -81,8 +81,9 @@ void attend_ref(const float* q, int64_t rows, int64_t Dp, const float* kt, const
   }
 }
 
-void decode_ref(const float* q, const int16_t* q16, const float* qs, int64_t rows, int64_t D, int64_t Dp, const KvSource& src,
-                int64_t j0, int64_t n, int64_t Tk, float* s, float* tmp, float* m, float* l, float* acc) {
+// One head's rows (the definition, head by head; the order of heads does not change any value).
+void decode_head(const float* q, const int16_t* q16, const float* qs, int64_t rows, int64_t D, int64_t Dp, const KvSource& src,
+                 int64_t j0, int64_t n, int64_t Tk, float* s, float* tmp, float* m, float* l, float* acc) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const bool s8 = src.dtype == DType::s8;
   const int64_t Dq = decode_q16_width(D);
@@ -130,6 +131,22 @@ void decode_ref(const float* q, const int16_t* q16, const float* qs, int64_t row
     }
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t d = 0; d < D; ++d) acc[r * Dp + d] = std::fma(s[r * Tk + j], tmp[d], acc[r * Dp + d]);
+  }
+}
+
+void decode_ref(const float* q, const int16_t* q16, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
+                const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* tmp, float* m, float* l, float* acc) {
+  const int64_t Dq = decode_q16_width(D);
+  for (int64_t h = 0; h < H; ++h) {
+    KvSource sh = src;
+    sh.k = static_cast<const uint8_t*>(src.k) + h * D * dtype_size(src.dtype);
+    sh.v = static_cast<const uint8_t*>(src.v) + h * D * dtype_size(src.dtype);
+    if (src.dtype == DType::s8) {
+      sh.k_scale = src.k_scale + h;
+      sh.v_scale = src.v_scale + h;
+    }
+    const int64_t r0 = h * RH;
+    decode_head(q + r0 * Dp, q16 + r0 * Dq, qs + r0, g, D, Dp, sh, j0, n, Tk, s, tmp, m + r0, l + r0, acc + r0 * Dp);
   }
 }
 
