@@ -104,6 +104,8 @@ int bench_attention(const Options& o) {
         for (int64_t context : {1024, 4096, 16384}) cases.push_back({"decode", batch, 1, context, D, kv});
     }
 
+  if (!o.mode.empty())
+    cases.erase(std::remove_if(cases.begin(), cases.end(), [&](const Case& c) { return o.mode != c.mode; }), cases.end());
   Context ctx(ContextOptions{o.threads, true, Isa::ref});
   Context ctx1(ContextOptions{1, true, Isa::ref});
   const Peak peak = measure_peak(ctx.threads(), o.quick ? 0.05 : 0.3);

@@ -21,6 +21,7 @@ struct Options {
   std::vector<int64_t> rows;  // moe-ffn: rows per expert to run (empty: the standard list)
   std::vector<int64_t> tokens;  // moe-layer: tokens per call to run (empty: the standard list)
   bool no_peers = false;  // skip the comparison runs (for quick tuning)
+  std::string mode;       // attention: run only the cases of this mode (prefill | decode); empty: all
 };
 
 // This machine's limits, measured in the same run (bench peak).

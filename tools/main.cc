@@ -69,6 +69,7 @@ int main(int argc, char** argv) {
   bench->add_option("--rows", o.rows, "moe-ffn: rows per expert to run (default 1,4,16,64,256,512); wq-gemm, sparse24: m values (default 1,4,16,512)")->delimiter(',');
   bench->add_option("--tokens", o.tokens, "moe-layer: tokens per call to run (default 1,8,64,512)")->delimiter(',');
   bench->add_flag("--no-peers", o.no_peers, "skip the comparison runs (unfused chain, 1 thread)");
+  bench->add_option("--mode", o.mode, "attention: only the cases of this mode")->check(CLI::IsMember({"prefill", "decode"}));
   CLI11_PARSE(app, argc, argv);
   try {
     if (*info) {

@@ -61,7 +61,27 @@ struct AttnKernels {
   //   acc = fma(p_j, v_j, acc) for j = a .. b-1.
   void (*attend)(const float* q, int64_t rows, int64_t Dp, const float* kt, const float* vt, int64_t n, int64_t j0,
                  const int64_t* lo, const int64_t* hi, float* s, float* m, float* l, float* acc);
+  // Decode path (one query position per task): the H KV heads h = 0 .. H-1 of a tile of keys
+  // [j0, j0 + n), each with its g query rows (the GQA group), all seeing every key of the tile.
+  // Scores and P.V come straight from the cache rows (no f32 K/V tile), token-major across the
+  // heads so the token-major cache ([block, token, head, D]) is read sequentially. `src` is head
+  // 0; head h's rows are h * D elements (and its scales h floats) further. The state of head h's
+  // row r is row h * RH + r of q, q16, qs, m, l, acc. Per row, the online-softmax step is the
+  // one of `attend` with a = 0, b = n (max, alpha, p_j, lane sums of l, acc scaled by alpha then
+  // FMA chains in key order), so for f32/f16/bf16 caches the result is bit-identical to
+  // load_kv + attend. For s8 caches q.k is integer:
+  //   s_j = (f32(sum_d q16[d] k8_j[d]) * k_scale_j) * qs   (the int32 sum is exact),
+  // with q16 [rows, Dq] the pre-scaled query quantised per row to [-127, 127] (scale qs[r]),
+  // zero padded to Dq = round_up(D, 16); and P.V uses w_j = p_j * v_scale_j:
+  //   acc[d] = fma(w_j, f32(v8_j[d]), acc[d]) in key order (l sums the p_j).
+  // n <= 128. s: scratch [H * g, Tk] (Tk >= n, a multiple of 8); tmp: >= 2 * Dp + 64 floats.
+  void (*decode)(const float* q, const int16_t* q16, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D,
+                 int64_t Dp, const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* tmp, float* m, float* l,
+                 float* acc);
 };
+
+// Query row width of the s8 decode path: D rounded up to the 16 int16 lanes of one vpmaddwd.
+inline int64_t decode_q16_width(int64_t D) { return (D + 15) / 16 * 16; }
 
 const AttnKernels& attn_kernels(Isa isa);
 const AttnKernels& attn_kernels_ref();

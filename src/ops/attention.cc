@@ -269,9 +269,9 @@ PlanSizes plan(const Problem& P, Seq* seqs, Task* tasks) {
 
 // Per-thread scratch of one task, in floats (each piece 64-byte aligned).
 struct ThreadLayout {
-  int64_t q, acc, s, kt, vt, m, l, lo, hi, total, rows_per_head;
+  int64_t q, acc, s, kt, vt, m, l, lo, hi, q16, qs, q8, total, rows_per_head;
   explicit ThreadLayout(const Problem& P) {
-    const int64_t R = P.R() * P.heads_per_task(), Dp = P.Dp(), Tk = P.Tk();
+    const int64_t R = P.R() * P.heads_per_task(), Dp = P.Dp(), Tk = P.Tk(), Dq = kernels::decode_q16_width(P.D);
     rows_per_head = P.R();
     int64_t off = 0;
     auto take = [&](int64_t n) { const int64_t o = off; off += floats_aligned(n); return o; };
@@ -284,6 +284,11 @@ struct ThreadLayout {
     l = take(R);
     lo = take(2 * R);  // int64
     hi = take(2 * R);
+    // s8 decode path: the quantised query rows (int16) and their scales, and one int8 row.
+    const bool s8 = P.kdt == DType::s8;
+    q16 = take(s8 ? R * Dq / 2 : 0);
+    qs = take(s8 ? R : 0);
+    q8 = take(s8 ? Dq / 4 : 0);
     total = off;
   }
 };
@@ -327,6 +332,10 @@ void run(Context& ctx, const Problem& P, Workspace* ws_in) {
     float* l = base + TL.l;
     int64_t* lo = reinterpret_cast<int64_t*>(base + TL.lo);
     int64_t* hi = reinterpret_cast<int64_t*>(base + TL.hi);
+    int16_t* q16 = reinterpret_cast<int16_t*>(base + TL.q16);
+    float* qs = base + TL.qs;
+    int8_t* q8 = reinterpret_cast<int8_t*>(base + TL.q8);
+    const int64_t Dq = kernels::decode_q16_width(D);
     for (int64_t ti = t0; ti < t1; ++ti) {
       const Task& T = tasks[ti];
       const Seq& S = seqs[T.b];
@@ -356,8 +365,23 @@ void run(Context& ctx, const Problem& P, Workspace* ws_in) {
           }
         }
       const int64_t k0 = std::max(T.k0, kmin), k1 = std::min(T.k1, kmax);
+      // One query position (decode, or a one-token chunk): every row of the task sees every key
+      // of [k0, k1), and the decode kernel reads K/V straight from the cache rows. It computes
+      // what load_kv + attend compute (bit for bit for float caches; s8 caches take the integer
+      // q.k path with the query quantised per row here).
+      const bool dec = T.p1 - T.p0 == 1;
+      if (dec && P.kdt == DType::s8)
+        for (int64_t h = T.h0; h < T.h1; ++h)
+          for (int64_t r = (h - T.h0) * RH; r < (h - T.h0) * RH + rows; ++r) {
+            qs[r] = kt.quantize_row(q + r * Dp, nullptr, D, q8);
+            for (int64_t d = 0; d < Dq; ++d) q16[r * Dq + d] = d < D ? q8[d] : 0;
+          }
       for (int64_t j = k0; j < k1; j += Tk) {
         const int64_t n = std::min(Tk, k1 - j);
+        if (dec) {  // all the task's heads at once (token-major reads)
+          ak.decode(q, q16, qs, rows, T.h1 - T.h0, RH, D, Dp, P.source(S, T.h0), j, n, Tk, s, ktile, m, l, acc);
+          continue;
+        }
         for (int64_t h = T.h0; h < T.h1; ++h) {
           const int64_t r0 = (h - T.h0) * RH;
           ak.load_kv(P.source(S, h), j, n, D, Dp, ktile, vtile);

@@ -81,10 +81,79 @@ void attend_ref(const float* q, int64_t rows, int64_t Dp, const float* kt, const
   }
 }
 
+// One head's rows (the definition, head by head; the order of heads does not change any value).
+void decode_head(const float* q, const int16_t* q16, const float* qs, int64_t rows, int64_t D, int64_t Dp, const KvSource& src,
+                 int64_t j0, int64_t n, int64_t Tk, float* s, float* tmp, float* m, float* l, float* acc) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const bool s8 = src.dtype == DType::s8;
+  const int64_t Dq = decode_q16_width(D);
+  for (int64_t j = 0; j < n; ++j) {
+    if (s8) {
+      const int8_t* k = static_cast<const int8_t*>(src.k) + src.token_offset(j0 + j, src.token_stride, src.block_stride);
+      const float ks = src.k_scale[src.token_offset(j0 + j, src.scale_token_stride, src.scale_block_stride)];
+      for (int64_t r = 0; r < rows; ++r) {
+        int32_t dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += static_cast<int32_t>(q16[r * Dq + d]) * k[d];
+        s[r * Tk + j] = (static_cast<float>(dot) * ks) * qs[r];
+      }
+    } else {
+      load_row(src, src.k, nullptr, j0 + j, D, Dp, tmp);
+      for (int64_t r = 0; r < rows; ++r) {
+        float lanes[8] = {};
+        for (int64_t d = 0; d < Dp; ++d) lanes[d % 8] = std::fma(q[r * Dp + d], tmp[d], lanes[d % 8]);
+        s[r * Tk + j] = lane_tree8(lanes);
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = s + r * Tk;
+    float mt = kNegInf;
+    for (int64_t j = 0; j < n; ++j) mt = max_ps(sr[j], mt);
+    const float mn = max_ps(mt, m[r]);
+    const float alpha = m[r] == kNegInf ? 0.0f : exp_qllm(m[r] - mn);
+    float lanes[8] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      sr[j] = exp_qllm(sr[j] - mn);
+      lanes[j % 8] = lanes[j % 8] + sr[j];
+      // s8: the P.V weight carries the value scale (l sums the plain probabilities).
+      if (s8) sr[j] = sr[j] * src.v_scale[src.token_offset(j0 + j, src.scale_token_stride, src.scale_block_stride)];
+    }
+    l[r] = l[r] * alpha + lane_tree8(lanes);
+    m[r] = mn;
+    for (int64_t d = 0; d < Dp; ++d) acc[r * Dp + d] = acc[r * Dp + d] * alpha;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    if (s8) {
+      const int8_t* v = static_cast<const int8_t*>(src.v) + src.token_offset(j0 + j, src.token_stride, src.block_stride);
+      for (int64_t d = 0; d < D; ++d) tmp[d] = static_cast<float>(v[d]);
+    } else {
+      load_row(src, src.v, nullptr, j0 + j, D, Dp, tmp);
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t d = 0; d < D; ++d) acc[r * Dp + d] = std::fma(s[r * Tk + j], tmp[d], acc[r * Dp + d]);
+  }
+}
+
+void decode_ref(const float* q, const int16_t* q16, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
+                const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* tmp, float* m, float* l, float* acc) {
+  const int64_t Dq = decode_q16_width(D);
+  for (int64_t h = 0; h < H; ++h) {
+    KvSource sh = src;
+    sh.k = static_cast<const uint8_t*>(src.k) + h * D * dtype_size(src.dtype);
+    sh.v = static_cast<const uint8_t*>(src.v) + h * D * dtype_size(src.dtype);
+    if (src.dtype == DType::s8) {
+      sh.k_scale = src.k_scale + h;
+      sh.v_scale = src.v_scale + h;
+    }
+    const int64_t r0 = h * RH;
+    decode_head(q + r0 * Dp, q16 + r0 * Dq, qs + r0, g, D, Dp, sh, j0, n, Tk, s, tmp, m + r0, l + r0, acc + r0 * Dp);
+  }
+}
+
 }  // namespace
 
 const AttnKernels& attn_kernels_ref() {
-  static const AttnKernels t{load_kv_ref, attend_ref};
+  static const AttnKernels t{load_kv_ref, attend_ref, decode_ref};
   return t;
 }
 

@@ -10,7 +10,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "kernels/attention.h"
 #include "kernels/norm.h"
@@ -240,10 +242,298 @@ void attend(const float* q, int64_t rows, int64_t Dp, const float* kt, const flo
   }
 }
 
+// ---- decode path -------------------------------------------------------------------------
+//
+// One query position: the GQA group's rows (4 for 32/8 heads) all see every key of the tile, so
+// nothing is masked and K/V are read straight from the cache rows: each K/V chunk is loaded and
+// converted once in registers (F16C / widening) and used by the 4 rows, with no f32 tile stored
+// and reloaded. All KV heads of the tile are done in one call, token-major (key pair j, j + 1,
+// then heads 0 .. H-1), so the [block, token, head, D] cache streams sequentially. Scores keep
+// 4 rows x 2 keys = 8 accumulators (one tree4 per key gives the 4 rows' lane_tree8 sums; s8:
+// int32 vpmaddwd sums); P.V keeps the pair's 4 x 2 probabilities broadcast in registers while
+// V streams by, the accumulators (H x 4 rows x Dp f32 = 16 KB at D = 128) staying in L1.
+
+// Loaders of 8 cache elements as f32 (exactly the values load_row produces).
+struct LoadF32 {
+  static constexpr int64_t es = 4;
+  static __m256 load(const uint8_t* p) { return _mm256_loadu_ps(reinterpret_cast<const float*>(p)); }
+};
+struct LoadF16 {
+  static constexpr int64_t es = 2;
+  static __m256 load(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+};
+struct LoadBF16 {
+  static constexpr int64_t es = 2;
+  static __m256 load(const uint8_t* p) { return avx2::load8(DType::bf16, p); }
+};
+struct LoadS8 {  // V of an s8 cache: f32(v8), the scale is in the P.V weight
+  static constexpr int64_t es = 1;
+  static __m256 load(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+};
+
+// Elements [d, D) (< 8 of them) zero padded to 8: the tail chunk of a head size that is not a
+// multiple of 8, without reading past the row.
+template <class L>
+__m256 load_tail(const uint8_t* row, int64_t d, int64_t D) {
+  alignas(32) uint8_t buf[32] = {};
+  std::memcpy(buf, row + d * L::es, (D - d) * L::es);
+  return L::load(buf);
+}
+
+// Sums of 4 int32 vectors (any order: integer sums are exact).
+inline __m128i tree4_epi32(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+  return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+}
+
+// Tile geometry of one decode call: row addresses of head 0 (head h is h * D elements further),
+// and for s8 the scales of every (key, head).
+constexpr int64_t kMaxTile = 128;  // Problem::Tk() <= 128
+struct DecTile {
+  const uint8_t* kp[kMaxTile];
+  const uint8_t* vp[kMaxTile];
+  const float* ksp[kMaxTile];  // s8: scale of (key j, head 0); head h at + h
+  const float* vsp[kMaxTile];
+  const uint8_t* kn[kMaxTile];  // the next tile's rows (prefetch), nullptr past the keys
+  const uint8_t* vn[kMaxTile];
+};
+
+// Prefetch distance: one tile ahead, spread over this tile's work (a few lines per head and key
+// pair) so the requests overlap the arithmetic instead of stalling it in one burst, into L2
+// (prefetcht1): measured, T0 into the 32 KB L1 (and bursts of a whole tile, and no software
+// prefetch) stay at ~11 GB/s from DRAM on 2 cores, T1 reaches ~20 GB/s (B8 16k f16).
+inline void prefetch_head(const uint8_t* p, int64_t bytes) {
+  if (!p) return;
+  // asm volatile: g++ 12 -O2 deleted these _mm_prefetch calls (and the address walk feeding
+  // them) as dead code; the inline asm keeps them.
+  for (int64_t b = 0; b < bytes; b += 64) asm volatile("prefetcht1 %0" : : "m"(p[b]));
+}
+
+// Scores of R rows of one head for the key pair (j, j + 1) (two = false: key j alone), 8-lane
+// FMA chains over Dp reduced by tree4 (the lane_tree8 order).
+template <int R, class L, bool two>
+inline void dec_scores_f(const float* q, int64_t D, int64_t Dp, const uint8_t* k0, const uint8_t* k1, float* s, int64_t Tk) {
+  const int64_t Df = D / 8 * 8;
+  __m256 c[4][2];
+  for (int r = 0; r < 4; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < Dp; d += 8) {
+    const __m256 kv0 = d < Df ? L::load(k0 + d * L::es) : load_tail<L>(k0, d, D);
+    const __m256 kv1 = !two ? kv0 : d < Df ? L::load(k1 + d * L::es) : load_tail<L>(k1, d, D);
+    for (int r = 0; r < R; ++r) {
+      const __m256 qv = _mm256_load_ps(q + r * Dp + d);
+      c[r][0] = _mm256_fmadd_ps(qv, kv0, c[r][0]);
+      if (two) c[r][1] = _mm256_fmadd_ps(qv, kv1, c[r][1]);
+    }
+  }
+  alignas(16) float t0[4], t1[4];
+  _mm_store_ps(t0, tree4(c[0][0], c[1][0], c[2][0], c[3][0]));
+  if (two) _mm_store_ps(t1, tree4(c[0][1], c[1][1], c[2][1], c[3][1]));
+  for (int r = 0; r < R; ++r) {
+    s[r * Tk] = t0[r];
+    if (two) s[r * Tk + 1] = t1[r];
+  }
+}
+
+// 16 int8 of a K row as int16 (zero padded past D).
+inline __m256i load_k16(const uint8_t* row, int64_t d, int64_t D) {
+  if (d + 16 <= D) return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)));
+  alignas(16) uint8_t buf[16] = {};
+  std::memcpy(buf, row + d, D - d);
+  return _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+}
+
+// s8 scores of R rows for the key pair (j, j + 1): exact int32 q16.k8 dot products (vpmaddwd:
+// 16 products per instruction, pairs summed in int32, |pair| <= 2 * 127 * 128, no saturation).
+template <int R, bool two>
+inline void dec_scores_s8(const int16_t* q16, __m128 qsv, int64_t D, const uint8_t* k0, const uint8_t* k1, float ks0,
+                          float ks1, float* s, int64_t Tk) {
+  const int64_t Dq = decode_q16_width(D);
+  __m256i c[4][2];
+  for (int r = 0; r < 4; ++r) c[r][0] = c[r][1] = _mm256_setzero_si256();
+  for (int64_t d = 0; d < Dq; d += 16) {
+    const __m256i kv0 = load_k16(k0, d, D);
+    const __m256i kv1 = two ? load_k16(k1, d, D) : kv0;
+    for (int r = 0; r < R; ++r) {
+      const __m256i qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(q16 + r * Dq + d));
+      c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(qv, kv0));
+      if (two) c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(qv, kv1));
+    }
+  }
+  alignas(16) float t[4];
+  _mm_store_ps(t, _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(tree4_epi32(c[0][0], c[1][0], c[2][0], c[3][0])), _mm_set1_ps(ks0)), qsv));
+  for (int r = 0; r < R; ++r) s[r * Tk] = t[r];
+  if (two) {
+    _mm_store_ps(t, _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(tree4_epi32(c[0][1], c[1][1], c[2][1], c[3][1])), _mm_set1_ps(ks1)), qsv));
+    for (int r = 0; r < R; ++r) s[r * Tk + 1] = t[r];
+  }
+}
+
+// acc[r] += w[r][j] v_j (+ w[r][j + 1] v_{j + 1}) over all Dp dims, acc in memory (L1): the
+// pair's 8 probabilities stay broadcast in registers while V streams by.
+template <int R, class L, bool two>
+inline void dec_pv(const float* w, int64_t Tk, const uint8_t* v0p, const uint8_t* v1p, int64_t D, int64_t Dp, float* acc) {
+  const int64_t Df = D / 8 * 8;
+  __m256 w0[4], w1[4];
+  for (int r = 0; r < R; ++r) {
+    w0[r] = _mm256_broadcast_ss(w + r * Tk);
+    if (two) w1[r] = _mm256_broadcast_ss(w + r * Tk + 1);
+  }
+  for (int64_t d = 0; d < Dp; d += 8) {
+    const __m256 v0 = d < Df ? L::load(v0p + d * L::es) : load_tail<L>(v0p, d, D);
+    const __m256 v1 = !two ? v0 : d < Df ? L::load(v1p + d * L::es) : load_tail<L>(v1p, d, D);
+    for (int r = 0; r < R; ++r) {
+      __m256 a = _mm256_fmadd_ps(w0[r], v0, _mm256_load_ps(acc + r * Dp + d));
+      if (two) a = _mm256_fmadd_ps(w1[r], v1, a);
+      _mm256_store_ps(acc + r * Dp + d, a);
+    }
+  }
+}
+
+// Online-softmax step of one row over all n keys of the tile (the arithmetic of attend with
+// a = 0, b = n); s8 caches fold the value scale into the stored P.V weight. acc *= alpha.
+inline void dec_softmax(float* sr, int64_t n, const float* vs, float* m, float* l, float* acc, int64_t Dp) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const __m256 ninf = _mm256_set1_ps(kNegInf);
+  __m256 mx = ninf;
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256i mk = lane_mask(0, n - j);
+    mx = _mm256_max_ps(_mm256_blendv_ps(ninf, _mm256_loadu_ps(sr + j), _mm256_castsi256_ps(mk)), mx);
+  }
+  alignas(32) float mxl[8];
+  _mm256_store_ps(mxl, mx);
+  float mt = kNegInf;
+  for (int i = 0; i < 8; ++i) mt = max_ps(mxl[i], mt);
+  const float mn = max_ps(mt, *m);
+  const float alpha = *m == kNegInf ? 0.0f : exp_qllm(*m - mn);
+  const __m256 mv = _mm256_set1_ps(mn);
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j += 8) {  // s has Tk >= round_up(n, 8) slots: lanes past n get 0
+    const __m256 mk = _mm256_castsi256_ps(lane_mask(0, n - j));
+    const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv)), mk);
+    sum = _mm256_add_ps(sum, e);
+    _mm256_storeu_ps(sr + j, vs ? _mm256_mul_ps(e, _mm256_loadu_ps(vs + j)) : e);
+  }
+  alignas(32) float sl[8];
+  _mm256_store_ps(sl, sum);
+  *l = *l * alpha + lane_tree8(sl);
+  *m = mn;
+  const __m256 av = _mm256_set1_ps(alpha);
+  for (int64_t d = 0; d < Dp; d += 8) _mm256_store_ps(acc + d, _mm256_mul_ps(_mm256_load_ps(acc + d), av));
+}
+
+// Calls f.template operator()<R>(r) for the row groups of g rows: 4 at a time, then the rest.
+template <class F>
+inline void for_groups(int64_t g, F&& f) {
+  int64_t r = 0;
+  for (; r + 4 <= g; r += 4) f.template operator()<4>(r);
+  switch (g - r) {
+    case 3: f.template operator()<3>(r); break;
+    case 2: f.template operator()<2>(r); break;
+    case 1: f.template operator()<1>(r); break;
+    default: break;
+  }
+}
+
+template <class L>
+void decode_t(const float* q, const int16_t* q16, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
+              const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* m, float* l, float* acc) {
+  constexpr bool s8 = std::is_same_v<L, LoadS8>;
+  DecTile t;
+  const int64_t es = L::es, hs = D * es;  // bytes between the heads of a token
+  const uint8_t* kb = static_cast<const uint8_t*>(src.k);
+  const uint8_t* vb = static_cast<const uint8_t*>(src.v);
+  int64_t blk = j0 / src.block_size, off = j0 % src.block_size;
+  for (int64_t j = 0; j < n; ++j) {  // walk the block table once per tile
+    const int64_t phys = src.block_table ? src.block_table[blk] : blk;
+    const int64_t e = (phys * src.block_stride + off * src.token_stride) * es;
+    t.kp[j] = kb + e;
+    t.vp[j] = vb + e;
+    if (s8) {
+      const int64_t so = phys * src.scale_block_stride + off * src.scale_token_stride;
+      t.ksp[j] = src.k_scale + so;
+      t.vsp[j] = src.v_scale + so;
+    }
+    if (++off == src.block_size) off = 0, ++blk;
+  }
+  for (int64_t j = 0; j < n; ++j) {  // continues the walk: keys j0 + n + j
+    const bool ok = j0 + n + j < src.tokens;
+    const int64_t phys = !ok ? 0 : src.block_table ? src.block_table[blk] : blk;
+    const int64_t e = (phys * src.block_stride + off * src.token_stride) * es;
+    t.kn[j] = ok ? kb + e : nullptr;
+    t.vn[j] = ok ? vb + e : nullptr;
+    if (ok && ++off == src.block_size) off = 0, ++blk;
+  }
+  const int64_t Dq = decode_q16_width(D);
+  // Scores, token-major: for each key pair, every head's rows (the pair's K rows of all heads
+  // are 2 contiguous runs of H * D elements, read once).
+  for (int64_t j = 0; j < n; j += 2) {
+    const bool two = j + 1 < n;
+    for (int64_t h = 0; h < H; ++h) {
+      const uint8_t* k0 = t.kp[j] + h * hs;
+      const uint8_t* k1 = two ? t.kp[j + 1] + h * hs : k0;
+      if (t.kn[j]) prefetch_head(t.kn[j] + h * hs, hs);
+      if (two && t.kn[j + 1]) prefetch_head(t.kn[j + 1] + h * hs, hs);
+      for_groups(g, [&]<int R>(int64_t r) {
+        const int64_t row = h * RH + r;
+        float* sp = s + (h * g + r) * Tk + j;
+        if constexpr (s8) {
+          alignas(16) float qt[4] = {};
+          for (int i = 0; i < R; ++i) qt[i] = qs[row + i];
+          const __m128 qsv = _mm_load_ps(qt);
+          if (two) dec_scores_s8<R, true>(q16 + row * Dq, qsv, D, k0, k1, t.ksp[j][h], t.ksp[j + 1][h], sp, Tk);
+          else dec_scores_s8<R, false>(q16 + row * Dq, qsv, D, k0, k1, t.ksp[j][h], 0.0f, sp, Tk);
+        } else {
+          if (two) dec_scores_f<R, L, true>(q + row * Dp, D, Dp, k0, k1, sp, Tk);
+          else dec_scores_f<R, L, false>(q + row * Dp, D, Dp, k0, k1, sp, Tk);
+        }
+      });
+    }
+  }
+  // Softmax per row; s8 multiplies the probabilities by the value scales.
+  alignas(32) float vs[kMaxTile + 8];
+  for (int64_t h = 0; h < H; ++h) {
+    if (s8) {
+      for (int64_t j = 0; j < n; ++j) vs[j] = t.vsp[j][h];
+      for (int64_t j = n; j < n + 8; ++j) vs[j] = 0.0f;
+    }
+    for (int64_t r = 0; r < g; ++r)
+      dec_softmax(s + (h * g + r) * Tk, n, s8 ? vs : nullptr, m + h * RH + r, l + h * RH + r, acc + (h * RH + r) * Dp, Dp);
+  }
+  // P.V, token-major like the scores.
+  for (int64_t j = 0; j < n; j += 2) {
+    const bool two = j + 1 < n;
+    for (int64_t h = 0; h < H; ++h) {
+      const uint8_t* v0 = t.vp[j] + h * hs;
+      const uint8_t* v1 = two ? t.vp[j + 1] + h * hs : v0;
+      if (t.vn[j]) prefetch_head(t.vn[j] + h * hs, hs);
+      if (two && t.vn[j + 1]) prefetch_head(t.vn[j + 1] + h * hs, hs);
+      for_groups(g, [&]<int R>(int64_t r) {
+        const float* wp = s + (h * g + r) * Tk + j;
+        float* ap = acc + (h * RH + r) * Dp;
+        if (two) dec_pv<R, L, true>(wp, Tk, v0, v1, D, Dp, ap);
+        else dec_pv<R, L, false>(wp, Tk, v0, v1, D, Dp, ap);
+      });
+    }
+  }
+}
+
+void decode(const float* q, const int16_t* q16, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
+            const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* /*tmp*/, float* m, float* l,
+            float* acc) {
+  switch (src.dtype) {
+    case DType::f16: decode_t<LoadF16>(q, q16, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
+    case DType::bf16: decode_t<LoadBF16>(q, q16, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
+    case DType::s8: decode_t<LoadS8>(q, q16, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
+    default: decode_t<LoadF32>(q, q16, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
+  }
+}
+
 }  // namespace
 
 const AttnKernels& attn_kernels_avx2() {
-  static const AttnKernels t{load_kv, attend};
+  static const AttnKernels t{load_kv, attend, decode};
   return t;
 }
 
