@@ -119,7 +119,7 @@ void moe_gating_topk(Context& ctx, const MoeGatingArgs& a, const TensorView& wei
       }
       // top-k by repeated selection: k * E compares, which at k = 8, E = 256 is cheaper than a
       // heap and keeps the tie rule (strictly greater wins, so the lower id stays) obvious.
-      // A NaN score is never preferred, and the k picks are always distinct allowed experts.
+      // Whatever the scores (NaN included), the k picks are distinct allowed experts.
       float* w = weights.mutable_data<float>() + t * k;
       int32_t* ids = expert_ids.mutable_data<int32_t>() + t * k;
       for (int64_t j = 0; j < k; ++j) {
