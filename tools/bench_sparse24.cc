@@ -27,6 +27,7 @@ struct Format { const char* name; DType dt; };
 // weight of 7168 x 4096 is 17 MB).
 constexpr double kRotateBytes = 128.0 * 1024 * 1024;
 int copies_for(double bytes) { return std::max(1, static_cast<int>(std::ceil(kRotateBytes / bytes))); }
+// --quick (smoke tests): one copy; its tiny weights would otherwise need thousands.
 
 std::vector<uint8_t> random_weight(DType dt, int64_t count, uint32_t seed) {
   std::mt19937 g(seed);
@@ -83,18 +84,18 @@ int bench_sparse24(const Options& o) {
       decompress_24(vv, mv, TensorView(dense.data(), f.dt, {n, k}));
       std::vector<PackedSparse24> sps;
       sps.push_back(PackedSparse24::pack(vv, mv));
-      for (int c = 1; c < copies_for(static_cast<double>(sps[0].bytes())); ++c) sps.push_back(PackedSparse24::pack(vv, mv));
+      for (int c = 1; c < (o.quick ? 1 : copies_for(static_cast<double>(sps[0].bytes()))); ++c) sps.push_back(PackedSparse24::pack(vv, mv));
       const PackedSparse24& sp = sps[0];
       std::vector<PackedWeight> pws;
       std::vector<std::vector<float>> dense32;
       if (!o.no_peers) {
-        for (int c = 0; c < copies_for(static_cast<double>(n * k * es)); ++c)
+        for (int c = 0; c < (o.quick ? 1 : copies_for(static_cast<double>(n * k * es))); ++c)
           pws.push_back(PackedWeight::pack(TensorView(dense.data(), f.dt, {1, n, k}), true, ctx.isa()));
         if (!quant) {
           dense32.emplace_back(n * k);
           for (int64_t i = 0; i < n * k; ++i)
             dense32[0][i] = f.dt == DType::f16 ? f16_to_f32(reinterpret_cast<uint16_t*>(dense.data())[i]) : reinterpret_cast<float*>(dense.data())[i];
-          for (int c = 1; c < copies_for(4.0 * n * k); ++c) dense32.push_back(dense32[0]);
+          for (int c = 1; c < (o.quick ? 1 : copies_for(4.0 * n * k)); ++c) dense32.push_back(dense32[0]);
         }
       }
       dense = {};
