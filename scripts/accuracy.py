@@ -58,21 +58,11 @@ def metrics(w_hat, w, y, y_ref):
 
 
 def sparse24_row(w32, x, y_ref):
-    """2:4 pruning through the colleague's operators, if this build has them (SPEC section 6)."""
-    if not hasattr(ops, "prune_24"):
-        return None
-    try:
-        values, meta = ops.prune_24(w32)[:2]
-        if hasattr(ops, "decompress_24"):
-            w_hat = np.asarray(ops.decompress_24(values, meta), np.float64)
-        else:
-            w_hat = None
-        y = np.asarray(ops.sparse24_matmul(x, values, meta), np.float64)
-        if w_hat is None:
-            w_hat = w32.astype(np.float64)  # weight error not available without decompress_24
-        return metrics(w_hat, w32.astype(np.float64), y, y_ref)
-    except Exception as e:  # the API on the other branch may differ; report it, do not guess
-        return str(e)
+    """2:4 pruning (SPEC section 6): prune_24 keeps the two largest magnitudes of every group of 4."""
+    values, meta = ops.prune_24(w32)
+    w_hat = np.asarray(ops.decompress_24(values, meta), np.float64)
+    y = np.asarray(ops.sparse24_matmul(x, values, meta), np.float64)
+    return metrics(w_hat, w32.astype(np.float64), y, y_ref)
 
 
 def main():
@@ -108,15 +98,9 @@ def main():
             werr, oerr, cos, wcos = metrics(w_hat, w32.astype(np.float64), y, y_ref)
             bpw = bits + 32.0 * (1 if sym else 2) / (gs or K)
             lines.append(f"| {name} | {bpw:.2f} | {werr:.3e} | {oerr:.3e} | {cos:.6f} | {wcos:.6f} |")
-        # ---- 2:4 pruned (SPEC section 6; built on another branch) ------------------------------
-        r = sparse24_row(w32, x, y_ref)
-        if r is None:
-            lines.append("| 2:4 pruned (f32 values) | - | *not in this build: filled in when `qllm.ops.prune_24` exists* | | | |")
-        elif isinstance(r, str):
-            lines.append(f"| 2:4 pruned (f32 values) | - | *prune_24 present but failed: {r}* | | | |")
-        else:
-            werr, oerr, cos, wcos = r
-            lines.append(f"| 2:4 pruned (f32 values) | 17 (16 + 1 meta) | {werr:.3e} | {oerr:.3e} | {cos:.6f} | {wcos:.6f} |")
+        # ---- 2:4 pruned (SPEC section 6) ----------------------------------------------------------
+        werr, oerr, cos, wcos = sparse24_row(w32, x, y_ref)
+        lines.append(f"| 2:4 pruned (f32 values) | 17 (16 + 1 meta) | {werr:.3e} | {oerr:.3e} | {cos:.6f} | {wcos:.6f} |")
         lines.append("")
     lines += [
         "Notes: bits / weight counts the f32 scale (and offset) per group; 2:4 keeps half the values",

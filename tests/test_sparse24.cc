@@ -239,6 +239,40 @@ TEST(Sparse24, IsasAgreeBitwise) {
     }
 }
 
+// The s8 path's schedule: rows in slabs of x-pair tables (k = 7168: 120 rows a slab, so m = 130
+// is two slabs, the second a partial row block), super-panels of 32 channels (n = 70: two full,
+// one of 6), a super-panel pair and a single one per work item; every ISA must give the exact
+// s64 dot products.
+TEST(Sparse24, Int8SlabsAndPanelsExact) {
+  const int64_t m = 130, k = 7168, n = 70;
+  const Compressed c = prune(DType::s8, n, k, make_weight(DType::s8, n, k, 3));
+  auto x = make_x(DType::s8, m, k, 4);
+  for (int64_t kk = 0; kk < k; ++kk) reinterpret_cast<int8_t*>(x.data())[(m - 1) * k + kk] = -128;
+  const PackedSparse24 pk = PackedSparse24::pack(TensorView(c.values.data(), DType::s8, {n, k / 2}),
+                                                 TensorView(c.meta.data(), DType::u8, {n, sparse24_meta_cols(k)}));
+  std::vector<int32_t> want(m * n);
+  const int8_t* xs = reinterpret_cast<const int8_t*>(x.data());
+  const int8_t* ws = reinterpret_cast<const int8_t*>(c.dense.data());
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t col = 0; col < n; ++col) {
+      int64_t s = 0;
+      for (int64_t kk = 0; kk < k; ++kk) s += static_cast<int64_t>(ws[col * k + kk]) * xs[r * k + kk];
+      want[r * n + col] = static_cast<int32_t>(s);
+    }
+  Sparse24MatmulArgs a;
+  a.x = TensorView(x.data(), DType::s8, {m, k});
+  a.packed = &pk;
+  std::vector<Isa> isas = test::fast_isas();
+  isas.push_back(Isa::ref);
+  for (Isa isa : isas)
+    for (int64_t rows : {m, int64_t{1}}) {
+      std::vector<int32_t> got(rows * n, 0x7eadbeef);
+      a.x = TensorView(x.data() + (m - rows) * k, DType::s8, {rows, k});
+      sparse24_matmul(context(isa), a, TensorView(got.data(), DType::s32, {rows, n}), {DType::s32});
+      EXPECT_TRUE(std::equal(got.begin(), got.end(), want.begin() + (m - rows) * n)) << isa_name(isa) << " m " << rows;
+    }
+}
+
 TEST(Sparse24, RejectsBadInput) {
   Context& ctx = test::default_context();
   const int64_t n = 4, k = 16;

@@ -22,6 +22,12 @@ struct Options {
   std::vector<int64_t> tokens;  // moe-layer: tokens per call to run (empty: the standard list)
   bool no_peers = false;  // skip the comparison runs (for quick tuning)
   std::string mode;       // attention: run only the cases of this mode (prefill | decode); empty: all
+  std::vector<std::string> formats;  // wq-gemm, sparse24: case.format values to run (empty: all)
+  bool wants_format(const std::string& f) const {
+    for (const auto& x : formats)
+      if (x == f) return true;
+    return formats.empty();
+  }
 };
 
 // This machine's limits, measured in the same run (bench peak).

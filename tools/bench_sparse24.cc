@@ -2,6 +2,7 @@
 // qllm's own dense kernels of the same value dtype on the decompressed weight (grouped_matmul with
 // G = 1: the float GEMM for f32/f16, W8A8 for s8) and against OpenBLAS sgemm/sgemv (float cases,
 // f32 dense weight; linked into the CLI only), all in the same run with the machine's limits.
+// Every format rotates over >= 128 MiB of weight copies, so that small m streams from DRAM.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -20,6 +21,13 @@ namespace qllm::bench {
 namespace {
 
 struct Format { const char* name; DType dt; };
+
+// Each timed call reads the next of several copies of its weight (>= 128 MiB in all, as in bench
+// wq-gemm), so that m <= 16 streams the weight from DRAM and not from the 32 MiB L3 (an s8 2:4
+// weight of 7168 x 4096 is 17 MB).
+constexpr double kRotateBytes = 128.0 * 1024 * 1024;
+int copies_for(double bytes) { return std::max(1, static_cast<int>(std::ceil(kRotateBytes / bytes))); }
+// --quick (smoke tests): one copy; its tiny weights would otherwise need thousands.
 
 std::vector<uint8_t> random_weight(DType dt, int64_t count, uint32_t seed) {
   std::mt19937 g(seed);
@@ -55,6 +63,7 @@ int bench_sparse24(const Options& o) {
   const int64_t max_m = *std::max_element(ms.begin(), ms.end());
   for (int64_t k : ks) {
     for (const Format f : {Format{"s24_f32", DType::f32}, Format{"s24_f16", DType::f16}, Format{"s24_s8", DType::s8}}) {
+      if (!o.wants_format(f.name)) continue;
       const bool quant = f.dt == DType::s8;
       const int64_t es = dtype_size(f.dt);
       // Weight: Gaussian, pruned 2:4; the dense peers get the decompressed (pruned) weight.
@@ -63,13 +72,21 @@ int bench_sparse24(const Options& o) {
       const TensorView vv(vals.data(), f.dt, {n, k / 2}), mv(meta.data(), DType::u8, {n, sparse24_meta_cols(k)});
       prune_24(TensorView(dense.data(), f.dt, {n, k}), vv, mv);
       decompress_24(vv, mv, TensorView(dense.data(), f.dt, {n, k}));
-      const PackedSparse24 sp = PackedSparse24::pack(vv, mv);
-      const PackedWeight pw = PackedWeight::pack(TensorView(dense.data(), f.dt, {1, n, k}), true, ctx.isa());
-      std::vector<float> dense32;
-      if (!quant && !o.no_peers) {
-        dense32.resize(n * k);
-        for (int64_t i = 0; i < n * k; ++i)
-          dense32[i] = f.dt == DType::f16 ? f16_to_f32(reinterpret_cast<uint16_t*>(dense.data())[i]) : reinterpret_cast<float*>(dense.data())[i];
+      std::vector<PackedSparse24> sps;
+      sps.push_back(PackedSparse24::pack(vv, mv));
+      for (int c = 1; c < (o.quick ? 1 : copies_for(static_cast<double>(sps[0].bytes()))); ++c) sps.push_back(PackedSparse24::pack(vv, mv));
+      const PackedSparse24& sp = sps[0];
+      std::vector<PackedWeight> pws;
+      std::vector<std::vector<float>> dense32;
+      if (!o.no_peers) {
+        for (int c = 0; c < (o.quick ? 1 : copies_for(static_cast<double>(n * k * es))); ++c)
+          pws.push_back(PackedWeight::pack(TensorView(dense.data(), f.dt, {1, n, k}), true, ctx.isa()));
+        if (!quant) {
+          dense32.emplace_back(n * k);
+          for (int64_t i = 0; i < n * k; ++i)
+            dense32[0][i] = f.dt == DType::f16 ? f16_to_f32(reinterpret_cast<uint16_t*>(dense.data())[i]) : reinterpret_cast<float*>(dense.data())[i];
+          for (int c = 1; c < (o.quick ? 1 : copies_for(4.0 * n * k)); ++c) dense32.push_back(dense32[0]);
+        }
       }
       dense = {};
       dense.shrink_to_fit();
@@ -98,14 +115,18 @@ int bench_sparse24(const Options& o) {
         const TensorView yv(y.data(), odt, {m, n});
         const bool memory_bound = m <= 4;
         const double dram_now = memory_bound ? measure_dram(ctx.threads(), o.quick ? 1 : 3) : peak.dram_gbps;
-        const double t = median_seconds(o, [&] { sparse24_matmul(ctx, a, yv, {odt}); });
+        size_t it = 0;
+        const double t = median_seconds(o, [&] {
+          a.packed = &sps[it++ % sps.size()];
+          sparse24_matmul(ctx, a, yv, {odt});
+        });
 
         double t_dense = 0, t_blas = 0;
         if (!o.no_peers) {
           std::vector<int64_t> gl = {m};
           GroupedMatmulArgs g;
           g.x = a.x;
-          g.packed_w = &pw;
+          size_t it2 = 0;
           g.group_list = TensorView(gl.data(), DType::s64, {1});
           if (quant) {
             g.scale = TensorView(scale.data(), DType::f32, {1, n});
@@ -113,14 +134,18 @@ int bench_sparse24(const Options& o) {
           }
           GroupedMatmulParams gp;
           gp.out_dtype = odt;
-          t_dense = median_seconds(o, [&] { grouped_matmul(ctx, g, TensorView(y2.data(), odt, {m, n}), gp); });
+          t_dense = median_seconds(o, [&] {
+            g.packed_w = &pws[it2++ % pws.size()];
+            grouped_matmul(ctx, g, TensorView(y2.data(), odt, {m, n}), gp);
+          });
 #if QLLM_HAVE_OPENBLAS
           if (!quant) {
             // y[m, n] = x[m, k] @ W[n, k]^T in f32 (OpenBLAS has no f16 GEMM: the f16 case runs it on
             // the same weight widened to f32, i.e. twice the bytes).
             t_blas = median_seconds(o, [&] {
-              if (m == 1) cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, dense32.data(), k, x32.data(), 1, 0.0f, y2.data(), 1);
-              else cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x32.data(), k, dense32.data(), k, 0.0f, y2.data(), n);
+              const float* w32 = dense32[it2++ % dense32.size()].data();
+              if (m == 1) cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, w32, k, x32.data(), 1, 0.0f, y2.data(), 1);
+              else cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x32.data(), k, w32, k, 0.0f, y2.data(), n);
             });
           }
 #endif

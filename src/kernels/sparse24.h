@@ -3,15 +3,13 @@
 //
 // Packed layout (PackedSparse24): output channels in pairs (A = 2p, B = 2p + 1; B is zero when n
 // is odd). k is padded with all-zero groups to a multiple of 16, giving KB (even) blocks of 8.
+// (This pair layout is the float one; s8 weights use the super-panel layout further down.)
 // A pair's block is pair_bytes long: values [KB][8] (dtype) then meta [KB] u16
 // (low byte: A's meta byte for the block's two groups g0 = 2kb, g1 = 2kb + 1; high byte: B's).
-// The 8 values of block kb are ordered for the kernel's gather:
-//   float (vpermilps on x[8kb, 8kb+8), one group per 128-bit lane):
+// The 8 values of block kb are ordered for the kernel's gather (vpermilps on x[8kb, 8kb+8), one
+// group per 128-bit lane):
 //     A.g0.v0 A.g0.v1 B.g0.v0 B.g0.v1 | A.g1.v0 A.g1.v1 B.g1.v0 B.g1.v1
-//   s8    (vpshufb on x as s16, one block per 128-bit lane, then vpmaddwd on pairs):
-//     A.g0.v0 A.g0.v1 A.g1.v0 A.g1.v1 | B.g0.v0 B.g0.v1 B.g1.v0 B.g1.v1
-// Both give 8 accumulator lanes per (row, pair) in which lanes {0, 1, 4, 5} belong to A and
-// {2, 3, 6, 7} to B (s8: a ymm spans two blocks, each 128-bit half A, A, B, B).
+// which gives 8 accumulator lanes per (row, pair): lanes {0, 1, 4, 5} belong to A, {2, 3, 6, 7} to B.
 #pragma once
 
 #include <cstdint>
@@ -34,16 +32,51 @@ struct S24Panels {
 
 // acc[r * ld_acc + (p - p0) * 8 + lane] += the lanes' products over blocks [kb0, kb1) (even
 // bounds), for rows [0, rows) and pairs [p0, p1). Float: x rows of f32, ldx apart, zero past k;
-// each lane accumulates its terms in block order with one FMA each. s8: x rows as s16, exact.
+// each lane accumulates its terms in block order with one FMA each.
 using S24FloatFn = void (*)(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0,
                             int64_t p1, int64_t kb0, int64_t kb1, float* acc, int64_t ld_acc);
-using S24Int8Fn = void (*)(const int16_t* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0,
-                           int64_t p1, int64_t kb0, int64_t kb1, int32_t* acc, int64_t ld_acc);
+
+// ---- s8 (W8A8) layout: super-panels of 32 channels and an x pair table -------------------------
+// The s8 kernel gathers from a per-call table of x pairs instead of from x itself: for every row
+// and group g of 4, tab[g][t] (8 s32) = u16(x[4g + i0]) | x[4g + i1] << 16 for the six position
+// pairs t = (0,1) (0,2) (0,3) (1,2) (1,3) (2,3) (entries 6, 7 = 0). The weight stores, per channel
+// and group, its pair's code t (3 bits) and its two values; one vpermd of the group's table with
+// the codes of 8 channels as indices then yields 8 ready s16 pairs for one vpmaddwd, so a group of
+// 8 channels costs broadcast + vpsrlvd + vpermd + vpmovsxbw + vpmaddwd + vpaddd (the old
+// vpshufb-control layout spent ~13 uops per channel pair and block building its control).
+// Packed (PackedSparse24, s8): channels in super-panels of 32 (n padded with zero channels), k in
+// blocks of 16 groups (64 deep, padded with zero groups). One block of one super-panel is
+// kS8BlockBytes = 1216 bytes (19 cache lines):
+//   values [16 groups][4 sub-panels][8 channels][2] s8   (1024 bytes)
+//   codes  [16 groups][4 sub-panels] 24-bit little endian, channel c's code in bits 3c..3c+2
+// so one pass reads 1 value byte + 1.5 bits per kept value. The kernels read a code word with a
+// 4-byte load, one byte past it (the buffer is padded by kS8TailPad bytes).
+constexpr int kS8Channels = 32;
+constexpr int kS8BlockGroups = 16;
+constexpr int64_t kS8BlockBytes = kS8BlockGroups * (kS8Channels * 2 + 12);
+constexpr int64_t kS8TailPad = 64;
+// Code of the position pair i0 < i1 (index into a group's x-pair table).
+constexpr int s24_pair_code(int i0, int i1) { return i0 == 0 ? i1 - 1 : i0 == 1 ? i1 + 1 : 5; }
+
+struct S24S8Panels {
+  const uint8_t* data = nullptr;
+  int64_t kblocks = 0;      // blocks of 16 groups
+  int64_t panel_bytes = 0;  // kblocks * kS8BlockBytes: one super-panel
+  const uint8_t* block(int64_t sp, int64_t b) const { return data + sp * panel_bytes + b * kS8BlockBytes; }
+};
+
+// One row of s8 x [k] (k a multiple of 4) -> tab [groups_pad][8] s32 (groups past k/4 zero).
+using S24XTableFn = void (*)(const int8_t* x, int64_t k, int64_t groups_pad, int32_t* tab);
+// acc[r * ld_acc + (sp - sp0) * 32 + c] += channel c's exact dot products over blocks [b0, b1),
+// for rows [0, rows) (tables ldt s32 apart) and super-panels [sp0, sp1).
+using S24S8Fn = void (*)(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels& w, int64_t sp0,
+                         int64_t sp1, int64_t b0, int64_t b1, int32_t* acc, int64_t ld_acc);
 
 struct Sparse24Kernels {
   Isa isa;
   S24FloatFn float_mm;
-  S24Int8Fn int8_mm;
+  S24XTableFn s8_xtable;
+  S24S8Fn s8_mm;
 };
 
 const Sparse24Kernels& sparse24_kernels(Isa isa);
@@ -51,14 +84,16 @@ const Sparse24Kernels& sparse24_kernels(Isa isa);
 namespace ref {
 void s24_float_mm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0, int64_t p1,
                   int64_t kb0, int64_t kb1, float* acc, int64_t ld_acc);
-void s24_int8_mm(const int16_t* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0, int64_t p1,
-                 int64_t kb0, int64_t kb1, int32_t* acc, int64_t ld_acc);
+void s24_s8_xtable(const int8_t* x, int64_t k, int64_t groups_pad, int32_t* tab);
+void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels& w, int64_t sp0, int64_t sp1,
+               int64_t b0, int64_t b1, int32_t* acc, int64_t ld_acc);
 }  // namespace ref
 namespace avx2 {
 void s24_float_mm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0, int64_t p1,
                   int64_t kb0, int64_t kb1, float* acc, int64_t ld_acc);
-void s24_int8_mm(const int16_t* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0, int64_t p1,
-                 int64_t kb0, int64_t kb1, int32_t* acc, int64_t ld_acc);
+void s24_s8_xtable(const int8_t* x, int64_t k, int64_t groups_pad, int32_t* tab);
+void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels& w, int64_t sp0, int64_t sp1,
+               int64_t b0, int64_t b1, int32_t* acc, int64_t ld_acc);
 }  // namespace avx2
 
 }  // namespace qllm::kernels

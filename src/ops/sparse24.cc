@@ -165,16 +165,20 @@ void decompress_24(const TensorView& values, const TensorView& meta, const Tenso
 
 namespace {
 
-// Blocks of 8 along k, padded to an even count: the AVX2 kernels read the u16 positions of two
-// blocks with one 32-bit broadcast, and the s8 kernel covers two blocks per 256-bit register.
+// Blocks of 8 along k, padded to an even count: the AVX2 float kernel reads the u16 positions of
+// two blocks with one 32-bit broadcast.
 int64_t packed_kb(int64_t k) { return (k + 15) / 16 * 2; }
+// s8: blocks of 16 groups (64 along k), kernels/sparse24.h.
+int64_t s8_kb(int64_t k) { return (k + 63) / 64; }
 
-int64_t pair_bytes_for(DType dt, int64_t k) {
+int64_t panel_bytes_for(DType dt, int64_t k) {
+  if (dt == DType::s8) return s8_kb(k) * kernels::kS8BlockBytes;
   const int64_t kb = packed_kb(k);
   return static_cast<int64_t>(align_up(static_cast<size_t>(kb * 8 * dtype_size(dt) + kb * 2)));
 }
+int64_t panels_for(DType dt, int64_t n) { return dt == DType::s8 ? (n + 31) / 32 : (n + 1) / 2; }
 
-// Packs pairs [p0, p1) of a validated compressed weight.
+// Packs pairs [p0, p1) of a validated compressed float weight.
 void pack_pairs(const TensorView& values, const TensorView& meta, uint8_t* out, int64_t pair_bytes,
                 int64_t p0, int64_t p1) {
   const DType dt = values.dtype();
@@ -182,7 +186,6 @@ void pack_pairs(const TensorView& values, const TensorView& meta, uint8_t* out, 
   const int64_t es = dtype_size(dt), kb = packed_kb(k);
   const uint8_t* v = values.data<uint8_t>();
   const uint8_t* m = meta.data<uint8_t>();
-  const bool s8 = dt == DType::s8;
   for (int64_t p = p0; p < p1; ++p) {
     uint8_t* pv = out + p * pair_bytes;
     uint16_t* pm = reinterpret_cast<uint16_t*>(pv + kb * 8 * es);
@@ -197,10 +200,8 @@ void pack_pairs(const TensorView& values, const TensorView& meta, uint8_t* out, 
           int nib = 0x4;
           if (col < n && g < groups) {
             nib = (m[col * mc + g / 2] >> (4 * (g % 2))) & 0xf;
-            for (int s = 0; s < 2; ++s) {
-              const int lane = s8 ? 4 * c + 2 * h + s : 4 * h + 2 * c + s;
-              std::memcpy(pv + (b * 8 + lane) * es, v + (col * (k / 2) + 2 * g + s) * es, es);
-            }
+            for (int s = 0; s < 2; ++s)
+              std::memcpy(pv + (b * 8 + 4 * h + 2 * c + s) * es, v + (col * (k / 2) + 2 * g + s) * es, es);
           }
           word = static_cast<uint16_t>(word | (nib << (8 * c + 4 * h)));
         }
@@ -210,10 +211,49 @@ void pack_pairs(const TensorView& values, const TensorView& meta, uint8_t* out, 
   }
 }
 
+// Packs super-panels [s0, s1) of a validated compressed s8 weight (kernels/sparse24.h). Missing
+// channels and padding groups keep zero values and code 0.
+void pack_s8_panels(const TensorView& values, const TensorView& meta, uint8_t* out, int64_t panel_bytes,
+                    int64_t s0, int64_t s1) {
+  using namespace kernels;
+  const int64_t n = values.dim(0), k = 2 * values.dim(1), groups = k / 4, mc = sparse24_meta_cols(k);
+  const uint8_t* v = values.data<uint8_t>();
+  const uint8_t* m = meta.data<uint8_t>();
+  for (int64_t sp = s0; sp < s1; ++sp) {
+    uint8_t* pan = out + sp * panel_bytes;
+    std::memset(pan, 0, static_cast<size_t>(panel_bytes));
+    for (int ch = 0; ch < kS8Channels; ++ch) {
+      const int64_t col = sp * kS8Channels + ch;
+      if (col >= n) break;
+      const int j = ch / 8, c = ch % 8;
+      for (int64_t g = 0; g < groups; ++g) {
+        uint8_t* blk = pan + (g / kS8BlockGroups) * kS8BlockBytes;
+        const int64_t gi = g % kS8BlockGroups;
+        const int nib = (m[col * mc + g / 2] >> (4 * (g % 2))) & 0xf;
+        std::memcpy(blk + gi * kS8Channels * 2 + ch * 2, v + col * (k / 2) + 2 * g, 2);
+        uint8_t* cw = blk + kS8BlockGroups * kS8Channels * 2 + gi * 12 + j * 3;
+        uint32_t word = cw[0] | (cw[1] << 8) | (cw[2] << 16);
+        word |= static_cast<uint32_t>(s24_pair_code(nib & 3, nib >> 2)) << (3 * c);
+        cw[0] = static_cast<uint8_t>(word);
+        cw[1] = static_cast<uint8_t>(word >> 8);
+        cw[2] = static_cast<uint8_t>(word >> 16);
+      }
+    }
+  }
+}
+
+void pack_panels(const TensorView& values, const TensorView& meta, uint8_t* out, int64_t panel_bytes, int64_t p0,
+                 int64_t p1) {
+  if (values.dtype() == DType::s8) pack_s8_panels(values, meta, out, panel_bytes, p0, p1);
+  else pack_pairs(values, meta, out, panel_bytes, p0, p1);
+}
+
 }  // namespace
 
 size_t PackedSparse24::packed_bytes(DType dtype, int64_t n, int64_t k) {
-  return static_cast<size_t>(pair_bytes_for(dtype, k) * ((n + 1) / 2));
+  // s8: the kernels read each 3-byte code word with a 4-byte load, up to one byte past the end.
+  return static_cast<size_t>(panel_bytes_for(dtype, k) * panels_for(dtype, n)) +
+         (dtype == DType::s8 ? static_cast<size_t>(kernels::kS8TailPad) : 0);
 }
 
 size_t PackedSparse24::compressed_bytes() const {
@@ -224,10 +264,11 @@ void PackedSparse24::init(const TensorView& values, const TensorView& meta, uint
   dtype_ = values.dtype();
   n_ = values.dim(0);
   k_ = 2 * values.dim(1);
-  kb_ = packed_kb(k_);
-  pair_bytes_ = pair_bytes_for(dtype_, k_);
+  kb_ = dtype_ == DType::s8 ? s8_kb(k_) : packed_kb(k_);
+  panel_bytes_ = panel_bytes_for(dtype_, k_);
   data_ = memory;
-  pack_pairs(values, meta, memory, pair_bytes_, 0, pairs());
+  pack_panels(values, meta, memory, panel_bytes_, 0, panels());
+  if (dtype_ == DType::s8) std::memset(memory + bytes(), 0, static_cast<size_t>(kernels::kS8TailPad));
 }
 
 PackedSparse24 PackedSparse24::pack(const TensorView& values, const TensorView& meta, const char* op) {
@@ -248,15 +289,15 @@ PackedSparse24 PackedSparse24::pack_into(const TensorView& values, const TensorV
 }
 
 namespace detail {
-// Wraps memory that pack_pairs() filled for an already validated weight.
+// Wraps memory that pack_panels() filled for an already validated weight.
 struct PackedSparse24Access {
   static PackedSparse24 wrap(DType dt, int64_t n, int64_t k, const uint8_t* mem) {
     PackedSparse24 p;
     p.dtype_ = dt;
     p.n_ = n;
     p.k_ = k;
-    p.kb_ = packed_kb(k);
-    p.pair_bytes_ = pair_bytes_for(dt, k);
+    p.kb_ = dt == DType::s8 ? s8_kb(k) : packed_kb(k);
+    p.panel_bytes_ = panel_bytes_for(dt, k);
     p.data_ = mem;
     return p;
   }
@@ -352,17 +393,132 @@ void store(DType dt, void* y, int64_t i, float v) {
   }
 }
 
+// s8 path: rows are processed in slabs whose x pair tables (32 bytes per group and row, 8x the
+// s8 x) take at most ~8 MB, and never fewer than one row block.
+constexpr int64_t kS8TableBudget = int64_t{8} << 20;
+constexpr int64_t kS8PanelBlock = 2;  // super-panels per work item: 64 channels
+constexpr int64_t kS8ChunkKb = 8;     // blocks of 64 per k chunk when rows > 1: 512 deep, 9.7 KB per super-panel
+
+// s32 per row of table: the groups plus one cache line, so that the rows of a 4-row tile (whose
+// table rows would otherwise be a multiple of 4 KB apart) do not all map to the same L1 sets.
+int64_t s8_table_ld(int64_t k) { return s8_kb(k) * kernels::kS8BlockGroups * 8 + 16; }
+
+int64_t s8_slab_rows(int64_t m, int64_t k) {
+  const int64_t rb = row_block(m);
+  const int64_t fit = kS8TableBudget / (s8_table_ld(k) * 4) / rb * rb;
+  return std::min(m, std::max(rb, fit));
+}
+
 }  // namespace
 
 size_t sparse24_matmul_workspace_size(const Context& ctx, const Sparse24MatmulArgs& a, const Sparse24MatmulParams& p) {
   const Plan pl = validate(a, p);
   WorkspacePlan w;
   if (!pl.packed) w.add<uint8_t>(PackedSparse24::packed_bytes(pl.wdt, pl.n, pl.k));
-  if (pl.quant) w.add<int16_t>(pl.m * pl.kb * 8);
-  else w.add<float>(pl.m * pl.kb * 8);
-  w.add<float>(ctx.threads() * row_block(pl.m) * kPairBlock * 8);  // accumulator tiles (f32 or s32)
+  if (pl.quant) {
+    w.add<int32_t>(std::max<int64_t>(s8_slab_rows(pl.m, pl.k), 1) * s8_table_ld(pl.k));
+    w.add<int32_t>(ctx.threads() * row_block(pl.m) * kS8PanelBlock * kernels::kS8Channels);
+  } else {
+    w.add<float>(pl.m * pl.kb * 8);
+    w.add<float>(ctx.threads() * row_block(pl.m) * kPairBlock * 8);  // accumulator tiles
+  }
   return w.bytes();
 }
+
+namespace {
+
+void run_float(Context& ctx, const Plan& pl, const Sparse24MatmulArgs& a, const PackedSparse24& pw, void* yout,
+               DType odt, Workspace& ws) {
+  const kernels::KernelTable& kt = ctx.kernels();
+  const kernels::Sparse24Kernels& sk = kernels::sparse24_kernels(ctx.isa());
+  ThreadPool& pool = ctx.pool();
+  const int64_t ldx = pl.kb * 8;
+  float* xw = ws.alloc<float>(pl.m * ldx, kOp);
+  const int64_t rb = row_block(pl.m);
+  float* tiles = ws.alloc<float>(ctx.threads() * rb * kPairBlock * 8, kOp);
+
+  // Activations once: float -> f32 (zero padded).
+  pool.parallel_for(pl.m, 16, [&](int64_t b, int64_t e, int) {
+    for (int64_t r = b; r < e; ++r) {
+      float* xr = xw + r * ldx;
+      kt.to_f32(a.x.data<uint8_t>() + r * pl.k * dtype_size(pl.xdt), pl.xdt, pl.k, xr);
+      std::fill(xr + pl.k, xr + ldx, 0.0f);
+    }
+  });
+
+  const kernels::S24Panels panels{pw.data(), pw.dtype(), pw.kblocks(), pw.panel_bytes()};
+  const int64_t pairs = pw.panels();
+  const int64_t rblocks = ceil_div(pl.m, rb), pblocks = ceil_div(pairs, kPairBlock);
+  pool.parallel_for(rblocks * pblocks, 1, [&](int64_t b, int64_t e, int tid) {
+    for (int64_t it = b; it < e; ++it) {
+      const int64_t r0 = (it / pblocks) * rb, rows = std::min(rb, pl.m - r0);
+      const int64_t p0 = (it % pblocks) * kPairBlock, p1 = std::min(pairs, p0 + kPairBlock);
+      const int64_t ld = (p1 - p0) * 8;
+      float* ftile = tiles + static_cast<int64_t>(tid) * rb * kPairBlock * 8;
+      std::memset(ftile, 0, static_cast<size_t>(rows * ld) * sizeof(float));
+      for (int64_t k0 = 0; k0 < pl.kb; k0 += kChunkKb)
+        sk.float_mm(xw + r0 * ldx, ldx, rows, panels, p0, p1, k0, std::min(pl.kb, k0 + kChunkKb), ftile, ld);
+      // Lanes {0, 1, 4, 5} hold channel 2p's partial sums, {2, 3, 6, 7} channel 2p + 1's
+      // (kernels/sparse24.h); both ISAs share this reduction, so their outputs agree to the bit.
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t pp = p0; pp < p1; ++pp)
+          for (int c = 0; c < 2; ++c) {
+            const int64_t col = 2 * pp + c;
+            if (col >= pl.n) break;
+            const int64_t li = r * ld + (pp - p0) * 8 + 2 * c;
+            store(odt, yout, (r0 + r) * pl.n + col, (ftile[li] + ftile[li + 1]) + (ftile[li + 4] + ftile[li + 5]));
+          }
+    }
+  });
+}
+
+void run_s8(Context& ctx, const Plan& pl, const Sparse24MatmulArgs& a, const PackedSparse24& pw, void* yout, DType odt,
+            Workspace& ws) {
+  const kernels::Sparse24Kernels& sk = kernels::sparse24_kernels(ctx.isa());
+  ThreadPool& pool = ctx.pool();
+  const int64_t ldt = s8_table_ld(pl.k), slab = s8_slab_rows(pl.m, pl.k), rb = row_block(pl.m);
+  int32_t* tab = ws.alloc<int32_t>(slab * ldt, kOp);
+  constexpr int64_t kTile = kS8PanelBlock * kernels::kS8Channels;
+  int32_t* tiles = ws.alloc<int32_t>(ctx.threads() * rb * kTile, kOp);
+  const kernels::S24S8Panels panels{pw.data(), pw.kblocks(), pw.panel_bytes()};
+  const int64_t nsp = pw.panels(), spblocks = ceil_div(nsp, kS8PanelBlock), kb = pw.kblocks();
+  const float* scale = a.scale.present() ? a.scale.data<float>() : nullptr;
+  const float* pts = a.per_token_scale.present() ? a.per_token_scale.data<float>() : nullptr;
+  const int8_t* x = a.x.data<int8_t>();
+
+  for (int64_t s0 = 0; s0 < pl.m; s0 += slab) {
+    const int64_t srows = std::min(slab, pl.m - s0);
+    pool.parallel_for(srows, 4, [&](int64_t b, int64_t e, int) {
+      for (int64_t r = b; r < e; ++r) sk.s8_xtable(x + (s0 + r) * pl.k, pl.k, kb * kernels::kS8BlockGroups, tab + r * ldt);
+    });
+    const int64_t rblocks = ceil_div(srows, rb);
+    pool.parallel_for(rblocks * spblocks, 1, [&](int64_t b, int64_t e, int tid) {
+      for (int64_t it = b; it < e; ++it) {
+        const int64_t r0 = (it / spblocks) * rb, rows = std::min(rb, srows - r0);
+        const int64_t sp0 = (it % spblocks) * kS8PanelBlock, sp1 = std::min(nsp, sp0 + kS8PanelBlock);
+        const int64_t ld = (sp1 - sp0) * kernels::kS8Channels;
+        int32_t* acc = tiles + static_cast<int64_t>(tid) * rb * kTile;
+        std::memset(acc, 0, static_cast<size_t>(rows * ld) * sizeof(int32_t));
+        // One row streams each super-panel over the whole depth; more rows take the depth in
+        // chunks so that a super-panel's chunk stays in L1 across the row tiles.
+        const int64_t chunk = rows == 1 ? kb : kS8ChunkKb;
+        for (int64_t k0 = 0; k0 < kb; k0 += chunk)
+          sk.s8_mm(tab + r0 * ldt, ldt, rows, panels, sp0, sp1, k0, std::min(kb, k0 + chunk), acc, ld);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row = s0 + r0 + r;
+          for (int64_t col = sp0 * kernels::kS8Channels; col < std::min(pl.n, sp1 * kernels::kS8Channels); ++col) {
+            const int32_t v = acc[r * ld + col - sp0 * kernels::kS8Channels];
+            const int64_t yi = row * pl.n + col;
+            if (odt == DType::s32) static_cast<int32_t*>(yout)[yi] = v;
+            else store(odt, yout, yi, (static_cast<float>(v) * scale[col]) * (pts ? pts[row] : 1.0f));
+          }
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
 
 void sparse24_matmul(Context& ctx, const Sparse24MatmulArgs& a, const TensorView& y, const Sparse24MatmulParams& p,
                      Workspace* ws_in) {
@@ -372,81 +528,19 @@ void sparse24_matmul(Context& ctx, const Sparse24MatmulArgs& a, const TensorView
   if (pl.m == 0 || pl.n == 0) return;
   // All input is valid from here on; nothing was written before this point.
   Workspace& ws = ws_in ? *ws_in : ctx.workspace(sparse24_matmul_workspace_size(ctx, a, p));
-  const kernels::KernelTable& kt = ctx.kernels();
-  const kernels::Sparse24Kernels& sk = kernels::sparse24_kernels(ctx.isa());
-  ThreadPool& pool = ctx.pool();
-
   PackedSparse24 local;
   const PackedSparse24* pw = pl.packed;
   if (!pw) {
     uint8_t* mem = ws.alloc<uint8_t>(PackedSparse24::packed_bytes(pl.wdt, pl.n, pl.k), kOp);
-    // Validated above; pack the pairs in parallel, then wrap the memory (no second validation pass).
-    const int64_t pb = pair_bytes_for(pl.wdt, pl.k);
-    pool.parallel_for((pl.n + 1) / 2, 64, [&](int64_t b, int64_t e, int) { pack_pairs(a.values, a.meta, mem, pb, b, e); });
+    // Validated above; pack the panels in parallel, then wrap the memory (no second validation pass).
+    const int64_t pb = panel_bytes_for(pl.wdt, pl.k);
+    ctx.pool().parallel_for(panels_for(pl.wdt, pl.n), pl.quant ? 1 : 64,
+                            [&](int64_t b, int64_t e, int) { pack_panels(a.values, a.meta, mem, pb, b, e); });
     local = detail::PackedSparse24Access::wrap(pl.wdt, pl.n, pl.k, mem);
     pw = &local;
   }
-  const int64_t ldx = pl.kb * 8;
-  void* xw = pl.quant ? static_cast<void*>(ws.alloc<int16_t>(pl.m * ldx, kOp)) : static_cast<void*>(ws.alloc<float>(pl.m * ldx, kOp));
-  const int64_t rb = row_block(pl.m);
-  float* tiles = ws.alloc<float>(ctx.threads() * rb * kPairBlock * 8, kOp);
-
-  // Activations once: s8 -> s16 (zero padded), or float -> f32 (zero padded).
-  pool.parallel_for(pl.m, 16, [&](int64_t b, int64_t e, int) {
-    for (int64_t r = b; r < e; ++r) {
-      if (pl.quant) {
-        kt.s8_to_s16(a.x.data<int8_t>() + r * pl.k, pl.k, static_cast<int16_t*>(xw) + r * ldx, ldx);
-      } else {
-        float* xr = static_cast<float*>(xw) + r * ldx;
-        kt.to_f32(a.x.data<uint8_t>() + r * pl.k * dtype_size(pl.xdt), pl.xdt, pl.k, xr);
-        std::fill(xr + pl.k, xr + ldx, 0.0f);
-      }
-    }
-  });
-
-  const kernels::S24Panels panels{pw->data(), pw->dtype(), pw->kblocks(), pw->pair_bytes()};
-  const int64_t pairs = pw->pairs();
-  const int64_t rblocks = ceil_div(pl.m, rb), pblocks = ceil_div(pairs, kPairBlock);
-  const DType odt = p.out_dtype;
-  void* yout = y.mutable_data<void>();
-  const float* scale = a.scale.present() ? a.scale.data<float>() : nullptr;
-  const float* pts = a.per_token_scale.present() ? a.per_token_scale.data<float>() : nullptr;
-
-  pool.parallel_for(rblocks * pblocks, 1, [&](int64_t b, int64_t e, int tid) {
-    for (int64_t it = b; it < e; ++it) {
-      const int64_t r0 = (it / pblocks) * rb, rows = std::min(rb, pl.m - r0);
-      const int64_t p0 = (it % pblocks) * kPairBlock, p1 = std::min(pairs, p0 + kPairBlock);
-      const int64_t ld = (p1 - p0) * 8;
-      float* ftile = tiles + static_cast<int64_t>(tid) * rb * kPairBlock * 8;
-      int32_t* itile = reinterpret_cast<int32_t*>(ftile);
-      std::memset(ftile, 0, static_cast<size_t>(rows * ld) * sizeof(float));
-      for (int64_t k0 = 0; k0 < pl.kb; k0 += kChunkKb) {
-        const int64_t k1 = std::min(pl.kb, k0 + kChunkKb);
-        if (pl.quant) sk.int8_mm(static_cast<const int16_t*>(xw) + r0 * ldx, ldx, rows, panels, p0, p1, k0, k1, itile, ld);
-        else sk.float_mm(static_cast<const float*>(xw) + r0 * ldx, ldx, rows, panels, p0, p1, k0, k1, ftile, ld);
-      }
-      // Lanes {0, 1, 4, 5} hold channel 2p's partial sums, {2, 3, 6, 7} channel 2p + 1's
-      // (kernels/sparse24.h); both ISAs share this reduction, so their outputs agree to the bit.
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = r0 + r;
-        for (int64_t pp = p0; pp < p1; ++pp) {
-          for (int c = 0; c < 2; ++c) {
-            const int64_t col = 2 * pp + c;
-            if (col >= pl.n) break;
-            const int64_t li = r * ld + (pp - p0) * 8 + 2 * c;
-            const int64_t yi = row * pl.n + col;
-            if (pl.quant) {
-              const int32_t acc = (itile[li] + itile[li + 1]) + (itile[li + 4] + itile[li + 5]);
-              if (odt == DType::s32) static_cast<int32_t*>(yout)[yi] = acc;
-              else store(odt, yout, yi, (static_cast<float>(acc) * scale[col]) * (pts ? pts[row] : 1.0f));
-            } else {
-              store(odt, yout, yi, (ftile[li] + ftile[li + 1]) + (ftile[li + 4] + ftile[li + 5]));
-            }
-          }
-        }
-      }
-    }
-  });
+  if (pl.quant) run_s8(ctx, pl, a, *pw, y.mutable_data<void>(), p.out_dtype, ws);
+  else run_float(ctx, pl, a, *pw, y.mutable_data<void>(), p.out_dtype, ws);
 }
 
 }  // namespace qllm

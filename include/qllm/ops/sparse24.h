@@ -39,10 +39,13 @@ void decompress_24(const TensorView& values, const TensorView& meta, const Tenso
 
 namespace detail { struct PackedSparse24Access; }
 
-// A 2:4 weight packed for sparse24_matmul. Output channels are taken in pairs; for each pair and
-// each block of 8 along k (two groups) it stores the pair's 8 kept values (ordered for the
-// kernel's in-register gather) and 2 bytes of positions, so it reads exactly the bytes of the
-// compressed form (values + 2 bits per kept value), rounded up to whole 16-deep blocks.
+// A 2:4 weight packed for sparse24_matmul, as panels of output channels streamed along k.
+// Float values: panels are channel pairs; for each pair and each block of 8 along k (two groups)
+// it stores the pair's 8 kept values (ordered for the kernel's in-register gather) and 2 bytes of
+// positions: the bytes of the compressed form (values + 2 bits per kept value), rounded up to
+// whole 16-deep blocks. s8 values: panels are 32 channels; per group each channel stores its 2
+// values and a 3-bit code of its position pair (one of 6), i.e. 1.5 bits per kept value, in
+// blocks of 64 along k (src/kernels/sparse24.h).
 class PackedSparse24 {
  public:
   // values [n, k/2] f32/f16/bf16/s8, meta [n, ceil(k/8)] u8; k = 2 * values.dim(1).
@@ -57,11 +60,13 @@ class PackedSparse24 {
   DType dtype() const { return dtype_; }
   int64_t n() const { return n_; }
   int64_t k() const { return k_; }
-  int64_t pairs() const { return (n_ + 1) / 2; }
-  int64_t kblocks() const { return kb_; }        // padded depth / 8 (even)
-  int64_t pair_bytes() const { return pair_bytes_; }
+  // Panels: channel pairs (float) or super-panels of 32 channels (s8).
+  int64_t panels() const { return dtype_ == DType::s8 ? (n_ + 31) / 32 : (n_ + 1) / 2; }
+  int64_t kblocks() const { return kb_; }  // padded depth / 8 (float, even) or / 64 (s8)
+  int64_t panel_bytes() const { return panel_bytes_; }
   const uint8_t* data() const { return data_; }
-  size_t bytes() const { return static_cast<size_t>(pair_bytes_ * pairs()); }
+  // Bytes of the packed panels: what one pass over the weight reads.
+  size_t bytes() const { return static_cast<size_t>(panel_bytes_ * panels()); }
   // Bytes of the compressed form (values + meta), what one pass over the weight must read.
   size_t compressed_bytes() const;
 
@@ -70,7 +75,7 @@ class PackedSparse24 {
   void init(const TensorView& values, const TensorView& meta, uint8_t* memory, const char* op);
 
   DType dtype_ = DType::f32;
-  int64_t n_ = 0, k_ = 0, kb_ = 0, pair_bytes_ = 0;
+  int64_t n_ = 0, k_ = 0, kb_ = 0, panel_bytes_ = 0;
   detail::AlignedBuffer owned_;
   const uint8_t* data_ = nullptr;
 };

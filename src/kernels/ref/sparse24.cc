@@ -46,34 +46,56 @@ void s24_float_mm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w,
   }
 }
 
-void s24_int8_mm(const int16_t* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0, int64_t p1,
-                 int64_t kb0, int64_t kb1, int32_t* acc, int64_t ld_acc) {
-  for (int64_t p = p0; p < p1; ++p) {
-    const int8_t* vals = reinterpret_cast<const int8_t*>(w.values(p));
-    const uint16_t* meta = w.meta(p);
+// The six position pairs in code order (kernels/sparse24.h).
+constexpr int kPairPos[6][2] = {{0, 1}, {0, 2}, {0, 3}, {1, 2}, {1, 3}, {2, 3}};
+
+void s24_s8_xtable(const int8_t* x, int64_t k, int64_t groups_pad, int32_t* tab) {
+  for (int64_t g = 0; g < groups_pad; ++g) {
+    int32_t* t = tab + g * 8;
+    for (int e = 0; e < 8; ++e) {
+      int32_t v = 0;
+      if (e < 6 && 4 * g < k) {
+        const int32_t lo = x[4 * g + kPairPos[e][0]], hi = x[4 * g + kPairPos[e][1]];
+        v = static_cast<int32_t>(static_cast<uint32_t>(lo & 0xffff) | (static_cast<uint32_t>(hi) << 16));
+      }
+      t[e] = v;
+    }
+  }
+}
+
+void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels& w, int64_t sp0, int64_t sp1,
+               int64_t b0, int64_t b1, int32_t* acc, int64_t ld_acc) {
+  for (int64_t sp = sp0; sp < sp1; ++sp)
     for (int64_t r = 0; r < rows; ++r) {
-      int32_t* a = acc + r * ld_acc + (p - p0) * 8;
-      const int16_t* xr = x + r * ldx;
-      for (int64_t kb = kb0; kb < kb1; ++kb) {
-        // s8 order: value l = 4c + 2h + v; lane (4 * (kb % 2) + 2c + h) sums the group's two terms.
-        for (int l = 0; l < 8; ++l) {
-          const int c = l / 4, h = (l / 2) % 2, v = l % 2;
-          const int32_t xv = xr[8 * kb + 4 * h + pos(meta[kb], c, h, v)];
-          a[4 * (kb % 2) + 2 * c + h] += static_cast<int32_t>(vals[kb * 8 + l]) * xv;
+      int32_t* a = acc + r * ld_acc + (sp - sp0) * kS8Channels;
+      for (int64_t b = b0; b < b1; ++b) {
+        const uint8_t* blk = w.block(sp, b);
+        for (int gi = 0; gi < kS8BlockGroups; ++gi) {
+          const int32_t* t = tab + r * ldt + (b * kS8BlockGroups + gi) * 8;
+          for (int ch = 0; ch < kS8Channels; ++ch) {
+            const int j = ch / 8, c = ch % 8;
+            const uint8_t* cw = blk + kS8BlockGroups * kS8Channels * 2 + gi * 12 + j * 3;
+            const uint32_t word = cw[0] | (cw[1] << 8) | (cw[2] << 16);
+            const int code = (word >> (3 * c)) & 7;
+            const int8_t* v = reinterpret_cast<const int8_t*>(blk + gi * kS8Channels * 2 + ch * 2);
+            // The table entry's halves are the two kept x (s16); both products are exact in s32.
+            const int32_t e = t[code];
+            const int32_t xlo = static_cast<int16_t>(e & 0xffff), xhi = e >> 16;
+            a[ch] += v[0] * xlo + v[1] * xhi;
+          }
         }
       }
     }
-  }
 }
 
 }  // namespace ref
 
 const Sparse24Kernels& sparse24_kernels(Isa isa) {
-  static const Sparse24Kernels ref_k{Isa::ref, ref::s24_float_mm, ref::s24_int8_mm};
+  static const Sparse24Kernels ref_k{Isa::ref, ref::s24_float_mm, ref::s24_s8_xtable, ref::s24_s8_mm};
 #if QLLM_HAVE_AVX2
   // avx512 has no kernels of its own for this family: it runs the AVX2 ones.
-  static const Sparse24Kernels avx2_k{Isa::avx2, avx2::s24_float_mm, avx2::s24_int8_mm};
-  static const Sparse24Kernels avx512_k{Isa::avx512, avx2::s24_float_mm, avx2::s24_int8_mm};
+  static const Sparse24Kernels avx2_k{Isa::avx2, avx2::s24_float_mm, avx2::s24_s8_xtable, avx2::s24_s8_mm};
+  static const Sparse24Kernels avx512_k{Isa::avx512, avx2::s24_float_mm, avx2::s24_s8_xtable, avx2::s24_s8_mm};
 #endif
   switch (isa) {
     case Isa::ref: return ref_k;

@@ -12,13 +12,11 @@
 // loads, not the FMAs, set the pace), and 1 row x 8 pairs for the memory-bound matrix-vector
 // case (8 independent chains).
 //
-// s8: x is widened to s16 once; a ymm of 16 s16 spans two blocks, vpshufb (in-lane) gathers the
-// kept x of both channels with a control built from a 256-entry table indexed by the channel's
-// meta byte (4 positions -> 8 byte indices), and vpmaddwd multiplies and adds each group's pair
-// exactly in s32.
+// s8: the super-panel layout and x pair table of kernels/sparse24.h: per group and 8 channels,
+// vpermd of the group's table row by the 8 stored pair codes gives 8 ready s16 pairs for one
+// exact vpmaddwd.
 #include <immintrin.h>
 
-#include <array>
 #include <cstring>
 
 #include "kernels/sparse24.h"
@@ -107,64 +105,96 @@ void fmm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t 
                         acc + r0 * ld_acc + (p - p0) * 8, ld_acc);
 }
 
-// Meta byte of one channel for one block (positions p0, p1 of group 0, p2, p3 of group 1) ->
-// vpshufb control picking s16 elements p0, p1, 4 + p2, 4 + p3 of the block (two bytes each).
-constexpr std::array<uint64_t, 256> make_lut() {
-  std::array<uint64_t, 256> t{};
-  for (int b = 0; b < 256; ++b) {
-    const int e[4] = {b & 3, (b >> 2) & 3, 4 + ((b >> 4) & 3), 4 + ((b >> 6) & 3)};
-    uint64_t v = 0;
-    for (int i = 0; i < 4; ++i) {
-      v |= static_cast<uint64_t>(2 * e[i]) << (16 * i);
-      v |= static_cast<uint64_t>(2 * e[i] + 1) << (16 * i + 8);
-    }
-    t[b] = v;
-  }
-  return t;
-}
-alignas(64) constexpr std::array<uint64_t, 256> kLut = make_lut();
+// Software prefetch distance of the s8 kernels (bytes ahead in a super-panel's stream), issued as
+// two prefetches per 76-byte group, spread over the loop: with bursts of 19 prefetches per block,
+// or none, one stream ran at ~25 GB/s on 2 cores whatever DRAM delivered; 2 KB ahead measured
+// best (1 KB slower; 3-4 KB no better). kS8MvPanels: super-panels the matrix-vector kernel
+// streams at once (2 measured ~1.6x dense at m = 1 against ~1.4-1.6x for 1 and 4).
+constexpr int64_t kS8PrefetchBytes = 2048;
+constexpr int kS8MvPanels = 2;
 
-template <int MR, int PR>
-void itile(const int16_t* x, int64_t ldx, const S24Panels& w, int64_t p, int64_t kb0, int64_t kb1, int32_t* acc,
-           int64_t ld_acc) {
-  __m256i a[PR][MR];
-  const uint8_t* v[PR];  // as ftile: one pointer per pair, shared running offsets
-  for (int j = 0; j < PR; ++j) {
-    v[j] = w.values(p + j);
-    for (int r = 0; r < MR; ++r) a[j][r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * ld_acc + j * 8));
+// s8 tile: MR rows x NJ sub-panels (8 channels each, starting at sub-panel j0) of super-panel
+// sp. Per group and sub-panel: one 32-bit broadcast of the 8 codes + vpsrlvd puts code c in the
+// low 3 bits of lane c (vpermd reads only those), vpmovsxbw widens the 16 values, then per row
+// vpermd gathers the 8 x pairs from the group's table row, vpmaddwd + vpaddd accumulate exactly.
+// GEMM tiles use MR = 4, NJ = 2: 8 accumulators + 2 codes + 2 values + table + product = 14
+// ymm, the 4 rows sharing each widened value vector and code vector.
+template <int MR, int NJ>
+void s8tile(const int32_t* tab, int64_t ldt, const S24S8Panels& w, int64_t sp, int j0, int64_t b0, int64_t b1,
+            int32_t* acc, int64_t ld_acc) {
+  __m256i a[MR][NJ];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NJ; ++j) a[r][j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * ld_acc + j * 8));
+  const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+  constexpr int64_t kCodes = kS8BlockGroups * kS8Channels * 2;  // codes follow the block's values
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* blk = w.block(sp, b);
+    const int32_t* t = tab + b * kS8BlockGroups * 8;
+    // Prefetch the block kS8PrefetchBytes ahead (past a chunk's end too: the super-panel's next
+    // chunk is read soon after); the weights are reused by MR rows here, so a burst per block is enough.
+    for (int l = 0; l < 19; ++l) _mm_prefetch(reinterpret_cast<const char*>(blk + kS8PrefetchBytes + 64 * l), _MM_HINT_T0);
+    for (int gi = 0; gi < kS8BlockGroups; ++gi) {
+      __m256i idx[NJ], wv[NJ];
+      for (int j = 0; j < NJ; ++j) {
+        uint32_t word;
+        std::memcpy(&word, blk + kCodes + gi * 12 + (j0 + j) * 3, 4);
+        idx[j] = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(word)), shifts);
+        wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + gi * 64 + (j0 + j) * 16)));
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m256i xt = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + r * ldt + gi * 8));
+        for (int j = 0; j < NJ; ++j)
+          a[r][j] = _mm256_add_epi32(a[r][j], _mm256_madd_epi16(_mm256_permutevar8x32_epi32(xt, idx[j]), wv[j]));
+      }
+    }
   }
-  const int64_t moff = w.kb * 8;
-  for (int64_t kb = kb0; kb < kb1; kb += 2) {
-    const int64_t vo = kb * 8, mo = moff + kb * 2;
-    if constexpr (MR == 1) {
-      for (int j = 0; j < PR; ++j) _mm_prefetch(reinterpret_cast<const char*>(v[j] + vo + 1024), _MM_HINT_T0);
-    }
-    __m256i ctrl[PR], wv[PR];
-    for (int j = 0; j < PR; ++j) {
-      uint32_t mb;  // A(kb), B(kb), A(kb+1), B(kb+1)
-      std::memcpy(&mb, v[j] + mo, 4);
-      ctrl[j] = _mm256_setr_epi64x(static_cast<int64_t>(kLut[mb & 0xff]), static_cast<int64_t>(kLut[(mb >> 8) & 0xff]),
-                                   static_cast<int64_t>(kLut[(mb >> 16) & 0xff]), static_cast<int64_t>(kLut[mb >> 24]));
-      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v[j] + vo)));
-    }
-    for (int r = 0; r < MR; ++r) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * ldx + kb * 8));
-      for (int j = 0; j < PR; ++j)
-        a[j][r] = _mm256_add_epi32(a[j][r], _mm256_madd_epi16(_mm256_shuffle_epi8(xv, ctrl[j]), wv[j]));
-    }
-  }
-  for (int j = 0; j < PR; ++j)
-    for (int r = 0; r < MR; ++r) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * ld_acc + j * 8), a[j][r]);
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NJ; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * ld_acc + j * 8), a[r][j]);
 }
 
-template <int PR>
-void itile_rows(int mr, const int16_t* x, int64_t ldx, const S24Panels& w, int64_t p, int64_t kb0, int64_t kb1,
-                int32_t* acc, int64_t ld_acc) {
+// Matrix-vector: NS super-panels at once (two streams per core keep more DRAM reads in flight). Per
+// group: one table load, then per sub-panel code broadcast + vpsrlvd, vpmovsxbw, vpermd,
+// vpmaddwd, vpaddd; 4 NS accumulators.
+template <int NS>
+void s8mv(const int32_t* tab, const S24S8Panels& w, int64_t sp, int64_t b0, int64_t b1, int32_t* acc) {
+  __m256i a[NS][4];
+  for (int s = 0; s < NS; ++s)
+    for (int j = 0; j < 4; ++j) a[s][j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + s * kS8Channels + j * 8));
+  const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+  constexpr int64_t kCodes = kS8BlockGroups * kS8Channels * 2;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int32_t* t = tab + b * kS8BlockGroups * 8;
+    const uint8_t* blk[NS];
+    for (int s = 0; s < NS; ++s) blk[s] = w.block(sp + s, b);
+    for (int gi = 0; gi < kS8BlockGroups; ++gi) {
+      // Prefetch spread over the groups (a group is 76 bytes: two lines per group cover all 19).
+      for (int s = 0; s < NS; ++s) {
+        _mm_prefetch(reinterpret_cast<const char*>(blk[s] + kS8PrefetchBytes + gi * 76), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(blk[s] + kS8PrefetchBytes + gi * 76 + 63), _MM_HINT_T0);
+      }
+      const __m256i xt = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + gi * 8));
+      for (int s = 0; s < NS; ++s)
+        for (int j = 0; j < 4; ++j) {
+          uint32_t word;
+          std::memcpy(&word, blk[s] + kCodes + gi * 12 + j * 3, 4);
+          const __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(word)), shifts);
+          const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk[s] + gi * 64 + j * 16)));
+          a[s][j] = _mm256_add_epi32(a[s][j], _mm256_madd_epi16(_mm256_permutevar8x32_epi32(xt, idx), wv));
+        }
+    }
+  }
+  for (int s = 0; s < NS; ++s)
+    for (int j = 0; j < 4; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + s * kS8Channels + j * 8), a[s][j]);
+}
+
+template <int NJ>
+void s8tile_rows(int mr, const int32_t* tab, int64_t ldt, const S24S8Panels& w, int64_t sp, int j0, int64_t b0,
+                 int64_t b1, int32_t* acc, int64_t ld_acc) {
   switch (mr) {
-    case 1: itile<1, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc); break;
-    case 2: itile<2, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc); break;
-    case 3: itile<3, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc); break;
-    default: itile<4, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc); break;
+    case 1: s8tile<1, NJ>(tab, ldt, w, sp, j0, b0, b1, acc, ld_acc); break;
+    case 2: s8tile<2, NJ>(tab, ldt, w, sp, j0, b0, b1, acc, ld_acc); break;
+    case 3: s8tile<3, NJ>(tab, ldt, w, sp, j0, b0, b1, acc, ld_acc); break;
+    default: s8tile<4, NJ>(tab, ldt, w, sp, j0, b0, b1, acc, ld_acc); break;
   }
 }
 
@@ -179,24 +209,48 @@ void s24_float_mm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w,
   }
 }
 
-void s24_int8_mm(const int16_t* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0, int64_t p1,
-                 int64_t kb0, int64_t kb1, int32_t* acc, int64_t ld_acc) {
-  constexpr int kMR = 4;  // 8 accumulators + 2 controls + 2 weight vectors + x + temporaries
+void s24_s8_xtable(const int8_t* x, int64_t k, int64_t groups_pad, int32_t* tab) {
+  // Both 128-bit lanes hold the group's 4 s16 in their low 8 bytes; dword e of the result takes
+  // bytes {2 i0, 2 i0 + 1, 2 i1, 2 i1 + 1} for pair e; entries 6, 7 are zeroed (control 0x80).
+  const __m256i ctl = _mm256_setr_epi8(0, 1, 2, 3, 0, 1, 4, 5, 0, 1, 6, 7, 2, 3, 4, 5,
+                                       2, 3, 6, 7, 4, 5, 6, 7, -1, -1, -1, -1, -1, -1, -1, -1);
+  const int64_t groups = k / 4;
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    int64_t q;
+    std::memcpy(&q, x + 4 * g, 8);
+    const __m128i v = _mm_cvtepi8_epi16(_mm_cvtsi64_si128(q));  // groups g, g + 1 as s16
+    const __m256i lo = _mm256_broadcastq_epi64(v);
+    const __m256i hi = _mm256_permute4x64_epi64(_mm256_castsi128_si256(v), 0x55);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tab + g * 8), _mm256_shuffle_epi8(lo, ctl));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tab + g * 8 + 8), _mm256_shuffle_epi8(hi, ctl));
+  }
+  if (g < groups) {
+    int32_t q;
+    std::memcpy(&q, x + 4 * g, 4);
+    const __m128i v = _mm_cvtepi8_epi16(_mm_cvtsi32_si128(q));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tab + g * 8), _mm256_shuffle_epi8(_mm256_broadcastq_epi64(v), ctl));
+    ++g;
+  }
+  for (; g < groups_pad; ++g) _mm256_storeu_si256(reinterpret_cast<__m256i*>(tab + g * 8), _mm256_setzero_si256());
+}
+
+void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels& w, int64_t sp0, int64_t sp1,
+               int64_t b0, int64_t b1, int32_t* acc, int64_t ld_acc) {
   if (rows == 1) {
-    int64_t p = p0;
-    for (; p + 8 <= p1; p += 8) itile<1, 8>(x, ldx, w, p, kb0, kb1, acc + (p - p0) * 8, ld_acc);
-    for (; p < p1; ++p) itile<1, 1>(x, ldx, w, p, kb0, kb1, acc + (p - p0) * 8, ld_acc);
+    int64_t sp = sp0;
+    for (; sp + kS8MvPanels <= sp1; sp += kS8MvPanels) s8mv<kS8MvPanels>(tab, w, sp, b0, b1, acc + (sp - sp0) * kS8Channels);
+    for (; sp < sp1; ++sp) s8mv<1>(tab, w, sp, b0, b1, acc + (sp - sp0) * kS8Channels);
     return;
   }
-  int64_t p = p0;
-  for (; p + 2 <= p1; p += 2)
+  // Row tiles inside a super-panel's chunk: the chunk (L1-sized) is reused by every row tile, and
+  // a 4-row tile's table chunk is reused by both halves of the super-panel.
+  constexpr int kMR = 4;
+  for (int64_t sp = sp0; sp < sp1; ++sp)
     for (int64_t r0 = 0; r0 < rows; r0 += kMR)
-      itile_rows<2>(static_cast<int>(rows - r0 < kMR ? rows - r0 : kMR), x + r0 * ldx, ldx, w, p, kb0, kb1,
-                    acc + r0 * ld_acc + (p - p0) * 8, ld_acc);
-  for (; p < p1; ++p)
-    for (int64_t r0 = 0; r0 < rows; r0 += kMR)
-      itile_rows<1>(static_cast<int>(rows - r0 < kMR ? rows - r0 : kMR), x + r0 * ldx, ldx, w, p, kb0, kb1,
-                    acc + r0 * ld_acc + (p - p0) * 8, ld_acc);
+      for (int j0 = 0; j0 < 4; j0 += 2)
+        s8tile_rows<2>(static_cast<int>(rows - r0 < kMR ? rows - r0 : kMR), tab + r0 * ldt, ldt, w, sp, j0, b0, b1,
+                       acc + r0 * ld_acc + (sp - sp0) * kS8Channels + j0 * 8, ld_acc);
 }
 
 }  // namespace qllm::kernels::avx2
