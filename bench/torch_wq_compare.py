@@ -24,17 +24,16 @@ import argparse
 import json
 import math
 import os
-import statistics
-import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "build", "python"))
+sys.path.insert(0, HERE)
 import qllm  # noqa: E402
+from benchutil import machine_peak, median_ms  # noqa: E402
 
 ops = qllm.ops
 ROTATE_BYTES = 128 * 1024 * 1024
@@ -43,17 +42,6 @@ FORMATS = ["w8", "w4_g128", "s24_f16", "s24_s8"]
 
 def copies_for(nbytes):
     return max(1, math.ceil(ROTATE_BYTES / nbytes))
-
-
-def median_ms(fn, reps, min_time):
-    fn()  # warm-up (workspace, first-touch)
-    times = []
-    start = time.perf_counter()
-    while len(times) < reps or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 class Rotating:
@@ -117,12 +105,7 @@ def main():
     threads = qllm.info()["threads"]
     torch.set_num_threads(threads)
 
-    cli = os.path.join(HERE, "..", "build", "qllm")
-    peak = {}
-    for line in subprocess.run([cli, "bench", "peak", "--json"], check=True, capture_output=True, text=True).stdout.splitlines():
-        j = json.loads(line)
-        if j.get("threads") == threads:
-            peak = j
+    peak = machine_peak(threads)
     if not a.json:
         print(f"threads {threads}; peak FMA {peak['fma_gflops']:.0f} GFLOP/s, int8 exact {peak['int8_exact_gops']:.0f} GOP/s, "
               f"DRAM {peak['dram_gbps']:.1f} GB/s", flush=True)
