@@ -1,6 +1,8 @@
 #include "bench_common.h"
+#include "qllm/core/error.h"
 
 #include <random>
+#include <cmath>
 
 #include <algorithm>
 #include <cstdio>
@@ -37,6 +39,16 @@ std::vector<float> random_f32(size_t n, float lo, float hi, uint32_t seed) {
   std::uniform_real_distribution<float> d(lo, hi);
   for (auto& x : v) x = d(g);
   return v;
+}
+
+int copies_for(double bytes) { return std::max(1, static_cast<int>(std::ceil(kRotateBytes / bytes))); }
+
+std::vector<int64_t> m_values(const Options& o, const char* bench) {
+  std::vector<int64_t> ms = o.quick ? std::vector<int64_t>{1, 16} : std::vector<int64_t>{1, 4, 16, 512};
+  if (!o.rows.empty()) ms = o.rows;
+  for (int64_t m : ms)
+    if (m < 1 || m > 4096) throw_invalid(bench, "rows", "--rows values (m) must be in [1, 4096], got ", m);
+  return ms;
 }
 
 double now_s() {

@@ -53,6 +53,14 @@ nlohmann::ordered_json peak_row(const Peak& p);
 std::vector<int8_t> random_s8(size_t n, uint32_t seed);
 std::vector<float> random_f32(size_t n, float lo, float hi, uint32_t seed);
 
+// Matmul benchmarks (wq-gemm, sparse24): each timed call reads the next of several copies of its
+// weight, >= 128 MiB in all, so that small m streams the weight from DRAM and not from the
+// 32 MiB L3. copies_for(bytes of one copy) is how many copies that takes.
+constexpr double kRotateBytes = 128.0 * 1024 * 1024;
+int copies_for(double bytes);
+// The m values of a matmul benchmark: --rows, else 1, 4, 16, 512 (1, 16 with --quick); checked.
+std::vector<int64_t> m_values(const Options& o, const char* bench);
+
 double now_s();
 // Runs fn until min_time_s and min_reps are both reached; returns the median seconds per call.
 double median_seconds(const Options& o, const std::function<void()>& fn);

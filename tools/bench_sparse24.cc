@@ -22,12 +22,9 @@ namespace {
 
 struct Format { const char* name; DType dt; };
 
-// Each timed call reads the next of several copies of its weight (>= 128 MiB in all, as in bench
-// wq-gemm), so that m <= 16 streams the weight from DRAM and not from the 32 MiB L3 (an s8 2:4
-// weight of 7168 x 4096 is 17 MB).
-constexpr double kRotateBytes = 128.0 * 1024 * 1024;
-int copies_for(double bytes) { return std::max(1, static_cast<int>(std::ceil(kRotateBytes / bytes))); }
-// --quick (smoke tests): one copy; its tiny weights would otherwise need thousands.
+// Weights rotate over copies (copies_for in bench_common.h: an s8 2:4 weight of 7168 x 4096 is
+// 17 MB, which the 32 MiB L3 would otherwise serve). --quick (smoke tests): one copy; its tiny
+// weights would otherwise need thousands.
 
 std::vector<uint8_t> random_weight(DType dt, int64_t count, uint32_t seed) {
   std::mt19937 g(seed);
@@ -49,10 +46,7 @@ std::vector<uint8_t> random_weight(DType dt, int64_t count, uint32_t seed) {
 int bench_sparse24(const Options& o) {
   const int64_t n = o.quick ? 256 : 4096;
   const std::vector<int64_t> ks = o.quick ? std::vector<int64_t>{512} : std::vector<int64_t>{7168, 14336};
-  std::vector<int64_t> ms = o.quick ? std::vector<int64_t>{1, 16} : std::vector<int64_t>{1, 4, 16, 512};
-  if (!o.rows.empty()) ms = o.rows;
-  for (int64_t m : ms)
-    if (m < 1 || m > 4096) throw_invalid("bench sparse24", "rows", "--rows values (m) must be in [1, 4096], got ", m);
+  const std::vector<int64_t> ms = m_values(o, "bench sparse24");
   Context ctx(ContextOptions{o.threads, true, Isa::ref});
   const Peak peak = measure_peak(ctx.threads(), o.quick ? 0.05 : 0.3);
   Reporter rep(o);

@@ -25,20 +25,6 @@ namespace qllm::bench {
 
 namespace {
 
-constexpr double kRotateBytes = 128.0 * 1024 * 1024;
-
-int copies_for(double bytes) { return std::max(1, static_cast<int>(std::ceil(kRotateBytes / bytes))); }
-
-std::vector<uint8_t> random_bytes(size_t n, uint32_t seed) {
-  std::vector<uint8_t> v(n);
-  std::mt19937 g(seed);
-  for (size_t i = 0; i < n; i += 4) {
-    const uint32_t r = g();
-    for (size_t j = 0; j < 4 && i + j < n; ++j) v[i + j] = static_cast<uint8_t>(r >> (8 * j));
-  }
-  return v;
-}
-
 struct Format {
   const char* name;
   int bits;  // 8, 4, or 0 for dense
@@ -50,10 +36,7 @@ struct Format {
 int bench_wq_gemm(const Options& o) {
   const int64_t n = o.quick ? 512 : 4096;
   const std::vector<int64_t> ks = o.quick ? std::vector<int64_t>{256} : std::vector<int64_t>{7168, 14336};
-  std::vector<int64_t> ms = o.quick ? std::vector<int64_t>{1, 16} : std::vector<int64_t>{1, 4, 16, 512};
-  if (!o.rows.empty()) ms = o.rows;
-  for (int64_t m : ms)
-    if (m < 1 || m > 4096) throw_invalid("bench wq-gemm", "rows", "--rows values (m) must be in [1, 4096], got ", m);
+  const std::vector<int64_t> ms = m_values(o, "bench wq-gemm");
   const std::vector<Format> formats = {{"w8", 8, 0}, {"w4", 4, 128}, {"w4", 4, 32}};
 
   Context ctx(ContextOptions{o.threads, true, Isa::ref});
@@ -84,7 +67,7 @@ int bench_wq_gemm(const Options& o) {
     std::vector<std::vector<PackedQuantWeight>> pq(formats.size());
     for (size_t f = 0; f < formats.size(); ++f) {
       const Format& fm = formats[f];
-      const auto q = random_bytes(fm.bits == 8 ? n * k : n * k / 2, 2 + f);
+      const auto q = random_s8(fm.bits == 8 ? n * k : n * k / 2, 2 + f);
       const int64_t G = fm.group_size ? (k + fm.group_size - 1) / fm.group_size : 1;
       const auto sc = random_f32(G * n, 0.5f / std::sqrt(float(k)), 1.5f / std::sqrt(float(k)), 7);
       const TensorView qv(q.data(), fm.bits == 8 ? DType::s8 : DType::s4x2, {n, fm.bits == 8 ? k : k / 2});
