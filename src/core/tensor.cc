@@ -69,6 +69,15 @@ void contiguous(const char* op, const char* arg, const TensorView& t) {
   if (!t.contiguous()) throw_invalid(op, arg, arg, " must be contiguous (row-major), got strides that are not");
 }
 
+bool matmul_operand(const char* op, const char* arg, const TensorView& t) {
+  present(op, arg, t);
+  ndim(op, arg, t, 2);
+  contiguous(op, arg, t);
+  if (t.dtype() != DType::s8 && !is_float(t.dtype()))
+    throw_invalid(op, arg, arg, " must be int8 (W8A8) or float32/float16/bfloat16, got ", dtype_name(t.dtype()));
+  return t.dtype() == DType::s8;
+}
+
 void ndim(const char* op, const char* arg, const TensorView& t, int expected) {
   present(op, arg, t);
   if (t.ndim() != expected)

@@ -57,13 +57,8 @@ struct Plan {
 
 Plan validate(const GroupedMatmulArgs& a, const GroupedMatmulParams& p) {
   Plan pl;
-  check::present(kOp, "x", a.x);
-  check::ndim(kOp, "x", a.x, 2);
-  check::contiguous(kOp, "x", a.x);
+  pl.quant = check::matmul_operand(kOp, "x", a.x);
   pl.xdt = a.x.dtype();
-  pl.quant = pl.xdt == DType::s8;
-  if (!pl.quant && !is_float(pl.xdt))
-    throw_invalid(kOp, "x", "x must be int8 (W8A8) or float32/float16/bfloat16, got ", dtype_name(pl.xdt));
   pl.m = a.x.dim(0);
   pl.k = a.x.dim(1);
   DType wdt;

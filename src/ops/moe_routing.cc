@@ -282,13 +282,8 @@ struct GmmPlan {
 GmmPlan gmm_validate(const GmmRoutingArgs& a, const TensorView& out, const GmmRoutingParams& p, int threads) {
   GmmPlan pl;
   const bool up = p.direction == RoutingDirection::up;
-  check::present(kGmmOp, "ac", a.ac);
-  check::ndim(kGmmOp, "ac", a.ac, 2);
-  check::contiguous(kGmmOp, "ac", a.ac);
+  pl.quant = check::matmul_operand(kGmmOp, "ac", a.ac);
   pl.adt = a.ac.dtype();
-  pl.quant = pl.adt == DType::s8;
-  if (!pl.quant && !is_float(pl.adt))
-    throw_invalid(kGmmOp, "ac", "ac must be int8 or float32/float16/bfloat16, got ", dtype_name(pl.adt));
   if (p.top_k < 1) throw_invalid(kGmmOp, "top_k", "top_k = ", p.top_k, " must be >= 1");
   pl.k = a.ac.dim(1);
   check::present(kGmmOp, "out", out);

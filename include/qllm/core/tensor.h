@@ -54,6 +54,9 @@ void ndim(const char* op, const char* arg, const TensorView& t, int expected);
 // dims[i] < 0 means "any". Also requires a contiguous view.
 void shape(const char* op, const char* arg, const TensorView& t, std::initializer_list<int64_t> dims);
 void contiguous(const char* op, const char* arg, const TensorView& t);
+// The activation operand of a matmul: present, 2-d, contiguous, int8 (W8A8) or float.
+// Returns true for int8.
+bool matmul_operand(const char* op, const char* arg, const TensorView& t);
 }  // namespace check
 
 }  // namespace qllm
