@@ -161,11 +161,7 @@ TEST(HotPath, AttentionAndNormsNoHeapAllocations) {
     const int64_t nb = 8, bs = 16, Hkv = 2, Hq = 8, D = 64, B = 2;
     std::vector<int8_t> kc(nb * bs * Hkv * D), vc(kc.size());
     std::vector<float> ks(nb * bs * Hkv, 0.01f), vs(ks.size(), 0.01f);
-    KvCache c;
-    c.key_cache = TensorView(kc.data(), DType::s8, {nb, bs, Hkv, D});
-    c.value_cache = TensorView(vc.data(), DType::s8, {nb, bs, Hkv, D});
-    c.k_scale = TensorView(ks.data(), DType::f32, {nb, bs, Hkv});
-    c.v_scale = TensorView(vs.data(), DType::f32, {nb, bs, Hkv});
+    const KvCache c = KvCache::of(kc.data(), vc.data(), DType::s8, nb, bs, Hkv, D, ks.data(), vs.data());
     std::vector<int32_t> table = {0, 1, 2, 3, 4, 5, 6, 7}, lens = {60, 17};
     auto q = test::rand_f32(B * Hq * D);
     std::vector<float> o(q.size());

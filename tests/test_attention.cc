@@ -153,14 +153,8 @@ struct Cache {
       : nb(nb_), bs(bs_), Hkv(Hkv_), D(D_), dt(dt_), k(nb_ * bs_ * Hkv_ * D_ * dtype_size(dt_)), v(k.size()),
         ks(dt_ == DType::s8 ? nb_ * bs_ * Hkv_ : 0), vs(ks.size()) {}
   KvCache view() {
-    KvCache c;
-    c.key_cache = TensorView(k.data(), dt, {nb, bs, Hkv, D});
-    c.value_cache = TensorView(v.data(), dt, {nb, bs, Hkv, D});
-    if (dt == DType::s8) {
-      c.k_scale = TensorView(ks.data(), DType::f32, {nb, bs, Hkv});
-      c.v_scale = TensorView(vs.data(), DType::f32, {nb, bs, Hkv});
-    }
-    return c;
+    const bool s8 = dt == DType::s8;
+    return KvCache::of(k.data(), v.data(), dt, nb, bs, Hkv, D, s8 ? ks.data() : nullptr, s8 ? vs.data() : nullptr);
   }
   // The value the cache holds for (slot, head, d), dequantised.
   float at(bool key, int64_t slot, int64_t h, int64_t d) const {

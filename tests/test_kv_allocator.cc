@@ -110,9 +110,7 @@ TEST(KvBlockManager, ForkedSequenceAttendsToItsOwnHistory) {
   Context& ctx = test::default_context();
   const int64_t bs = 4, Hkv = 1, Hq = 2, D = 8, nb = 8;
   std::vector<uint16_t> kc(nb * bs * Hkv * D), vc(kc.size());
-  KvCache cache;
-  cache.key_cache = TensorView(kc.data(), DType::f16, {nb, bs, Hkv, D});
-  cache.value_cache = TensorView(vc.data(), DType::f16, {nb, bs, Hkv, D});
+  const KvCache cache = KvCache::of(kc.data(), vc.data(), DType::f16, nb, bs, Hkv, D);
   KvBlockManager m(nb, bs);
   std::vector<float> hist_k[2], hist_v[2];
   // Appends n random tokens to seq (copy-on-write first when needed) and to the histories given.

@@ -32,14 +32,8 @@ struct BenchCache {
   std::vector<int32_t> tables, lens;
   int64_t maxb;
   KvCache view() {
-    KvCache c;
-    c.key_cache = TensorView(k.data(), dt, {nb, bs, Hkv, D});
-    c.value_cache = TensorView(v.data(), dt, {nb, bs, Hkv, D});
-    if (dt == DType::s8) {
-      c.k_scale = TensorView(ks.data(), DType::f32, {nb, bs, Hkv});
-      c.v_scale = TensorView(vs.data(), DType::f32, {nb, bs, Hkv});
-    }
-    return c;
+    const bool s8 = dt == DType::s8;
+    return KvCache::of(k.data(), v.data(), dt, nb, bs, Hkv, D, s8 ? ks.data() : nullptr, s8 ? vs.data() : nullptr);
   }
   // Bytes attention must read for one token of one sequence (K and V of every KV head + scales).
   double token_bytes() const { return 2.0 * Hkv * (D * dtype_size(dt) + (dt == DType::s8 ? 4 : 0)); }

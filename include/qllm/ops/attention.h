@@ -45,6 +45,18 @@ size_t flash_attention_workspace_size(Context& ctx, const FlashAttentionArgs& ar
 struct KvCache {
   TensorView key_cache, value_cache;
   TensorView k_scale, v_scale;  // s8 caches only
+
+  // Views of contiguous caches in SPEC section 7's layout: key / value [num_blocks, block_size,
+  // Hkv, D] of `dtype`; for s8, k_scale / v_scale [num_blocks, block_size, Hkv] f32.
+  static KvCache of(const void* key, const void* value, DType dtype, int64_t num_blocks, int64_t block_size,
+                    int64_t Hkv, int64_t D, const float* k_scale = nullptr, const float* v_scale = nullptr) {
+    KvCache c;
+    c.key_cache = TensorView(key, dtype, {num_blocks, block_size, Hkv, D});
+    c.value_cache = TensorView(value, dtype, {num_blocks, block_size, Hkv, D});
+    if (k_scale) c.k_scale = TensorView(k_scale, DType::f32, {num_blocks, block_size, Hkv});
+    if (v_scale) c.v_scale = TensorView(v_scale, DType::f32, {num_blocks, block_size, Hkv});
+    return c;
+  }
 };
 
 // Writes token i of key/value [T, Hkv, D] (f32/f16/bf16) to slot slot_mapping[i] (s32 or s64):
