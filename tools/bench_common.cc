@@ -69,6 +69,28 @@ double median_seconds(const Options& o, const std::function<void()>& fn) {
   return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
 }
 
+std::vector<double> median_seconds_paired(const Options& o, const std::vector<std::function<void()>>& fns) {
+  std::vector<std::vector<double>> t(fns.size());
+  const double start = now_s();
+  // min_time_s is the budget of each candidate, as with median_seconds.
+  const double budget = o.min_time_s * static_cast<double>(fns.size());
+  while (static_cast<int>(t[0].size()) < o.min_reps || now_s() - start < budget) {
+    for (size_t i = 0; i < fns.size(); ++i) {
+      const double t0 = now_s();
+      fns[i]();
+      t[i].push_back(now_s() - t0);
+    }
+    if (t[0].size() >= 1000) break;
+  }
+  std::vector<double> med;
+  for (auto& v : t) {
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    med.push_back(n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
+  }
+  return med;
+}
+
 namespace {
 std::string cell(const nlohmann::ordered_json& v) {
   char buf[64];

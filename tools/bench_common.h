@@ -64,6 +64,11 @@ std::vector<int64_t> m_values(const Options& o, const char* bench);
 double now_s();
 // Runs fn until min_time_s and min_reps are both reached; returns the median seconds per call.
 double median_seconds(const Options& o, const std::function<void()>& fn);
+// Times several candidates on the same data in alternation (a, b, a, b, ...) until each has
+// min_reps calls and min_time_s has passed; returns each one's median seconds per call. Used
+// where a ratio between them is reported: on this shared host DRAM bandwidth drifts within a
+// run, and timing one candidate after the other would fold that drift into the ratio.
+std::vector<double> median_seconds_paired(const Options& o, const std::vector<std::function<void()>>& fns);
 
 // Prints one result: a JSON line, or an aligned table row (the header printed once per bench).
 class Reporter {
