@@ -15,13 +15,14 @@ void int8_epilogue(const int32_t* c, int mr, int64_t r0, int64_t p, const Int8Ep
 // Panel-outer: each panel is read from memory once and reused from L2 by every row strip of
 // `rows`. The weights come from DRAM, and the hardware prefetcher alone leaves the first strip
 // of each panel stalled on it; so the first strip prefetches kPrefetchAhead bytes ahead in its
-// panel (about two DRAM latencies of streaming at one core's share of the bandwidth; 1, 3, 8
-// and 16 KiB measured slower), and the last strip of a multi-strip panel pulls in the next
+// panel (about two DRAM latencies of streaming at one core's share of the bandwidth; on huge
+// pages 4 KiB measured 0-7% faster than 1, 2 and 8 KiB at 1-16 rows per expert, see
+// docs/design.md decision 5), and the last strip of a multi-strip panel pulls in the next
 // panel of this call's range. tile(mr, r0, p, panel, prefetch) fills c with an mr-row tile.
 template <int kMR, class Tile>
 inline void int8_panel_loop(int64_t rows, const Int8Panels& b, int64_t p0, int64_t p1, int32_t* c,
                             const Int8Epilogue& ep, Tile&& tile) {
-  constexpr int64_t kPrefetchAhead = 2048;
+  constexpr int64_t kPrefetchAhead = 4096;
   for (int64_t p = p0; p < p1; ++p) {
     const int8_t* bp = b.data + p * b.panel_bytes();
     for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
