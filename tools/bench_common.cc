@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 
 namespace qllm::bench {
 
@@ -67,6 +68,20 @@ double median_seconds(const Options& o, const std::function<void()>& fn) {
   std::sort(t.begin(), t.end());
   const size_t n = t.size();
   return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
+}
+
+void fill_random(void* p, size_t bytes, uint64_t seed) {
+  uint8_t* b = static_cast<uint8_t*>(p);
+  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  size_t i = 0;
+  for (; i + 8 <= bytes; i += 8) {
+    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    std::memcpy(b + i, &z, 8);
+  }
+  for (; i < bytes; ++i) b[i] = static_cast<uint8_t>(i * 131 + seed);
 }
 
 std::vector<double> median_seconds_paired(const Options& o, const std::vector<std::function<void()>>& fns) {

@@ -52,6 +52,9 @@ nlohmann::ordered_json peak_row(const Peak& p);
 // Deterministic benchmark data: full-range int8 (four values per generator draw) and uniform floats.
 std::vector<int8_t> random_s8(size_t n, uint32_t seed);
 std::vector<float> random_f32(size_t n, float lo, float hi, uint32_t seed);
+// Random bytes from splitmix64: gigabytes of weights in about a second (mt19937 would take most
+// of a minute).
+void fill_random(void* p, size_t bytes, uint64_t seed);
 
 // Matmul benchmarks (wq-gemm, sparse24): each timed call reads the next of several copies of its
 // weight, >= 128 MiB in all, so that small m streams the weight from DRAM and not from the

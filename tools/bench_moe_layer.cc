@@ -22,21 +22,6 @@ struct Model {
   MoeLayerConfig cfg;
 };
 
-// splitmix64: gigabytes of random weights in about a second (mt19937 would take most of a minute).
-void fill_random(void* p, size_t bytes, uint64_t seed) {
-  uint8_t* b = static_cast<uint8_t*>(p);
-  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-  size_t i = 0;
-  for (; i + 8 <= bytes; i += 8) {
-    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    std::memcpy(b + i, &z, 8);
-  }
-  for (; i < bytes; ++i) b[i] = static_cast<uint8_t>(i * 131 + seed);
-}
-
 // Random W8A8 experts in the fused operator's form, packed for this machine.
 PackedExpertFFN random_ffn(int64_t G, int64_t h, int64_t inter, uint64_t seed, Isa isa) {
   std::vector<int8_t> w1(static_cast<size_t>(G * h * 2 * inter)), w2(static_cast<size_t>(G * h * inter));

@@ -9,6 +9,7 @@
 namespace qllm::bench {
 int bench_moe_ffn(const Options& o);
 int bench_moe_layer(const Options& o);
+int bench_moe_routing(const Options& o);
 int bench_wq_gemm(const Options& o);
 int bench_sparse24(const Options& o);
 int bench_attention(const Options& o);
@@ -27,6 +28,7 @@ constexpr BenchEntry kBenches[] = {
     {"peak", bench_peak},
     {"moe-ffn", qllm::bench::bench_moe_ffn},
     {"moe-layer", qllm::bench::bench_moe_layer},
+    {"moe-routing", qllm::bench::bench_moe_routing},
     {"wq-gemm", qllm::bench::bench_wq_gemm},
     {"sparse24", qllm::bench::bench_sparse24},
     {"attention", qllm::bench::bench_attention},
@@ -68,7 +70,7 @@ int main(int argc, char** argv) {
   bench->add_flag("--quick", o.quick, "small shapes (a smoke test, not a measurement)");
   bench->add_option("--rows", o.rows, "moe-ffn: rows per expert to run (default 1,4,16,64,256,512); wq-gemm, sparse24: m values (default 1,4,16,512)")->delimiter(',');
   bench->add_option("--formats", o.formats, "wq-gemm, sparse24: case.format values to run (default all), e.g. s24_s8,s24_f16")->delimiter(',');
-  bench->add_option("--tokens", o.tokens, "moe-layer: tokens per call to run (default 1,8,64,512)")->delimiter(',');
+  bench->add_option("--tokens", o.tokens, "moe-layer: tokens per call to run (default 1,8,64,512); moe-routing: (default 1,64,512)")->delimiter(',');
   bench->add_flag("--no-peers", o.no_peers, "skip the comparison runs (unfused chain, 1 thread)");
   bench->add_option("--mode", o.mode, "attention: only the cases of this mode")->check(CLI::IsMember({"prefill", "decode"}));
   CLI11_PARSE(app, argc, argv);
