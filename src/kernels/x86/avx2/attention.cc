@@ -8,6 +8,11 @@
 //    probabilities broadcast from the score buffer; the K/V tile is f32 in L1 (load_kv).
 #include <immintrin.h>
 
+// 1 when compiled as the avx512 ISA's kernels (x86/avx512/attention.cc includes this file).
+#ifndef QLLM_ATTN_VNNI
+#define QLLM_ATTN_VNNI 0
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -357,8 +362,13 @@ inline void dec_scores_s8(const int16_t* q16, __m128 qsv, int64_t D, const uint8
     const __m256i kv1 = two ? load_k16(k1, d, D) : kv0;
     for (int r = 0; r < R; ++r) {
       const __m256i qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(q16 + r * Dq + d));
+#if QLLM_ATTN_VNNI  // vpdpwssd: the same exact int32 sums, multiply and add fused
+      c[r][0] = _mm256_dpwssd_epi32(c[r][0], qv, kv0);
+      if (two) c[r][1] = _mm256_dpwssd_epi32(c[r][1], qv, kv1);
+#else
       c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(qv, kv0));
       if (two) c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(qv, kv1));
+#endif
     }
   }
   alignas(16) float t[4];
@@ -421,6 +431,85 @@ inline void dec_softmax(float* sr, int64_t n, const float* vs, float* m, float* 
   *m = mn;
   const __m256 av = _mm256_set1_ps(alpha);
   for (int64_t d = 0; d < Dp; d += 8) _mm256_store_ps(acc + d, _mm256_mul_ps(_mm256_load_ps(acc + d), av));
+}
+
+// s8 P.V weights of one row's block (keys [b0, b1) of the tile, b1 - b0 <= 32): the 7-bit
+// quantisation of kernels/attention.h, stored as 32 bytes (4-key groups = one dword each, keys
+// past b1 zero). Returns the block's scale wmax / 127, or 0 for a block that adds nothing.
+inline float dec_quant_block(const float* sr, int64_t b0, int64_t b1, uint8_t* wq) {
+  static_assert(kDecPvBlock == 32);
+  __m256 w[4];
+  __m256 mx = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {  // masked: lanes past b1 read nothing and hold 0
+    w[i] = _mm256_maskload_ps(sr + b0 + 8 * i, lane_mask(0, b1 - b0 - 8 * i));
+    mx = _mm256_max_ps(mx, w[i]);
+  }
+  alignas(32) float ml[8];
+  _mm256_store_ps(ml, mx);
+  float wmax = 0.0f;
+  for (int i = 0; i < 8; ++i) wmax = max_ps(ml[i], wmax);
+  if (!(wmax >= kDecPvMinWeight)) return 0.0f;
+  const __m256 inv = _mm256_set1_ps(127.0f / wmax);
+  const __m256i top = _mm256_set1_epi32(127);
+  __m256i q[4];  // cvtps rounds to nearest even (MXCSR default), like nearbyint
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(w[i], inv)), top);
+  // packs interleave 128-bit lanes: dwords come out as groups 0 2 4 6 1 3 5 7 (of 4 keys).
+  const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(wq), _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  return wmax / 127.0f;
+}
+
+// 32 bytes of a V row from dim d (zero past D).
+inline __m256i load_v32(const uint8_t* row, int64_t d, int64_t D) {
+  if (d + 32 <= D) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d));
+  alignas(32) uint8_t buf[32] = {};
+  std::memcpy(buf, row + d, D - d);
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+}
+
+// Integer P.V of R (<= 2) rows over one block: 4 keys at a time, their V rows interleaved
+// byte-wise so that each dword lane holds (v_j[d], v_j+1[d], v_j+2[d], v_j+3[d]); vpmaddubsw
+// with the broadcast 4 weights then vpmaddwd by 1 gives sum_j wq_j v_j[d] in int32, exact. The
+// int32 sums stay in registers over the block's keys (32 dims x 2 rows at a time); the in-lane
+// unpacks permute the dims (X0 holds d 0-3 | 16-19, X1 4-7 | 20-23, ...), undone before the
+// one fma per dim and block into acc.
+template <int R>
+inline void dec_pv_s8(const uint8_t* const* wq, const float* sw, const uint8_t* const* vr, int64_t groups, int64_t D,
+                      int64_t Dp, float* const* acc) {
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t d = 0; d < Dp; d += 32) {
+    __m256i A[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) A[r][i] = _mm256_setzero_si256();
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const uint8_t* const* p = vr + 4 * gi;
+      const __m256i v0 = load_v32(p[0], d, D), v1 = load_v32(p[1], d, D);
+      const __m256i v2 = load_v32(p[2], d, D), v3 = load_v32(p[3], d, D);
+      const __m256i a = _mm256_unpacklo_epi8(v0, v1), b = _mm256_unpackhi_epi8(v0, v1);
+      const __m256i c = _mm256_unpacklo_epi8(v2, v3), e = _mm256_unpackhi_epi8(v2, v3);
+      const __m256i X[4] = {_mm256_unpacklo_epi16(a, c), _mm256_unpackhi_epi16(a, c), _mm256_unpacklo_epi16(b, e),
+                            _mm256_unpackhi_epi16(b, e)};
+      for (int r = 0; r < R; ++r) {
+        int32_t wd;
+        std::memcpy(&wd, wq[r] + 4 * gi, 4);
+        const __m256i W = _mm256_set1_epi32(wd);
+#if QLLM_ATTN_VNNI  // vpdpbusd sums the 4 u8 x s8 products of a dword lane into int32 directly
+        for (int i = 0; i < 4; ++i) A[r][i] = _mm256_dpbusd_epi32(A[r][i], W, X[i]);
+#else
+        for (int i = 0; i < 4; ++i) A[r][i] = _mm256_add_epi32(A[r][i], _mm256_madd_epi16(_mm256_maddubs_epi16(W, X[i]), ones));
+#endif
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256i N[4] = {_mm256_permute2x128_si256(A[r][0], A[r][1], 0x20), _mm256_permute2x128_si256(A[r][2], A[r][3], 0x20),
+                            _mm256_permute2x128_si256(A[r][0], A[r][1], 0x31), _mm256_permute2x128_si256(A[r][2], A[r][3], 0x31)};
+      const __m256 s = _mm256_set1_ps(sw[r]);
+      for (int i = 0; i < 4 && d + 8 * i < Dp; ++i) {
+        float* ap = acc[r] + d + 8 * i;
+        _mm256_store_ps(ap, _mm256_fmadd_ps(_mm256_cvtepi32_ps(N[i]), s, _mm256_load_ps(ap)));
+      }
+    }
+  }
 }
 
 // Calls f.template operator()<R>(r) for the row groups of g rows: 4 at a time, then the rest.
@@ -501,6 +590,44 @@ void decode_t(const float* q, const int16_t* q16, const float* qs, int64_t g, in
     for (int64_t r = 0; r < g; ++r)
       dec_softmax(s + (h * g + r) * Tk, n, s8 ? vs : nullptr, m + h * RH + r, l + h * RH + r, acc + (h * RH + r) * Dp, Dp);
   }
+  if constexpr (s8) {  // integer P.V, block by block (kernels/attention.h)
+    // Rows per pass: 2 x 4 int32 accumulators in AVX2's 16 registers; 4 x 4 with AVX-512's 32.
+    constexpr int kRows = QLLM_ATTN_VNNI ? 4 : 2;
+    alignas(32) uint8_t wq[kRows][kDecPvBlock];
+    const uint8_t* vr[kDecPvBlock];
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t b0 = 0; b0 < n; b0 += kDecPvBlock) {
+        const int64_t b1 = std::min(n, b0 + kDecPvBlock), groups = (b1 - b0 + 3) / 4;
+        for (int64_t k = 0; k < 4 * groups; ++k) vr[k] = t.vp[b0 + k < b1 ? b0 + k : b0] + h * hs;  // padding: weight 0
+        for (int64_t j = b0; j < b1; ++j)
+          if (t.vn[j]) prefetch_head(t.vn[j] + h * hs, hs);
+        // Rows kRows at a time, skipping those whose block adds nothing (as the reference does).
+        int64_t np = 0;
+        float sw[kRows];
+        float* ap[kRows];
+        const uint8_t* wp[kRows];
+        for (int64_t i = 0; i < kRows; ++i) wp[i] = wq[i];
+        auto flush = [&] {
+          switch (np) {
+            case 4: if constexpr (kRows >= 4) dec_pv_s8<4>(wp, sw, vr, groups, D, Dp, ap); break;
+            case 3: if constexpr (kRows >= 3) dec_pv_s8<3>(wp, sw, vr, groups, D, Dp, ap); break;
+            case 2: dec_pv_s8<2>(wp, sw, vr, groups, D, Dp, ap); break;
+            case 1: dec_pv_s8<1>(wp, sw, vr, groups, D, Dp, ap); break;
+            default: break;
+          }
+          np = 0;
+        };
+        for (int64_t r = 0; r < g; ++r) {
+          const float w = dec_quant_block(s + (h * g + r) * Tk, b0, b1, wq[np]);
+          if (w == 0.0f) continue;
+          sw[np] = w;
+          ap[np] = acc + (h * RH + r) * Dp;
+          if (++np == kRows) flush();
+        }
+        flush();
+      }
+    return;
+  }
   // P.V, token-major like the scores.
   for (int64_t j = 0; j < n; j += 2) {
     const bool two = j + 1 < n;
@@ -532,7 +659,11 @@ void decode(const float* q, const int16_t* q16, const float* qs, int64_t g, int6
 
 }  // namespace
 
+#if QLLM_ATTN_VNNI
+const AttnKernels& attn_kernels_avx512() {
+#else
 const AttnKernels& attn_kernels_avx2() {
+#endif
   static const AttnKernels t{load_kv, attend, decode};
   return t;
 }
