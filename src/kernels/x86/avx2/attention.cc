@@ -357,7 +357,27 @@ inline void dec_scores_s8(const int16_t* q16, __m128 qsv, int64_t D, const uint8
   const int64_t Dq = decode_q16_width(D);
   __m256i c[4][2];
   for (int r = 0; r < 4; ++r) c[r][0] = c[r][1] = _mm256_setzero_si256();
-  for (int64_t d = 0; d < Dq; d += 16) {
+  int64_t d0 = 0;
+#if QLLM_ATTN_VNNI
+  // 32 dims per vpdpwssd on zmm, folded to the ymm accumulators (exact int32 either way).
+  {
+    __m512i z[4][2];
+    for (int r = 0; r < 4; ++r) z[r][0] = z[r][1] = _mm512_setzero_si512();
+    for (; d0 + 32 <= D; d0 += 32) {
+      const __m512i kv0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k0 + d0)));
+      const __m512i kv1 = two ? _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k1 + d0))) : kv0;
+      for (int r = 0; r < R; ++r) {
+        const __m512i qv = _mm512_loadu_si512(q16 + r * Dq + d0);
+        z[r][0] = _mm512_dpwssd_epi32(z[r][0], qv, kv0);
+        if (two) z[r][1] = _mm512_dpwssd_epi32(z[r][1], qv, kv1);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < (two ? 2 : 1); ++k)
+        c[r][k] = _mm256_add_epi32(_mm512_castsi512_si256(z[r][k]), _mm512_extracti64x4_epi64(z[r][k], 1));
+  }
+#endif
+  for (int64_t d = d0; d < Dq; d += 16) {
     const __m256i kv0 = load_k16(k0, d, D);
     const __m256i kv1 = two ? load_k16(k1, d, D) : kv0;
     for (int r = 0; r < R; ++r) {
