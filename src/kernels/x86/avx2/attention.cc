@@ -588,9 +588,8 @@ void decode_t(const float* q, const int16_t* q16, const float* qs, int64_t g, in
         const int64_t row = h * RH + r;
         float* sp = s + (h * g + r) * Tk + j;
         if constexpr (s8) {
-          alignas(16) float qt[4] = {};
-          for (int i = 0; i < R; ++i) qt[i] = qs[row + i];
-          const __m128 qsv = _mm_load_ps(qt);
+          // Built in registers: 4 scalar stores then a vector load of them stalled store forwarding.
+          const __m128 qsv = _mm_setr_ps(qs[row], R > 1 ? qs[row + 1] : 0.0f, R > 2 ? qs[row + 2] : 0.0f, R > 3 ? qs[row + 3] : 0.0f);
           if (two) dec_scores_s8<R, true>(q16 + row * Dq, qsv, D, k0, k1, t.ksp[j][h], t.ksp[j + 1][h], sp, Tk);
           else dec_scores_s8<R, false>(q16 + row * Dq, qsv, D, k0, k1, t.ksp[j][h], 0.0f, sp, Tk);
         } else {
