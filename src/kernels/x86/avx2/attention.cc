@@ -316,6 +316,16 @@ inline void prefetch_head(const uint8_t* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) asm volatile("prefetcht1 %0" : : "m"(p[b]));
 }
 
+// Rows r < R of the scores f0 (key j) and f1 (key j + 1): s[r * Tk] = f0[r], s[r * Tk + 1] = f1[r].
+template <int R>
+inline void store_pairs(__m128 f0, __m128 f1, float* s, int64_t Tk) {
+  const __m128 lo = _mm_unpacklo_ps(f0, f1), hi = _mm_unpackhi_ps(f0, f1);  // r0k0 r0k1 r1k0 r1k1 | r2.. r3..
+  _mm_storel_pi(reinterpret_cast<__m64*>(s), lo);
+  if (R > 1) _mm_storeh_pi(reinterpret_cast<__m64*>(s + Tk), lo);
+  if (R > 2) _mm_storel_pi(reinterpret_cast<__m64*>(s + 2 * Tk), hi);
+  if (R > 3) _mm_storeh_pi(reinterpret_cast<__m64*>(s + 3 * Tk), hi);
+}
+
 // Scores of R rows of one head for the key pair (j, j + 1) (two = false: key j alone), 8-lane
 // FMA chains over Dp reduced by tree4 (the lane_tree8 order).
 template <int R, class L, bool two>
@@ -332,13 +342,14 @@ inline void dec_scores_f(const float* q, int64_t D, int64_t Dp, const uint8_t* k
       if (two) c[r][1] = _mm256_fmadd_ps(qv, kv1, c[r][1]);
     }
   }
-  alignas(16) float t0[4], t1[4];
-  _mm_store_ps(t0, tree4(c[0][0], c[1][0], c[2][0], c[3][0]));
-  if (two) _mm_store_ps(t1, tree4(c[0][1], c[1][1], c[2][1], c[3][1]));
-  for (int r = 0; r < R; ++r) {
-    s[r * Tk] = t0[r];
-    if (two) s[r * Tk + 1] = t1[r];
+  const __m128 f0 = tree4(c[0][0], c[1][0], c[2][0], c[3][0]);
+  if (two) {
+    store_pairs<R>(f0, tree4(c[0][1], c[1][1], c[2][1], c[3][1]), s, Tk);
+    return;
   }
+  alignas(16) float t0[4];
+  _mm_store_ps(t0, f0);
+  for (int r = 0; r < R; ++r) s[r * Tk] = t0[r];
 }
 
 // 16 int8 of a K row as int16 (zero padded past D).
@@ -391,13 +402,15 @@ inline void dec_scores_s8(const int16_t* q16, __m128 qsv, int64_t D, const uint8
 #endif
     }
   }
-  alignas(16) float t[4];
-  _mm_store_ps(t, _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(tree4_epi32(c[0][0], c[1][0], c[2][0], c[3][0])), _mm_set1_ps(ks0)), qsv));
-  for (int r = 0; r < R; ++r) s[r * Tk] = t[r];
-  if (two) {
-    _mm_store_ps(t, _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(tree4_epi32(c[0][1], c[1][1], c[2][1], c[3][1])), _mm_set1_ps(ks1)), qsv));
-    for (int r = 0; r < R; ++r) s[r * Tk + 1] = t[r];
+  const __m128 f0 = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(tree4_epi32(c[0][0], c[1][0], c[2][0], c[3][0])), _mm_set1_ps(ks0)), qsv);
+  if (two) {  // each row's 2 scores are adjacent in s: one 8-byte store per row
+    const __m128 f1 = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(tree4_epi32(c[0][1], c[1][1], c[2][1], c[3][1])), _mm_set1_ps(ks1)), qsv);
+    store_pairs<R>(f0, f1, s, Tk);
+    return;
   }
+  alignas(16) float t[4];
+  _mm_store_ps(t, f0);
+  for (int r = 0; r < R; ++r) s[r * Tk] = t[r];
 }
 
 // acc[r] += w[r][j] v_j (+ w[r][j + 1] v_{j + 1}) over all Dp dims, acc in memory (L1): the
