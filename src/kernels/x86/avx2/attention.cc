@@ -413,25 +413,32 @@ inline void dec_scores_s8(const int16_t* q16, __m128 qsv, int64_t D, const uint8
   for (int r = 0; r < R; ++r) s[r * Tk] = t[r];
 }
 
-// acc[r] += w[r][j] v_j (+ w[r][j + 1] v_{j + 1}) over all Dp dims, acc in memory (L1): the
-// pair's 8 probabilities stay broadcast in registers while V streams by.
-template <int R, class L, bool two>
-inline void dec_pv(const float* w, int64_t Tk, const uint8_t* v0p, const uint8_t* v1p, int64_t D, int64_t Dp, float* acc) {
+// P.V of R rows of one head over all n keys of the tile for C 8-dim chunks from dim d, the
+// accumulators in registers across the keys: acc = fma(w_j, v_j, acc) for j = 0 .. n-1, the FMA
+// chains of attend in the same key order (bit-identical), with no load + store of acc per key. pf (nullable): rows of pfb bytes to prefetch, one per key (the next tile's V of
+// this head); each pass prefetches its own dims of them, so the requests spread over the passes.
+template <int R, class L, int C>
+inline void dec_pv_pass(const float* w, int64_t Tk, const uint8_t* const* vr, int64_t n, int64_t d, int64_t D, int64_t Dp,
+                        float* acc, const uint8_t* const* pf, int64_t pfb) {
   const int64_t Df = D / 8 * 8;
-  __m256 w0[4], w1[4];
-  for (int r = 0; r < R; ++r) {
-    w0[r] = _mm256_broadcast_ss(w + r * Tk);
-    if (two) w1[r] = _mm256_broadcast_ss(w + r * Tk + 1);
-  }
-  for (int64_t d = 0; d < Dp; d += 8) {
-    const __m256 v0 = d < Df ? L::load(v0p + d * L::es) : load_tail<L>(v0p, d, D);
-    const __m256 v1 = !two ? v0 : d < Df ? L::load(v1p + d * L::es) : load_tail<L>(v1p, d, D);
+  __m256 a[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < C; ++i) a[r][i] = _mm256_load_ps(acc + r * Dp + d + 8 * i);
+  for (int64_t j = 0; j < n; ++j) {
+    if (pf && pf[j] && d * L::es < pfb)  // this pass's dims of the next tile's row: spread over the passes
+      prefetch_head(pf[j] + d * L::es, std::min<int64_t>(8 * C * L::es, pfb - d * L::es));
+    __m256 v[C];
+    for (int i = 0; i < C; ++i) {
+      const int64_t dd = d + 8 * i;
+      v[i] = dd < Df ? L::load(vr[j] + dd * L::es) : load_tail<L>(vr[j], dd, D);
+    }
     for (int r = 0; r < R; ++r) {
-      __m256 a = _mm256_fmadd_ps(w0[r], v0, _mm256_load_ps(acc + r * Dp + d));
-      if (two) a = _mm256_fmadd_ps(w1[r], v1, a);
-      _mm256_store_ps(acc + r * Dp + d, a);
+      const __m256 wr = _mm256_broadcast_ss(w + r * Tk + j);
+      for (int i = 0; i < C; ++i) a[r][i] = _mm256_fmadd_ps(wr, v[i], a[r][i]);
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < C; ++i) _mm256_store_ps(acc + r * Dp + d + 8 * i, a[r][i]);
 }
 
 // Online-softmax step of one row over all n keys of the tile (the arithmetic of attend with
@@ -660,19 +667,26 @@ void decode_t(const float* q, const int16_t* q16, const float* qs, int64_t g, in
       }
     return;
   }
-  // P.V, token-major like the scores.
-  for (int64_t j = 0; j < n; j += 2) {
-    const bool two = j + 1 < n;
+  // P.V head by head, 4 rows x (4 chunks with AVX-512's 32 registers, 2 with AVX2's 16) of
+  // accumulators held in registers over the tile's keys; the tile's V rows of a head (n x D)
+  // stay in L1 across the passes.
+  {
+    constexpr int C = QLLM_ATTN_VNNI ? 4 : 2;
+    const int64_t Df = D / 8 * 8;
+    const uint8_t* vr[kMaxTile];
+    const uint8_t* pf[kMaxTile];
     for (int64_t h = 0; h < H; ++h) {
-      const uint8_t* v0 = t.vp[j] + h * hs;
-      const uint8_t* v1 = two ? t.vp[j + 1] + h * hs : v0;
-      if (t.vn[j]) prefetch_head(t.vn[j] + h * hs, hs);
-      if (two && t.vn[j + 1]) prefetch_head(t.vn[j + 1] + h * hs, hs);
+      for (int64_t j = 0; j < n; ++j) {
+        vr[j] = t.vp[j] + h * hs;
+        pf[j] = t.vn[j] ? t.vn[j] + h * hs : nullptr;
+      }
       for_groups(g, [&]<int R>(int64_t r) {
-        const float* wp = s + (h * g + r) * Tk + j;
+        const float* wp = s + (h * g + r) * Tk;
         float* ap = acc + (h * RH + r) * Dp;
-        if (two) dec_pv<R, L, true>(wp, Tk, v0, v1, D, Dp, ap);
-        else dec_pv<R, L, false>(wp, Tk, v0, v1, D, Dp, ap);
+        const uint8_t* const* p = r == 0 ? pf : nullptr;  // the first row group prefetches
+        int64_t d = 0;
+        for (; d + 8 * C <= Df; d += 8 * C) dec_pv_pass<R, L, C>(wp, Tk, vr, n, d, D, Dp, ap, p, hs);
+        for (; d < Dp; d += 8) dec_pv_pass<R, L, 1>(wp, Tk, vr, n, d, D, Dp, ap, p, hs);
       });
     }
   }
