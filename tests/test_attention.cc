@@ -12,6 +12,11 @@
 // query per row to int8 (step a = max_d |q_d| scale / 127, error <= a / 2 per element, 0.51 a
 // for the rounding of q * (127 / max)), so its score error grows by 0.51 a sum_d |k_jd|, plus
 // 3 u of sum_d |q_d k_d| scale for the two scale products: q_int8 = true adds that to ds_j.
+// Its P.V is integer too: each weight w_j = p_j v_scale_j is quantised to 7 bits within its
+// block of 32 keys (error <= 0.51 wmax / 127, wmax the block's largest weight), and |v8| <= 127,
+// so the output moves by <= 0.51 / 127 sum_j max_{i in j's block} (p_i vamax_i) / l, vamax_i =
+// max_d |v_id| = 127 v_scale_i; the oracle takes the max over [j - 31, j + 31] (any block that
+// holds j) and 0.52 for the rounding of the dequantised vamax.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -62,6 +67,21 @@ Oracle naive(const float* q, int64_t Lq, int64_t Hq, const float* k, const float
       }
       double l = 0;
       for (int64_t j = lo; j < hi; ++j) l += std::exp(s[j] - mx);
+      double pv_tol = 0;  // the s8 decode path's weight quantisation (header comment)
+      if (q_int8) {
+        std::vector<double> pa(Lk, 0.0);
+        for (int64_t j = lo; j < hi; ++j) {
+          double vamax = 0;
+          for (int64_t d = 0; d < D; ++d) vamax = std::max(vamax, std::fabs(double(v[(j * Hkv + kh) * D + d])));
+          pa[j] = std::exp(s[j] - mx) * vamax;
+        }
+        for (int64_t j = lo; j < hi; ++j) {
+          double mj = 0;
+          for (int64_t i = std::max(lo, j - 31); i < std::min(hi, j + 32); ++i) mj = std::max(mj, pa[i]);
+          pv_tol += 0.52 / 127 * mj;
+        }
+        pv_tol /= l;
+      }
       for (int64_t d = 0; d < D; ++d) {
         double o = 0, vmax = 0;
         for (int64_t j = lo; j < hi; ++j) {
@@ -71,7 +91,7 @@ Oracle naive(const float* q, int64_t Lq, int64_t Hq, const float* k, const float
         o /= l;
         r.o[(i * Hq + h) * D + d] = o;
         r.tol[(i * Hq + h) * D + d] =
-            (2 * ds + (2 * (hi - lo) + 10) * kU) * vmax + test::out_eps(odt) * std::fabs(o) + test::out_abs(odt) + 1e-30;
+            (2 * ds + (2 * (hi - lo) + 10) * kU) * vmax + pv_tol + test::out_eps(odt) * std::fabs(o) + test::out_abs(odt) + 1e-30;
       }
     }
   return r;
@@ -374,6 +394,61 @@ TEST(PagedPrefill, EqualsFlashOnGatheredKeys) {
       for (int64_t i = 0; i < Lq * Hq * D; ++i) ASSERT_NEAR(first[cu_q[b] * Hq * D + i], want.o[i], want.tol[i]);
     }
   }
+}
+
+TEST(PagedAttention, Int8DecodeOddShapesAllIsasIdentical) {
+  // The s8 decode kernels (integer q.k and block-quantised integer P.V): every ISA bit for bit,
+  // and the oracle with the derived tolerance, over head sizes 128 / 64 / 20 (a partial 32-dim
+  // chunk), GQA groups 1, 3 and 8, and contexts around the 32-key weight blocks and the tiles
+  // (1, 17, 31, 32, 33, 65, 130, 700: the last one split). Key 0 of each head is made to
+  // dominate (score ~ +4: an attention sink), so the other weights of its block quantise coarsely.
+  const std::vector<int32_t> lens = {1, 17, 31, 32, 33, 65, 130, 700};
+  for (int64_t D : {128, 64, 20})
+    for (auto [Hq, Hkv] : {std::pair<int64_t, int64_t>{2, 2}, {6, 2}, {16, 2}}) {
+      const int64_t B = lens.size();
+      const auto q = test::rand_f32(B * Hq * D);
+      PagedSetup s = make_paged(lens, 16, Hkv, D, DType::f32);
+      // Sink: key 0 of sequence b, head h = q (first query head of the group) * 4 sqrt(D) / |q|^2.
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < Hkv; ++h) {
+          const float* qr = q.data() + (b * Hq + h * (Hq / Hkv)) * D;
+          double n2 = 0;
+          for (int64_t d = 0; d < D; ++d) n2 += double(qr[d]) * qr[d];
+          for (int64_t d = 0; d < D; ++d) s.kc[(s.cu_k[b] * Hkv + h) * D + d] = float(qr[d] * 4 * std::sqrt(double(D)) / n2);
+        }
+      // Requantise the whole cache as s8 from those values (through reshape_and_cache).
+      const int64_t T = s.cu_k.back();
+      Cache c8(s.cache.nb, 16, Hkv, D, DType::s8);
+      std::vector<int32_t> slots(T);
+      for (int64_t b = 0, t = 0; b < B; ++b)
+        for (int64_t j = 0; j < lens[b]; ++j, ++t) slots[t] = s.tables[b * s.maxb + j / 16] * 16 + j % 16;
+      reshape_and_cache(test::default_context(), TensorView(s.kc.data(), DType::f32, {T, Hkv, D}),
+                        TensorView(s.vc.data(), DType::f32, {T, Hkv, D}), c8.view(), TensorView(slots.data(), DType::s32, {T}));
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < Hkv; ++h)
+          for (int64_t d = 0; d < D; ++d) {
+            s.kc[(t * Hkv + h) * D + d] = c8.at(true, slots[t], h, d);
+            s.vc[(t * Hkv + h) * D + d] = c8.at(false, slots[t], h, d);
+          }
+      PagedAttentionArgs a;
+      a.q = TensorView(q.data(), DType::f32, {B, Hq, D});
+      a.cache = c8.view();
+      a.block_tables = TensorView(s.tables.data(), DType::s32, {B, s.maxb});
+      a.context_lens = TensorView(s.lens.data(), DType::s32, {B});
+      std::vector<float> first;
+      for (Isa isa : test::isas()) {
+        std::vector<float> o(B * Hq * D, 123.0f);
+        paged_attention(context(isa), a, TensorView(o.data(), DType::f32, {B, Hq, D}));
+        if (first.empty()) first = o;
+        ASSERT_EQ(o, first) << "ref vs " << isa_name(isa) << " D " << D << " Hq/Hkv " << Hq << "/" << Hkv;
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        const Oracle want = naive(q.data() + b * Hq * D, 1, Hq, s.kc.data() + s.cu_k[b] * Hkv * D, s.vc.data() + s.cu_k[b] * Hkv * D,
+                                  lens[b], Hkv, D, 1.0f / std::sqrt(float(D)), true, 0, DType::f32, true);
+        for (int64_t i = 0; i < Hq * D; ++i)
+          ASSERT_NEAR(first[b * Hq * D + i], want.o[i], want.tol[i]) << "D " << D << " Hq/Hkv " << Hq << "/" << Hkv << " len " << lens[b];
+      }
+    }
 }
 
 TEST(PagedAttention, Int8KvAccuracyVsF32) {

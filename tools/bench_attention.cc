@@ -100,6 +100,13 @@ int bench_attention(const Options& o) {
 
   if (!o.mode.empty())
     cases.erase(std::remove_if(cases.begin(), cases.end(), [&](const Case& c) { return o.mode != c.mode; }), cases.end());
+  // --formats f16,int8 picks KV dtypes, --tokens picks contexts (for tuning one case at a time).
+  cases.erase(std::remove_if(cases.begin(), cases.end(),
+                             [&](const Case& c) {
+                               const bool ctx_ok = o.tokens.empty() || std::find(o.tokens.begin(), o.tokens.end(), c.context) != o.tokens.end();
+                               return !o.wants_format(c.kv == DType::s8 ? "int8" : "f16") || !ctx_ok;
+                             }),
+              cases.end());
   Context ctx(ContextOptions{o.threads, true, Isa::ref});
   Context ctx1(ContextOptions{1, true, Isa::ref});
   const Peak peak = measure_peak(ctx.threads(), o.quick ? 0.05 : 0.3);

@@ -72,13 +72,28 @@ struct AttnKernels {
   // load_kv + attend. For s8 caches q.k is integer:
   //   s_j = (f32(sum_d q16[d] k8_j[d]) * k_scale_j) * qs   (the int32 sum is exact),
   // with q16 [rows, Dq] the pre-scaled query quantised per row to [-127, 127] (scale qs[r]),
-  // zero padded to Dq = round_up(D, 16); and P.V uses w_j = p_j * v_scale_j:
-  //   acc[d] = fma(w_j, f32(v8_j[d]), acc[d]) in key order (l sums the p_j).
+  // zero padded to Dq = round_up(D, 16); and P.V is integer too: with w_j = p_j * v_scale_j
+  // (l sums the p_j), per row and per block of kDecPvBlock keys of the tile ([0, 32), [32, 64),
+  // ...; the last one partial), wmax = max_j w_j; a block with wmax < kDecPvMinWeight adds
+  // nothing; otherwise the weights are quantised to 7 bits,
+  //   wq_j = min(nearbyint(w_j * (127 / wmax)), 127) in [0, 127],
+  //   isum[d] = sum_j wq_j * v8_j[d] (exact int32: |.| <= 32 * 127 * 128),
+  //   acc[d] = fma(f32(isum[d]), wmax / 127, acc[d]) (blocks in order).
+  // 7 bits (not 8) so that AVX2's vpmaddubsw (u8 x s8, pairs summed in saturating int16) stays
+  // exact: 2 * 127 * 128 < 32768; the VNNI form gives the same int32 sums. The quantisation
+  // error of a weight is <= 0.51 wmax / 127 (see docs/design.md for the accuracy).
+  // tmp holds >= D int32 in the ref kernel.
   // n <= 128. s: scratch [H * g, Tk] (Tk >= n, a multiple of 8); tmp: >= 2 * Dp + 64 floats.
   void (*decode)(const float* q, const int16_t* q16, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D,
                  int64_t Dp, const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* tmp, float* m, float* l,
                  float* acc);
 };
+
+// Keys per quantisation block of the s8 decode path's P.V weights, and the smallest block max
+// weight that is quantised (below it 127 / wmax could overflow; such blocks weigh < 2^-100 of
+// the row's largest probability, 1).
+constexpr int64_t kDecPvBlock = 32;
+constexpr float kDecPvMinWeight = 0x1p-100f;
 
 // Query row width of the s8 decode path: D rounded up to the 16 int16 lanes of one vpmaddwd.
 inline int64_t decode_q16_width(int64_t D) { return (D + 15) / 16 * 16; }
@@ -86,5 +101,8 @@ inline int64_t decode_q16_width(int64_t D) { return (D + 15) / 16 * 16; }
 const AttnKernels& attn_kernels(Isa isa);
 const AttnKernels& attn_kernels_ref();
 const AttnKernels& attn_kernels_avx2();  // QLLM_HAVE_AVX2 builds only
+// The same kernels compiled for AVX-512 VL + VNNI: the s8 decode path's q.k uses vpdpwssd and
+// its P.V vpdpbusd (identical integer sums, so bit-identical to the others).
+const AttnKernels& attn_kernels_avx512();  // QLLM_HAVE_AVX2 builds only
 
 }  // namespace qllm::kernels

@@ -122,13 +122,28 @@ void decode_head(const float* q, const int16_t* q16, const float* qs, int64_t ro
     m[r] = mn;
     for (int64_t d = 0; d < Dp; ++d) acc[r * Dp + d] = acc[r * Dp + d] * alpha;
   }
+  if (s8) {  // integer P.V over blocks of kDecPvBlock keys (kernels/attention.h)
+    int32_t* isum = reinterpret_cast<int32_t*>(tmp);  // D int32
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t b0 = 0; b0 < n; b0 += kDecPvBlock) {
+        const int64_t b1 = std::min(n, b0 + kDecPvBlock);
+        const float* w = s + r * Tk;
+        float wmax = 0.0f;
+        for (int64_t j = b0; j < b1; ++j) wmax = max_ps(w[j], wmax);
+        if (!(wmax >= kDecPvMinWeight)) continue;
+        const float inv = 127.0f / wmax, sw = wmax / 127.0f;
+        for (int64_t d = 0; d < D; ++d) isum[d] = 0;
+        for (int64_t j = b0; j < b1; ++j) {
+          const int32_t wq = static_cast<int32_t>(std::min(std::nearbyint(w[j] * inv), 127.0f));
+          const int8_t* v = static_cast<const int8_t*>(src.v) + src.token_offset(j0 + j, src.token_stride, src.block_stride);
+          for (int64_t d = 0; d < D; ++d) isum[d] += wq * v[d];
+        }
+        for (int64_t d = 0; d < D; ++d) acc[r * Dp + d] = std::fma(static_cast<float>(isum[d]), sw, acc[r * Dp + d]);
+      }
+    return;
+  }
   for (int64_t j = 0; j < n; ++j) {
-    if (s8) {
-      const int8_t* v = static_cast<const int8_t*>(src.v) + src.token_offset(j0 + j, src.token_stride, src.block_stride);
-      for (int64_t d = 0; d < D; ++d) tmp[d] = static_cast<float>(v[d]);
-    } else {
-      load_row(src, src.v, nullptr, j0 + j, D, Dp, tmp);
-    }
+    load_row(src, src.v, nullptr, j0 + j, D, Dp, tmp);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t d = 0; d < D; ++d) acc[r * Dp + d] = std::fma(s[r * Tk + j], tmp[d], acc[r * Dp + d]);
   }
@@ -159,7 +174,8 @@ const AttnKernels& attn_kernels_ref() {
 
 const AttnKernels& attn_kernels(Isa isa) {
 #if QLLM_HAVE_AVX2
-  if (isa == Isa::avx2 || isa == Isa::avx512) return attn_kernels_avx2();
+  if (isa == Isa::avx2) return attn_kernels_avx2();
+  if (isa == Isa::avx512) return attn_kernels_avx512();
 #endif
   if (isa != Isa::ref) throw_invalid("qllm", "isa", "ISA ", isa_name(isa), " was not compiled into this build");
   return attn_kernels_ref();

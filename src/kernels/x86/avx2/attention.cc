@@ -8,6 +8,11 @@
 //    probabilities broadcast from the score buffer; the K/V tile is f32 in L1 (load_kv).
 #include <immintrin.h>
 
+// 1 when compiled as the avx512 ISA's kernels (x86/avx512/attention.cc includes this file).
+#ifndef QLLM_ATTN_VNNI
+#define QLLM_ATTN_VNNI 0
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -311,6 +316,16 @@ inline void prefetch_head(const uint8_t* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) asm volatile("prefetcht1 %0" : : "m"(p[b]));
 }
 
+// Rows r < R of the scores f0 (key j) and f1 (key j + 1): s[r * Tk] = f0[r], s[r * Tk + 1] = f1[r].
+template <int R>
+inline void store_pairs(__m128 f0, __m128 f1, float* s, int64_t Tk) {
+  const __m128 lo = _mm_unpacklo_ps(f0, f1), hi = _mm_unpackhi_ps(f0, f1);  // r0k0 r0k1 r1k0 r1k1 | r2.. r3..
+  _mm_storel_pi(reinterpret_cast<__m64*>(s), lo);
+  if (R > 1) _mm_storeh_pi(reinterpret_cast<__m64*>(s + Tk), lo);
+  if (R > 2) _mm_storel_pi(reinterpret_cast<__m64*>(s + 2 * Tk), hi);
+  if (R > 3) _mm_storeh_pi(reinterpret_cast<__m64*>(s + 3 * Tk), hi);
+}
+
 // Scores of R rows of one head for the key pair (j, j + 1) (two = false: key j alone), 8-lane
 // FMA chains over Dp reduced by tree4 (the lane_tree8 order).
 template <int R, class L, bool two>
@@ -327,13 +342,14 @@ inline void dec_scores_f(const float* q, int64_t D, int64_t Dp, const uint8_t* k
       if (two) c[r][1] = _mm256_fmadd_ps(qv, kv1, c[r][1]);
     }
   }
-  alignas(16) float t0[4], t1[4];
-  _mm_store_ps(t0, tree4(c[0][0], c[1][0], c[2][0], c[3][0]));
-  if (two) _mm_store_ps(t1, tree4(c[0][1], c[1][1], c[2][1], c[3][1]));
-  for (int r = 0; r < R; ++r) {
-    s[r * Tk] = t0[r];
-    if (two) s[r * Tk + 1] = t1[r];
+  const __m128 f0 = tree4(c[0][0], c[1][0], c[2][0], c[3][0]);
+  if (two) {
+    store_pairs<R>(f0, tree4(c[0][1], c[1][1], c[2][1], c[3][1]), s, Tk);
+    return;
   }
+  alignas(16) float t0[4];
+  _mm_store_ps(t0, f0);
+  for (int r = 0; r < R; ++r) s[r * Tk] = t0[r];
 }
 
 // 16 int8 of a K row as int16 (zero padded past D).
@@ -352,43 +368,77 @@ inline void dec_scores_s8(const int16_t* q16, __m128 qsv, int64_t D, const uint8
   const int64_t Dq = decode_q16_width(D);
   __m256i c[4][2];
   for (int r = 0; r < 4; ++r) c[r][0] = c[r][1] = _mm256_setzero_si256();
-  for (int64_t d = 0; d < Dq; d += 16) {
+  int64_t d0 = 0;
+#if QLLM_ATTN_VNNI
+  // 32 dims per vpdpwssd on zmm, folded to the ymm accumulators (exact int32 either way).
+  {
+    __m512i z[4][2];
+    for (int r = 0; r < 4; ++r) z[r][0] = z[r][1] = _mm512_setzero_si512();
+    for (; d0 + 32 <= D; d0 += 32) {
+      const __m512i kv0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k0 + d0)));
+      const __m512i kv1 = two ? _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k1 + d0))) : kv0;
+      for (int r = 0; r < R; ++r) {
+        const __m512i qv = _mm512_loadu_si512(q16 + r * Dq + d0);
+        z[r][0] = _mm512_dpwssd_epi32(z[r][0], qv, kv0);
+        if (two) z[r][1] = _mm512_dpwssd_epi32(z[r][1], qv, kv1);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < (two ? 2 : 1); ++k)
+        c[r][k] = _mm256_add_epi32(_mm512_castsi512_si256(z[r][k]), _mm512_extracti64x4_epi64(z[r][k], 1));
+  }
+#endif
+  for (int64_t d = d0; d < Dq; d += 16) {
     const __m256i kv0 = load_k16(k0, d, D);
     const __m256i kv1 = two ? load_k16(k1, d, D) : kv0;
     for (int r = 0; r < R; ++r) {
       const __m256i qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(q16 + r * Dq + d));
+#if QLLM_ATTN_VNNI  // vpdpwssd: the same exact int32 sums, multiply and add fused
+      c[r][0] = _mm256_dpwssd_epi32(c[r][0], qv, kv0);
+      if (two) c[r][1] = _mm256_dpwssd_epi32(c[r][1], qv, kv1);
+#else
       c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(qv, kv0));
       if (two) c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(qv, kv1));
+#endif
     }
+  }
+  const __m128 f0 = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(tree4_epi32(c[0][0], c[1][0], c[2][0], c[3][0])), _mm_set1_ps(ks0)), qsv);
+  if (two) {  // each row's 2 scores are adjacent in s: one 8-byte store per row
+    const __m128 f1 = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(tree4_epi32(c[0][1], c[1][1], c[2][1], c[3][1])), _mm_set1_ps(ks1)), qsv);
+    store_pairs<R>(f0, f1, s, Tk);
+    return;
   }
   alignas(16) float t[4];
-  _mm_store_ps(t, _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(tree4_epi32(c[0][0], c[1][0], c[2][0], c[3][0])), _mm_set1_ps(ks0)), qsv));
+  _mm_store_ps(t, f0);
   for (int r = 0; r < R; ++r) s[r * Tk] = t[r];
-  if (two) {
-    _mm_store_ps(t, _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(tree4_epi32(c[0][1], c[1][1], c[2][1], c[3][1])), _mm_set1_ps(ks1)), qsv));
-    for (int r = 0; r < R; ++r) s[r * Tk + 1] = t[r];
-  }
 }
 
-// acc[r] += w[r][j] v_j (+ w[r][j + 1] v_{j + 1}) over all Dp dims, acc in memory (L1): the
-// pair's 8 probabilities stay broadcast in registers while V streams by.
-template <int R, class L, bool two>
-inline void dec_pv(const float* w, int64_t Tk, const uint8_t* v0p, const uint8_t* v1p, int64_t D, int64_t Dp, float* acc) {
+// P.V of R rows of one head over all n keys of the tile for C 8-dim chunks from dim d, the
+// accumulators in registers across the keys: acc = fma(w_j, v_j, acc) for j = 0 .. n-1, the FMA
+// chains of attend in the same key order (bit-identical), with no load + store of acc per key. pf (nullable): rows of pfb bytes to prefetch, one per key (the next tile's V of
+// this head); each pass prefetches its own dims of them, so the requests spread over the passes.
+template <int R, class L, int C>
+inline void dec_pv_pass(const float* w, int64_t Tk, const uint8_t* const* vr, int64_t n, int64_t d, int64_t D, int64_t Dp,
+                        float* acc, const uint8_t* const* pf, int64_t pfb) {
   const int64_t Df = D / 8 * 8;
-  __m256 w0[4], w1[4];
-  for (int r = 0; r < R; ++r) {
-    w0[r] = _mm256_broadcast_ss(w + r * Tk);
-    if (two) w1[r] = _mm256_broadcast_ss(w + r * Tk + 1);
-  }
-  for (int64_t d = 0; d < Dp; d += 8) {
-    const __m256 v0 = d < Df ? L::load(v0p + d * L::es) : load_tail<L>(v0p, d, D);
-    const __m256 v1 = !two ? v0 : d < Df ? L::load(v1p + d * L::es) : load_tail<L>(v1p, d, D);
+  __m256 a[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < C; ++i) a[r][i] = _mm256_load_ps(acc + r * Dp + d + 8 * i);
+  for (int64_t j = 0; j < n; ++j) {
+    if (pf && pf[j] && d * L::es < pfb)  // this pass's dims of the next tile's row: spread over the passes
+      prefetch_head(pf[j] + d * L::es, std::min<int64_t>(8 * C * L::es, pfb - d * L::es));
+    __m256 v[C];
+    for (int i = 0; i < C; ++i) {
+      const int64_t dd = d + 8 * i;
+      v[i] = dd < Df ? L::load(vr[j] + dd * L::es) : load_tail<L>(vr[j], dd, D);
+    }
     for (int r = 0; r < R; ++r) {
-      __m256 a = _mm256_fmadd_ps(w0[r], v0, _mm256_load_ps(acc + r * Dp + d));
-      if (two) a = _mm256_fmadd_ps(w1[r], v1, a);
-      _mm256_store_ps(acc + r * Dp + d, a);
+      const __m256 wr = _mm256_broadcast_ss(w + r * Tk + j);
+      for (int i = 0; i < C; ++i) a[r][i] = _mm256_fmadd_ps(wr, v[i], a[r][i]);
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < C; ++i) _mm256_store_ps(acc + r * Dp + d + 8 * i, a[r][i]);
 }
 
 // Online-softmax step of one row over all n keys of the tile (the arithmetic of attend with
@@ -421,6 +471,85 @@ inline void dec_softmax(float* sr, int64_t n, const float* vs, float* m, float* 
   *m = mn;
   const __m256 av = _mm256_set1_ps(alpha);
   for (int64_t d = 0; d < Dp; d += 8) _mm256_store_ps(acc + d, _mm256_mul_ps(_mm256_load_ps(acc + d), av));
+}
+
+// s8 P.V weights of one row's block (keys [b0, b1) of the tile, b1 - b0 <= 32): the 7-bit
+// quantisation of kernels/attention.h, stored as 32 bytes (4-key groups = one dword each, keys
+// past b1 zero). Returns the block's scale wmax / 127, or 0 for a block that adds nothing.
+inline float dec_quant_block(const float* sr, int64_t b0, int64_t b1, uint8_t* wq) {
+  static_assert(kDecPvBlock == 32);
+  __m256 w[4];
+  __m256 mx = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {  // masked: lanes past b1 read nothing and hold 0
+    w[i] = _mm256_maskload_ps(sr + b0 + 8 * i, lane_mask(0, b1 - b0 - 8 * i));
+    mx = _mm256_max_ps(mx, w[i]);
+  }
+  alignas(32) float ml[8];
+  _mm256_store_ps(ml, mx);
+  float wmax = 0.0f;
+  for (int i = 0; i < 8; ++i) wmax = max_ps(ml[i], wmax);
+  if (!(wmax >= kDecPvMinWeight)) return 0.0f;
+  const __m256 inv = _mm256_set1_ps(127.0f / wmax);
+  const __m256i top = _mm256_set1_epi32(127);
+  __m256i q[4];  // cvtps rounds to nearest even (MXCSR default), like nearbyint
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(w[i], inv)), top);
+  // packs interleave 128-bit lanes: dwords come out as groups 0 2 4 6 1 3 5 7 (of 4 keys).
+  const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(wq), _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  return wmax / 127.0f;
+}
+
+// 32 bytes of a V row from dim d (zero past D).
+inline __m256i load_v32(const uint8_t* row, int64_t d, int64_t D) {
+  if (d + 32 <= D) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d));
+  alignas(32) uint8_t buf[32] = {};
+  std::memcpy(buf, row + d, D - d);
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+}
+
+// Integer P.V of R (<= 2) rows over one block: 4 keys at a time, their V rows interleaved
+// byte-wise so that each dword lane holds (v_j[d], v_j+1[d], v_j+2[d], v_j+3[d]); vpmaddubsw
+// with the broadcast 4 weights then vpmaddwd by 1 gives sum_j wq_j v_j[d] in int32, exact. The
+// int32 sums stay in registers over the block's keys (32 dims x 2 rows at a time); the in-lane
+// unpacks permute the dims (X0 holds d 0-3 | 16-19, X1 4-7 | 20-23, ...), undone before the
+// one fma per dim and block into acc.
+template <int R>
+inline void dec_pv_s8(const uint8_t* const* wq, const float* sw, const uint8_t* const* vr, int64_t groups, int64_t D,
+                      int64_t Dp, float* const* acc) {
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t d = 0; d < Dp; d += 32) {
+    __m256i A[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) A[r][i] = _mm256_setzero_si256();
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const uint8_t* const* p = vr + 4 * gi;
+      const __m256i v0 = load_v32(p[0], d, D), v1 = load_v32(p[1], d, D);
+      const __m256i v2 = load_v32(p[2], d, D), v3 = load_v32(p[3], d, D);
+      const __m256i a = _mm256_unpacklo_epi8(v0, v1), b = _mm256_unpackhi_epi8(v0, v1);
+      const __m256i c = _mm256_unpacklo_epi8(v2, v3), e = _mm256_unpackhi_epi8(v2, v3);
+      const __m256i X[4] = {_mm256_unpacklo_epi16(a, c), _mm256_unpackhi_epi16(a, c), _mm256_unpacklo_epi16(b, e),
+                            _mm256_unpackhi_epi16(b, e)};
+      for (int r = 0; r < R; ++r) {
+        int32_t wd;
+        std::memcpy(&wd, wq[r] + 4 * gi, 4);
+        const __m256i W = _mm256_set1_epi32(wd);
+#if QLLM_ATTN_VNNI  // vpdpbusd sums the 4 u8 x s8 products of a dword lane into int32 directly
+        for (int i = 0; i < 4; ++i) A[r][i] = _mm256_dpbusd_epi32(A[r][i], W, X[i]);
+#else
+        for (int i = 0; i < 4; ++i) A[r][i] = _mm256_add_epi32(A[r][i], _mm256_madd_epi16(_mm256_maddubs_epi16(W, X[i]), ones));
+#endif
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256i N[4] = {_mm256_permute2x128_si256(A[r][0], A[r][1], 0x20), _mm256_permute2x128_si256(A[r][2], A[r][3], 0x20),
+                            _mm256_permute2x128_si256(A[r][0], A[r][1], 0x31), _mm256_permute2x128_si256(A[r][2], A[r][3], 0x31)};
+      const __m256 s = _mm256_set1_ps(sw[r]);
+      for (int i = 0; i < 4 && d + 8 * i < Dp; ++i) {
+        float* ap = acc[r] + d + 8 * i;
+        _mm256_store_ps(ap, _mm256_fmadd_ps(_mm256_cvtepi32_ps(N[i]), s, _mm256_load_ps(ap)));
+      }
+    }
+  }
 }
 
 // Calls f.template operator()<R>(r) for the row groups of g rows: 4 at a time, then the rest.
@@ -479,9 +608,8 @@ void decode_t(const float* q, const int16_t* q16, const float* qs, int64_t g, in
         const int64_t row = h * RH + r;
         float* sp = s + (h * g + r) * Tk + j;
         if constexpr (s8) {
-          alignas(16) float qt[4] = {};
-          for (int i = 0; i < R; ++i) qt[i] = qs[row + i];
-          const __m128 qsv = _mm_load_ps(qt);
+          // Built in registers: 4 scalar stores then a vector load of them stalled store forwarding.
+          const __m128 qsv = _mm_setr_ps(qs[row], R > 1 ? qs[row + 1] : 0.0f, R > 2 ? qs[row + 2] : 0.0f, R > 3 ? qs[row + 3] : 0.0f);
           if (two) dec_scores_s8<R, true>(q16 + row * Dq, qsv, D, k0, k1, t.ksp[j][h], t.ksp[j + 1][h], sp, Tk);
           else dec_scores_s8<R, false>(q16 + row * Dq, qsv, D, k0, k1, t.ksp[j][h], 0.0f, sp, Tk);
         } else {
@@ -501,19 +629,64 @@ void decode_t(const float* q, const int16_t* q16, const float* qs, int64_t g, in
     for (int64_t r = 0; r < g; ++r)
       dec_softmax(s + (h * g + r) * Tk, n, s8 ? vs : nullptr, m + h * RH + r, l + h * RH + r, acc + (h * RH + r) * Dp, Dp);
   }
-  // P.V, token-major like the scores.
-  for (int64_t j = 0; j < n; j += 2) {
-    const bool two = j + 1 < n;
+  if constexpr (s8) {  // integer P.V, block by block (kernels/attention.h)
+    // Rows per pass: 2 x 4 int32 accumulators in AVX2's 16 registers; 4 x 4 with AVX-512's 32.
+    constexpr int kRows = QLLM_ATTN_VNNI ? 4 : 2;
+    alignas(32) uint8_t wq[kRows][kDecPvBlock];
+    const uint8_t* vr[kDecPvBlock];
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t b0 = 0; b0 < n; b0 += kDecPvBlock) {
+        const int64_t b1 = std::min(n, b0 + kDecPvBlock), groups = (b1 - b0 + 3) / 4;
+        for (int64_t k = 0; k < 4 * groups; ++k) vr[k] = t.vp[b0 + k < b1 ? b0 + k : b0] + h * hs;  // padding: weight 0
+        for (int64_t j = b0; j < b1; ++j)
+          if (t.vn[j]) prefetch_head(t.vn[j] + h * hs, hs);
+        // Rows kRows at a time, skipping those whose block adds nothing (as the reference does).
+        int64_t np = 0;
+        float sw[kRows];
+        float* ap[kRows];
+        const uint8_t* wp[kRows];
+        for (int64_t i = 0; i < kRows; ++i) wp[i] = wq[i];
+        auto flush = [&] {
+          switch (np) {
+            case 4: if constexpr (kRows >= 4) dec_pv_s8<4>(wp, sw, vr, groups, D, Dp, ap); break;
+            case 3: if constexpr (kRows >= 3) dec_pv_s8<3>(wp, sw, vr, groups, D, Dp, ap); break;
+            case 2: dec_pv_s8<2>(wp, sw, vr, groups, D, Dp, ap); break;
+            case 1: dec_pv_s8<1>(wp, sw, vr, groups, D, Dp, ap); break;
+            default: break;
+          }
+          np = 0;
+        };
+        for (int64_t r = 0; r < g; ++r) {
+          const float w = dec_quant_block(s + (h * g + r) * Tk, b0, b1, wq[np]);
+          if (w == 0.0f) continue;
+          sw[np] = w;
+          ap[np] = acc + (h * RH + r) * Dp;
+          if (++np == kRows) flush();
+        }
+        flush();
+      }
+    return;
+  }
+  // P.V head by head, 4 rows x (4 chunks with AVX-512's 32 registers, 2 with AVX2's 16) of
+  // accumulators held in registers over the tile's keys; the tile's V rows of a head (n x D)
+  // stay in L1 across the passes.
+  {
+    constexpr int C = QLLM_ATTN_VNNI ? 4 : 2;
+    const int64_t Df = D / 8 * 8;
+    const uint8_t* vr[kMaxTile];
+    const uint8_t* pf[kMaxTile];
     for (int64_t h = 0; h < H; ++h) {
-      const uint8_t* v0 = t.vp[j] + h * hs;
-      const uint8_t* v1 = two ? t.vp[j + 1] + h * hs : v0;
-      if (t.vn[j]) prefetch_head(t.vn[j] + h * hs, hs);
-      if (two && t.vn[j + 1]) prefetch_head(t.vn[j + 1] + h * hs, hs);
+      for (int64_t j = 0; j < n; ++j) {
+        vr[j] = t.vp[j] + h * hs;
+        pf[j] = t.vn[j] ? t.vn[j] + h * hs : nullptr;
+      }
       for_groups(g, [&]<int R>(int64_t r) {
-        const float* wp = s + (h * g + r) * Tk + j;
+        const float* wp = s + (h * g + r) * Tk;
         float* ap = acc + (h * RH + r) * Dp;
-        if (two) dec_pv<R, L, true>(wp, Tk, v0, v1, D, Dp, ap);
-        else dec_pv<R, L, false>(wp, Tk, v0, v1, D, Dp, ap);
+        const uint8_t* const* p = r == 0 ? pf : nullptr;  // the first row group prefetches
+        int64_t d = 0;
+        for (; d + 8 * C <= Df; d += 8 * C) dec_pv_pass<R, L, C>(wp, Tk, vr, n, d, D, Dp, ap, p, hs);
+        for (; d < Dp; d += 8) dec_pv_pass<R, L, 1>(wp, Tk, vr, n, d, D, Dp, ap, p, hs);
       });
     }
   }
@@ -532,7 +705,11 @@ void decode(const float* q, const int16_t* q16, const float* qs, int64_t g, int6
 
 }  // namespace
 
+#if QLLM_ATTN_VNNI
+const AttnKernels& attn_kernels_avx512() {
+#else
 const AttnKernels& attn_kernels_avx2() {
+#endif
   static const AttnKernels t{load_kv, attend, decode};
   return t;
 }
