@@ -9,8 +9,8 @@
 // is ~1.25x the dense FMA peak in dense-equivalent flops. Tiles: 4 rows x 2 pairs (8
 // accumulators + 2 indices + 2 value vectors + x + the permute result = 14 ymm: with 5 rows
 // the compiler ran out of registers and reloaded x per pair and the values per row, and the
-// loads, not the FMAs, set the pace), and 1 row x 8 pairs for the memory-bound matrix-vector
-// case (8 independent chains).
+// loads, not the FMAs, set the pace), and for the memory-bound matrix-vector case 1 row x two
+// 4-pair super-panels (fmv: two sequential streams, 8 independent chains).
 //
 // s8: the super-panel layout and x pair table of kernels/sparse24.h: per group and 8 channels,
 // vpermd of the group's table row by the 8 stored pair codes gives 8 ready s16 pairs for one
