@@ -2,6 +2,7 @@
 // against the dense product of the decompressed weight (computed here in double / int64), every
 // ISA against ref bit for bit on one packed weight, and the rejected inputs.
 #include <cmath>
+#include <cstring>
 
 #include "test_util.h"
 
@@ -271,6 +272,49 @@ TEST(Sparse24, Int8SlabsAndPanelsExact) {
       sparse24_matmul(context(isa), a, TensorView(got.data(), DType::s32, {rows, n}), {DType::s32});
       EXPECT_TRUE(std::equal(got.begin(), got.end(), want.begin() + (m - rows) * n)) << isa_name(isa) << " m " << rows;
     }
+}
+
+// The float packed layout (version 2, docs/operators.md): super-panels of 4 channel pairs, one
+// stream each; per step of 16 along k, each pair's 16 values then each pair's u32 of positions.
+// n = 10 gives a second super-panel with one real pair; k = 20 pads to 32 (two steps).
+TEST(Sparse24, PackedFloatLayout) {
+  static_assert(PackedSparse24::kFloatLayoutVersion == 2 && PackedSparse24::kFloatPanelChannels == 8);
+  const int64_t n = 10, k = 20;
+  std::vector<float> vals(n * k / 2);
+  for (size_t i = 0; i < vals.size(); ++i) vals[i] = static_cast<float>(i + 1);
+  std::vector<uint8_t> meta(n * sparse24_meta_cols(k));
+  for (int64_t r = 0; r < n; ++r) {
+    meta[r * 3 + 0] = 0x9c;  // group 0: (0, 3) -> 0xc; group 1: (1, 2) -> 0x9
+    meta[r * 3 + 1] = 0xe8;  // group 2: (0, 2) -> 0x8; group 3: (2, 3) -> 0xe
+    meta[r * 3 + 2] = 0x0d;  // group 4: (1, 3) -> 0xd; padding nibble 0
+  }
+  const PackedSparse24 pk = PackedSparse24::pack(TensorView(vals.data(), DType::f32, {n, k / 2}),
+                                                 TensorView(meta.data(), DType::u8, {n, 3}));
+  ASSERT_EQ(pk.panels(), 2);
+  ASSERT_EQ(pk.kblocks(), 4);
+  const int64_t vbytes = 4 * 16 * 4, step = vbytes + 4 * 4;
+  ASSERT_EQ(pk.panel_bytes(), 2 * step);
+  ASSERT_EQ(pk.bytes(), static_cast<size_t>(2 * 2 * step));
+  auto f = [&](int64_t off) { float v; std::memcpy(&v, pk.data() + off, 4); return v; };
+  auto u16 = [&](int64_t off) { return static_cast<int>(pk.data()[off] | (pk.data()[off + 1] << 8)); };
+  // Super-panel 0, step 0, pair 1 (channels 2, 3), block 0: A.g0 A.g0 B.g0 B.g0 | A.g1 A.g1 B.g1 B.g1.
+  const int64_t base = 16 * 4;
+  const std::vector<float> want = {vals[20], vals[21], vals[30], vals[31], vals[22], vals[23], vals[32], vals[33]};
+  for (int l = 0; l < 8; ++l) EXPECT_EQ(f(base + 4 * l), want[l]) << l;
+  // Block 1 of the same pair: groups 2, 3 of channels 2 and 3.
+  EXPECT_EQ(f(base + 32), vals[24]);
+  EXPECT_EQ(f(base + 32 + 8), vals[34]);
+  // Pair 1's positions: block 0 then block 1, A's byte low, B's high.
+  EXPECT_EQ(u16(vbytes + 4), 0x9c9c);
+  EXPECT_EQ(u16(vbytes + 4 + 2), 0xe8e8);
+  // Step 1, block 2 holds group 4 and a padding group (positions (0, 1), zero values).
+  EXPECT_EQ(u16(step + vbytes + 4), 0x4d4d);
+  EXPECT_EQ(f(step + base + 16), 0.0f);
+  EXPECT_EQ(f(step + base), vals[28]);
+  // Super-panel 1: pair 0 is channels 8, 9; pair 1 is padding (zero values, positions (0, 1)).
+  EXPECT_EQ(f(2 * step + 0), vals[8 * 10]);
+  EXPECT_EQ(f(2 * step + 64), 0.0f);
+  EXPECT_EQ(u16(2 * step + vbytes + 4), 0x4444);
 }
 
 TEST(Sparse24, RejectsBadInput) {

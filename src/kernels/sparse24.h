@@ -1,15 +1,20 @@
 // Kernels of the 2:4 sparse matmul, one table per ISA (ref reads the same packed layout, so the
 // tests run one packed weight through ref and AVX2 and demand identical bits).
 //
-// Packed layout (PackedSparse24): output channels in pairs (A = 2p, B = 2p + 1; B is zero when n
-// is odd). k is padded with all-zero groups to a multiple of 16, giving KB (even) blocks of 8.
-// (This pair layout is the float one; s8 weights use the super-panel layout further down.)
-// A pair's block is pair_bytes long: values [KB][8] (dtype) then meta [KB] u16
-// (low byte: A's meta byte for the block's two groups g0 = 2kb, g1 = 2kb + 1; high byte: B's).
-// The 8 values of block kb are ordered for the kernel's gather (vpermilps on x[8kb, 8kb+8), one
-// group per 128-bit lane):
+// Float packed layout (PackedSparse24, layout version 2): output channels in pairs (A = 2p,
+// B = 2p + 1), and pairs in super-panels of kFP = 4 (8 channels; n padded with zero channels).
+// k is padded with all-zero groups to a multiple of 16, giving KB (even) blocks of 8, walked in
+// steps of two blocks. A super-panel is one sequential stream: step s (blocks 2s, 2s + 1) holds
+//   values [kFP pairs][2 blocks][8] (dtype), then meta [kFP pairs] u32
+// (a pair's u32 = block 2s's u16 | block 2s+1's u16 << 16; a block's u16: low byte A's meta byte
+// for the block's two groups g0 = 2kb, g1 = 2kb + 1, high byte B's). (Version 1 stored each pair
+// as its own values stream followed by its own meta stream: 16 streams for the 8 pairs a
+// matrix-vector tile reads, which ran at ~22 GB/s; one stream per super-panel, two super-panels
+// per core at a time, reads at the dense kernels' DRAM rate.) The 8 values of a block are ordered for the kernel's gather (vpermilps on
+// x[8kb, 8kb+8), one group per 128-bit lane):
 //     A.g0.v0 A.g0.v1 B.g0.v0 B.g0.v1 | A.g1.v0 A.g1.v1 B.g1.v0 B.g1.v1
 // which gives 8 accumulator lanes per (row, pair): lanes {0, 1, 4, 5} belong to A, {2, 3, 6, 7} to B.
+// (The s8 weights use the super-panel layout further down.)
 #pragma once
 
 #include <cstdint>
@@ -19,19 +24,29 @@
 
 namespace qllm::kernels {
 
+constexpr int kFP = 4;  // pairs per float super-panel (two of them fill the m = 1 kernel's 8 accumulators)
+// Bytes of one step (two blocks) of one float super-panel.
+constexpr int64_t s24_step_bytes(int64_t es) { return kFP * 16 * es + kFP * 4; }
+
 struct S24Panels {
   const uint8_t* data = nullptr;
   DType dtype = DType::f32;
-  int64_t kb = 0;          // blocks of 8 along k (even)
-  int64_t pair_bytes = 0;  // bytes of one pair's block
-  const uint8_t* values(int64_t pair) const { return data + pair * pair_bytes; }
-  const uint16_t* meta(int64_t pair) const {
-    return reinterpret_cast<const uint16_t*>(data + pair * pair_bytes + kb * 8 * dtype_size(dtype));
+  int64_t kb = 0;           // blocks of 8 along k (even)
+  int64_t panel_bytes = 0;  // bytes of one super-panel: kb / 2 steps
+  int64_t step_bytes() const { return s24_step_bytes(dtype_size(dtype)); }
+  // Step s of the super-panel holding pair p, and pair p's values / meta in it.
+  const uint8_t* step(int64_t p, int64_t s) const { return data + (p / kFP) * panel_bytes + s * step_bytes(); }
+  const uint8_t* values(int64_t p, int64_t kb_) const {
+    return step(p, kb_ / 2) + ((p % kFP) * 16 + (kb_ % 2) * 8) * dtype_size(dtype);
+  }
+  uint16_t meta(int64_t p, int64_t kb_) const {
+    const uint8_t* q = step(p, kb_ / 2) + kFP * 16 * dtype_size(dtype) + (p % kFP) * 4 + (kb_ % 2) * 2;
+    return static_cast<uint16_t>(q[0] | (q[1] << 8));
   }
 };
 
 // acc[r * ld_acc + (p - p0) * 8 + lane] += the lanes' products over blocks [kb0, kb1) (even
-// bounds), for rows [0, rows) and pairs [p0, p1). Float: x rows of f32, ldx apart, zero past k;
+// bounds), for rows [0, rows) and pairs [p0, p1) (p0 even). Float: x rows of f32, ldx apart, zero past k;
 // each lane accumulates its terms in block order with one FMA each.
 using S24FloatFn = void (*)(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0,
                             int64_t p1, int64_t kb0, int64_t kb1, float* acc, int64_t ld_acc);

@@ -173,40 +173,48 @@ int64_t s8_kb(int64_t k) { return (k + 63) / 64; }
 
 int64_t panel_bytes_for(DType dt, int64_t k) {
   if (dt == DType::s8) return s8_kb(k) * kernels::kS8BlockBytes;
-  const int64_t kb = packed_kb(k);
-  return static_cast<int64_t>(align_up(static_cast<size_t>(kb * 8 * dtype_size(dt) + kb * 2)));
+  return packed_kb(k) / 2 * kernels::s24_step_bytes(dtype_size(dt));
 }
-int64_t panels_for(DType dt, int64_t n) { return dt == DType::s8 ? (n + 31) / 32 : (n + 1) / 2; }
+static_assert(PackedSparse24::kFloatPanelChannels == 2 * kernels::kFP);
+int64_t panels_for(DType dt, int64_t n) {
+  return dt == DType::s8 ? (n + kernels::kS8Channels - 1) / kernels::kS8Channels : (n + 2 * kernels::kFP - 1) / (2 * kernels::kFP);
+}
 
-// Packs pairs [p0, p1) of a validated compressed float weight.
-void pack_pairs(const TensorView& values, const TensorView& meta, uint8_t* out, int64_t pair_bytes,
-                int64_t p0, int64_t p1) {
+// Packs float super-panels [s0, s1) of a validated compressed float weight (kernels/sparse24.h).
+// Missing channels and padding groups: zero values at positions (0, 1).
+void pack_pairs(const TensorView& values, const TensorView& meta, uint8_t* out, int64_t panel_bytes,
+                int64_t s0, int64_t s1) {
+  using kernels::kFP;
   const DType dt = values.dtype();
   const int64_t n = values.dim(0), k = 2 * values.dim(1), groups = k / 4, mc = sparse24_meta_cols(k);
-  const int64_t es = dtype_size(dt), kb = packed_kb(k);
+  const int64_t es = dtype_size(dt), kb = packed_kb(k), step = kernels::s24_step_bytes(es);
   const uint8_t* v = values.data<uint8_t>();
   const uint8_t* m = meta.data<uint8_t>();
-  for (int64_t p = p0; p < p1; ++p) {
-    uint8_t* pv = out + p * pair_bytes;
-    uint16_t* pm = reinterpret_cast<uint16_t*>(pv + kb * 8 * es);
-    std::memset(pv, 0, static_cast<size_t>(pair_bytes));
+  for (int64_t sp = s0; sp < s1; ++sp) {
+    uint8_t* pan = out + sp * panel_bytes;
+    std::memset(pan, 0, static_cast<size_t>(panel_bytes));
     for (int64_t b = 0; b < kb; ++b) {
-      uint16_t word = 0;
-      for (int c = 0; c < 2; ++c) {
-        const int64_t col = 2 * p + c;
-        for (int h = 0; h < 2; ++h) {
-          const int64_t g = 2 * b + h;
-          // Missing columns and padding groups: zero values at positions (0, 1).
-          int nib = 0x4;
-          if (col < n && g < groups) {
-            nib = (m[col * mc + g / 2] >> (4 * (g % 2))) & 0xf;
-            for (int s = 0; s < 2; ++s)
-              std::memcpy(pv + (b * 8 + 4 * h + 2 * c + s) * es, v + (col * (k / 2) + 2 * g + s) * es, es);
+      uint8_t* st = pan + (b / 2) * step;
+      for (int pj = 0; pj < kFP; ++pj) {
+        uint8_t* pv = st + (pj * 16 + (b % 2) * 8) * es;
+        uint16_t word = 0;
+        for (int c = 0; c < 2; ++c) {
+          const int64_t col = 2 * (sp * kFP + pj) + c;
+          for (int h = 0; h < 2; ++h) {
+            const int64_t g = 2 * b + h;
+            int nib = 0x4;
+            if (col < n && g < groups) {
+              nib = (m[col * mc + g / 2] >> (4 * (g % 2))) & 0xf;
+              for (int s = 0; s < 2; ++s)
+                std::memcpy(pv + (4 * h + 2 * c + s) * es, v + (col * (k / 2) + 2 * g + s) * es, es);
+            }
+            word = static_cast<uint16_t>(word | (nib << (8 * c + 4 * h)));
           }
-          word = static_cast<uint16_t>(word | (nib << (8 * c + 4 * h)));
         }
+        uint8_t* pm = st + kFP * 16 * es + pj * 4 + (b % 2) * 2;
+        pm[0] = static_cast<uint8_t>(word);
+        pm[1] = static_cast<uint8_t>(word >> 8);
       }
-      pm[b] = word;
     }
   }
 }
@@ -316,6 +324,7 @@ constexpr const char* kOp = "sparse24_matmul";
 // per pair) stream past it; per-lane partial sums live in a per-thread tile between chunks.
 constexpr int64_t kRowBlock = 60;
 constexpr int64_t kPairBlock = 16;
+static_assert(kPairBlock % (2 * kernels::kFP) == 0, "work items hold whole pairs of super-panels");
 constexpr int64_t kChunkKb = 128;
 
 struct Plan {
@@ -442,7 +451,7 @@ void run_float(Context& ctx, const Plan& pl, const Sparse24MatmulArgs& a, const 
   });
 
   const kernels::S24Panels panels{pw.data(), pw.dtype(), pw.kblocks(), pw.panel_bytes()};
-  const int64_t pairs = pw.panels();
+  const int64_t pairs = pw.panels() * kernels::kFP;  // padded pairs (zero channels past n)
   const int64_t rblocks = ceil_div(pl.m, rb), pblocks = ceil_div(pairs, kPairBlock);
   pool.parallel_for(rblocks * pblocks, 1, [&](int64_t b, int64_t e, int tid) {
     for (int64_t it = b; it < e; ++it) {
@@ -451,8 +460,11 @@ void run_float(Context& ctx, const Plan& pl, const Sparse24MatmulArgs& a, const 
       const int64_t ld = (p1 - p0) * 8;
       float* ftile = tiles + static_cast<int64_t>(tid) * rb * kPairBlock * 8;
       std::memset(ftile, 0, static_cast<size_t>(rows * ld) * sizeof(float));
-      for (int64_t k0 = 0; k0 < pl.kb; k0 += kChunkKb)
-        sk.float_mm(xw + r0 * ldx, ldx, rows, panels, p0, p1, k0, std::min(pl.kb, k0 + kChunkKb), ftile, ld);
+      // One row streams each super-panel over the whole depth (one sequential stream); more rows
+      // take the depth in chunks (see kChunkKb).
+      const int64_t chunk = rows == 1 ? pl.kb : kChunkKb;
+      for (int64_t k0 = 0; k0 < pl.kb; k0 += chunk)
+        sk.float_mm(xw + r0 * ldx, ldx, rows, panels, p0, p1, k0, std::min(pl.kb, k0 + chunk), ftile, ld);
       // Lanes {0, 1, 4, 5} hold channel 2p's partial sums, {2, 3, 6, 7} channel 2p + 1's
       // (kernels/sparse24.h); both ISAs share this reduction, so their outputs agree to the bit.
       for (int64_t r = 0; r < rows; ++r)
@@ -529,7 +541,7 @@ void sparse24_matmul(Context& ctx, const Sparse24MatmulArgs& a, const TensorView
     uint8_t* mem = ws.alloc<uint8_t>(PackedSparse24::packed_bytes(pl.wdt, pl.n, pl.k), kOp);
     // Validated above; pack the panels in parallel, then wrap the memory (no second validation pass).
     const int64_t pb = panel_bytes_for(pl.wdt, pl.k);
-    ctx.pool().parallel_for(panels_for(pl.wdt, pl.n), pl.quant ? 1 : 64,
+    ctx.pool().parallel_for(panels_for(pl.wdt, pl.n), 1,
                             [&](int64_t b, int64_t e, int) { pack_panels(a.values, a.meta, mem, pb, b, e); });
     local = detail::PackedSparse24Access::wrap(pl.wdt, pl.n, pl.k, mem);
     pw = &local;

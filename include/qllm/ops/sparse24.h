@@ -40,10 +40,10 @@ void decompress_24(const TensorView& values, const TensorView& meta, const Tenso
 namespace detail { struct PackedSparse24Access; }
 
 // A 2:4 weight packed for sparse24_matmul, as panels of output channels streamed along k.
-// Float values: panels are channel pairs; for each pair and each block of 8 along k (two groups)
-// it stores the pair's 8 kept values (ordered for the kernel's in-register gather) and 2 bytes of
-// positions: the bytes of the compressed form (values + 2 bits per kept value), rounded up to
-// whole 16-deep blocks. s8 values: panels are 32 channels; per group each channel stores its 2
+// Float values (layout version 2): super-panels of 8 channels (4 channel pairs), one sequential
+// stream each; per 16 along k it stores each pair's 16 kept values (ordered for the kernel's
+// in-register gather) and then each pair's 4 bytes of positions: the bytes of the compressed form
+// (values + 2 bits per kept value), with k rounded up to 16 and n to 8. s8 values: panels are 32 channels; per group each channel stores its 2
 // values and a 3-bit code of its position pair (one of 6), i.e. 1.5 bits per kept value, in
 // blocks of 64 along k (src/kernels/sparse24.h).
 class PackedSparse24 {
@@ -60,8 +60,14 @@ class PackedSparse24 {
   DType dtype() const { return dtype_; }
   int64_t n() const { return n_; }
   int64_t k() const { return k_; }
-  // Panels: channel pairs (float) or super-panels of 32 channels (s8).
-  int64_t panels() const { return dtype_ == DType::s8 ? (n_ + 31) / 32 : (n_ + 1) / 2; }
+  // Super-panels: of 16 channels (float) or of 32 channels (s8).
+  int64_t panels() const {
+    return dtype_ == DType::s8 ? (n_ + 31) / 32 : (n_ + kFloatPanelChannels - 1) / kFloatPanelChannels;
+  }
+  // Output channels per float super-panel (kernels/sparse24.h: 2 * kFP).
+  static constexpr int kFloatPanelChannels = 8;
+  // Version of the packed float layout (2: 8-channel super-panels; 1 was per-pair streams).
+  static constexpr int kFloatLayoutVersion = 2;
   int64_t kblocks() const { return kb_; }  // padded depth / 8 (float, even) or / 64 (s8)
   int64_t panel_bytes() const { return panel_bytes_; }
   const uint8_t* data() const { return data_; }

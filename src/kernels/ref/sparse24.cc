@@ -29,17 +29,17 @@ inline int pos(uint16_t meta, int c, int h, int v) { return (meta >> (8 * c + 4 
 void s24_float_mm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0, int64_t p1,
                   int64_t kb0, int64_t kb1, float* acc, int64_t ld_acc) {
   for (int64_t p = p0; p < p1; ++p) {
-    const uint8_t* vals = w.values(p);
-    const uint16_t* meta = w.meta(p);
     for (int64_t r = 0; r < rows; ++r) {
       float* a = acc + r * ld_acc + (p - p0) * 8;
       const float* xr = x + r * ldx;
       for (int64_t kb = kb0; kb < kb1; ++kb) {
+        const uint8_t* vals = w.values(p, kb);
+        const uint16_t meta = w.meta(p, kb);
         // Float order: lane l = 4h + 2c + v (group h, column c, slot v).
         for (int l = 0; l < 8; ++l) {
           const int h = l / 4, c = (l / 2) % 2, v = l % 2;
-          const float xv = xr[8 * kb + 4 * h + pos(meta[kb], c, h, v)];
-          a[l] = std::fma(value_f32(w.dtype, vals, kb * 8 + l), xv, a[l]);
+          const float xv = xr[8 * kb + 4 * h + pos(meta, c, h, v)];
+          a[l] = std::fma(value_f32(w.dtype, vals, l), xv, a[l]);
         }
       }
     }

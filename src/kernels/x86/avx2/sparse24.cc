@@ -9,8 +9,8 @@
 // is ~1.25x the dense FMA peak in dense-equivalent flops. Tiles: 4 rows x 2 pairs (8
 // accumulators + 2 indices + 2 value vectors + x + the permute result = 14 ymm: with 5 rows
 // the compiler ran out of registers and reloaded x per pair and the values per row, and the
-// loads, not the FMAs, set the pace), and 1 row x 8 pairs for the memory-bound matrix-vector
-// case (8 independent chains).
+// loads, not the FMAs, set the pace), and for the memory-bound matrix-vector case 1 row x two
+// 4-pair super-panels (fmv: two sequential streams, 8 independent chains).
 //
 // s8: the super-panel layout and x pair table of kernels/sparse24.h: per group and 8 channels,
 // vpermd of the group's table row by the 8 stored pair codes gives 8 ready s16 pairs for one
@@ -26,41 +26,38 @@ namespace qllm::kernels::avx2 {
 
 namespace {
 
-inline int32_t load_u32(const uint16_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
+// Float software prefetch distance for the matrix-vector kernel (bytes ahead in each super-panel's
+// stream; every line of a step is requested once, spread over the steps). 1 KB with two streams
+// per core measured the steadiest (1.6-1.9x dense at m = 1); 2-4 KB were no better, and one stream
+// per core (8 accumulators over one 8-pair super-panel) stayed ~10-20 % slower.
+constexpr int64_t kFPrefetchBytes = 1024;
 
+// MR rows x PR pairs starting at pair p; all PR pairs lie in p's super-panel (p % kFP + PR <= kFP),
+// so one running step pointer reaches every pair's values and meta at fixed offsets.
 template <DType DT, int MR, int PR>
 void ftile(const float* x, int64_t ldx, const S24Panels& w, int64_t p, int64_t kb0, int64_t kb1, float* acc,
            int64_t ld_acc) {
   constexpr int64_t es = dtype_size(DT);
+  constexpr int64_t step = s24_step_bytes(es);
   __m256 a[PR][MR];
-  // One pointer per pair; meta and values are reached through two shared running offsets, so
-  // 8 pairs need 8 + 2 general registers and nothing spills.
-  const uint8_t* v[PR];
-  for (int j = 0; j < PR; ++j) {
-    v[j] = w.values(p + j);
+  for (int j = 0; j < PR; ++j)
     for (int r = 0; r < MR; ++r) a[j][r] = _mm256_loadu_ps(acc + r * ld_acc + j * 8);
-  }
-  const int64_t moff = w.kb * 8 * es;
+  const int64_t pj = p % kFP;
+  const uint8_t* sv = w.step(p, kb0 / 2) + pj * 16 * es;       // pair p's values in the step
+  const uint8_t* sm = w.step(p, kb0 / 2) + kFP * 16 * es + pj * 4;  // pair p's meta in the step
   // Lane shifts: lane 4h + 2c + s reads bits 8c + 4h + 2s of the block's u16 (kernels/sparse24.h);
-  // the odd block of a pair of blocks sits 16 bits higher in the 32-bit load.
+  // the odd block of the step sits 16 bits higher in the 32-bit load.
   const __m256i sh0 = _mm256_setr_epi32(0, 2, 8, 10, 4, 6, 12, 14);
   const __m256i sh1 = _mm256_add_epi32(sh0, _mm256_set1_epi32(16));
-  for (int64_t kb = kb0; kb < kb1; kb += 2) {
-    const int64_t vo = kb * 8 * es, mo = moff + kb * 2;
-    if constexpr (MR == 1) {
-      // Matrix-vector: 8 pairs are 8 value streams; fetch 1 KB ahead of each.
-      for (int j = 0; j < PR; ++j) _mm_prefetch(reinterpret_cast<const char*>(v[j] + vo + 1024), _MM_HINT_T0);
-    }
+  for (int64_t kb = kb0; kb < kb1; kb += 2, sv += step, sm += step) {
     for (int h = 0; h < 2; ++h) {
       __m256i idx[PR];
       __m256 vv[PR];
       for (int j = 0; j < PR; ++j) {
-        idx[j] = _mm256_srlv_epi32(_mm256_set1_epi32(load_u32(reinterpret_cast<const uint16_t*>(v[j] + mo))), h ? sh1 : sh0);
-        vv[j] = load8(DT, v[j] + vo + h * 8 * es);
+        int32_t m32;
+        std::memcpy(&m32, sm + 4 * j, 4);
+        idx[j] = _mm256_srlv_epi32(_mm256_set1_epi32(m32), h ? sh1 : sh0);
+        vv[j] = load8(DT, sv + (j * 16 + h * 8) * es);
       }
       for (int r = 0; r < MR; ++r) {
         const __m256 xv = _mm256_loadu_ps(x + r * ldx + (kb + h) * 8);
@@ -70,6 +67,41 @@ void ftile(const float* x, int64_t ldx, const S24Panels& w, int64_t p, int64_t k
   }
   for (int j = 0; j < PR; ++j)
     for (int r = 0; r < MR; ++r) _mm256_storeu_ps(acc + r * ld_acc + j * 8, a[j][r]);
+}
+
+// Matrix-vector kernel: one row x NS super-panels (NS sequential streams, NS * kFP = 8
+// accumulators). Per pair and step: one broadcast of its u32 of positions; vpsrlvd gives block
+// 2s's indices, vpsrld 16 + vpsrlvd block 2s+1's; two value loads, two permutes of the step's two x
+// vectors, two FMAs. Written pair by pair so that only ~5 temporaries are live besides the 8
+// accumulators, 2 x vectors and the shift vector (the block-major form of ftile kept 8 indices
+// and 8 value vectors live and spilled half of them, which made it compute-bound at ~20 GB/s).
+template <DType DT, int NS>
+void fmv(const float* x, const S24Panels& w, int64_t p, int64_t kb0, int64_t kb1, float* acc) {
+  constexpr int64_t es = dtype_size(DT);
+  constexpr int64_t step = s24_step_bytes(es);
+  __m256 a[NS][kFP];
+  for (int s = 0; s < NS; ++s)
+    for (int j = 0; j < kFP; ++j) a[s][j] = _mm256_loadu_ps(acc + (s * kFP + j) * 8);
+  const uint8_t* sv[NS];
+  for (int s = 0; s < NS; ++s) sv[s] = w.step(p + s * kFP, kb0 / 2);
+  const __m256i sh0 = _mm256_setr_epi32(0, 2, 8, 10, 4, 6, 12, 14);
+  for (int64_t kb = kb0; kb < kb1; kb += 2) {
+    const __m256 x0 = _mm256_loadu_ps(x + kb * 8), x1 = _mm256_loadu_ps(x + kb * 8 + 8);
+    for (int s = 0; s < NS; ++s) {
+      for (int64_t l = 0; l < step; l += 64) _mm_prefetch(reinterpret_cast<const char*>(sv[s] + kFPrefetchBytes + l), _MM_HINT_T0);
+      for (int j = 0; j < kFP; ++j) {
+        int32_t m32;
+        std::memcpy(&m32, sv[s] + kFP * 16 * es + 4 * j, 4);
+        const __m256i mb = _mm256_set1_epi32(m32);
+        const __m256i i0 = _mm256_srlv_epi32(mb, sh0), i1 = _mm256_srlv_epi32(_mm256_srli_epi32(mb, 16), sh0);
+        a[s][j] = _mm256_fmadd_ps(load8(DT, sv[s] + j * 16 * es), _mm256_permutevar_ps(x0, i0), a[s][j]);
+        a[s][j] = _mm256_fmadd_ps(load8(DT, sv[s] + (j * 16 + 8) * es), _mm256_permutevar_ps(x1, i1), a[s][j]);
+      }
+      sv[s] += step;
+    }
+  }
+  for (int s = 0; s < NS; ++s)
+    for (int j = 0; j < kFP; ++j) _mm256_storeu_ps(acc + (s * kFP + j) * 8, a[s][j]);
 }
 
 template <DType DT, int PR>
@@ -89,7 +121,8 @@ void fmm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t 
   constexpr int kMR = 4;
   if (rows == 1) {
     int64_t p = p0;
-    for (; p + 8 <= p1; p += 8) ftile<DT, 1, 8>(x, ldx, w, p, kb0, kb1, acc + (p - p0) * 8, ld_acc);
+    for (; p + 2 * kFP <= p1 && p % kFP == 0; p += 2 * kFP) fmv<DT, 2>(x, w, p, kb0, kb1, acc + (p - p0) * 8);
+    for (; p + kFP <= p1 && p % kFP == 0; p += kFP) fmv<DT, 1>(x, w, p, kb0, kb1, acc + (p - p0) * 8);
     for (; p < p1; ++p) ftile<DT, 1, 1>(x, ldx, w, p, kb0, kb1, acc + (p - p0) * 8, ld_acc);
     return;
   }
