@@ -96,8 +96,15 @@ void prepare(const WqPanels& w, const float* x, float* prep) {
       // Pass 1: u = the lowest set bit over the chunk, top = a bound on the highest.
       __m512i vumin = _mm512_set1_epi32(1 << 20), vtop = _mm512_set1_epi32(-(1 << 20));
       __mmask16 bad = 0;
+      // The float path's correction -bias * sum of x over the biased positions (i < KB - 1), for
+      // every chunk: another row may send this chunk down the float path.
+      __m512d biased = _mm512_setzero_pd();
+      const __mmask16 bpos = KB == 8 ? 0x7F7F : 0x7777;
       for (int64_t j = 0; j < clen; j += 16) {
         const __mmask16 lm = static_cast<__mmask16>((1u << std::min<int64_t>(16, clen - j)) - 1);
+        const __m512 xv = _mm512_maskz_loadu_ps(lm & bpos, xc + j);
+        biased = _mm512_add_pd(biased, _mm512_cvtps_pd(_mm512_castps512_ps256(xv)));
+        biased = _mm512_add_pd(biased, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(xv), 1))));
         const __m512i b = _mm512_castps_si512(_mm512_maskz_loadu_ps(lm, xc + j));
         const __m512i ef = _mm512_and_si512(_mm512_srli_epi32(b, 23), _mm512_set1_epi32(0xFF));
         bad |= _mm512_cmpeq_epi32_mask(ef, _mm512_set1_epi32(0xFF));
@@ -114,9 +121,13 @@ void prepare(const WqPanels& w, const float* x, float* prep) {
         vumin = _mm512_mask_min_epi32(vumin, nz, vumin, elow);
         vtop = _mm512_mask_max_epi32(vtop, nz, vtop, _mm512_sub_epi32(efp, _mm512_set1_epi32(126)));
       }
+      inff[9] = static_cast<float>(-static_cast<double>(bias) * _mm512_reduce_add_pd(biased));
       const int umin = _mm512_reduce_min_epi32(vumin), top = _mm512_reduce_max_epi32(vtop);
       bool ok = bad == 0;
-      if (ok && umin == (1 << 20)) continue;  // all zero: S = 0, skipped
+      if (ok && umin == (1 << 20)) {  // all zero: S = 0 (zero digits, read if another row needs them)
+        std::memset(d, 0, static_cast<size_t>(nkb * 4 * SB));
+        continue;
+      }
       // |X| = |x| 2^-u < 2^(top - u) must fit s32 for the digit split; 2^(u + 8s) must be normal.
       ok = ok && top - umin <= 31 && umin >= -126 && umin <= 100;
       int S = 0;
@@ -170,12 +181,7 @@ void prepare(const WqPanels& w, const float* x, float* prep) {
           continue;
         }
       }
-      // Float path: the correction -bias * sum of x over the biased positions (i < KB - 1).
-      double biased = 0;
-      for (int64_t j = 0; j < clen; ++j)
-        if (j % KB != KB - 1) biased += xc[j];
-      inf[0] = 5;
-      inff[9] = static_cast<float>(-static_cast<double>(bias) * biased);
+      inf[0] = 5;  // float path
       std::memset(d, 0, static_cast<size_t>(nkb * 4 * SB));
     }
   }
