@@ -106,12 +106,14 @@ void run_op(Context& ctx, const QW& w, const std::vector<uint8_t>& x, DType xdt,
 
 // One configuration through ref (checked against a double matmul of W') and every fast ISA.
 void check(int bits, int64_t m, int64_t k, int64_t n, int64_t gs, bool transpose, bool sym, DType xdt, DType ydt,
-           bool with_bias, bool zero_row = false) {
+           bool with_bias, bool zero_row = false, const std::vector<float>* x_given = nullptr) {
   SCOPED_TRACE(testing::Message() << "bits " << bits << " m " << m << " k " << k << " n " << n << " gs " << gs << " T "
                                   << transpose << " sym " << sym << " x " << dtype_name(xdt) << " y " << dtype_name(ydt)
                                   << " bias " << with_bias);
   const QW w = make_qw(bits, k, n, gs, transpose, sym);
   auto x = rand_float_bytes(xdt, m * k, -1.0f, 1.0f);
+  if (x_given)
+    for (int64_t i = 0; i < m * k; ++i) from_f(xdt, x.data(), i, (*x_given)[i]);
   if (zero_row && m > 1) std::memset(x.data() + (m / 2) * k * dtype_size(xdt), 0, k * dtype_size(xdt));
   auto bias = rand_float_bytes(DType::f32, n, -1.0f, 1.0f);
   std::vector<uint8_t> yref;
@@ -205,6 +207,36 @@ TEST(WeightQuant, TinyShapes) {
   }
   check(8, 3, 1, 1, 0, false, true, DType::f32, DType::f32, true);
   check(8, 10, 1, 1, 0, true, false, DType::f32, DType::f32, false);
+}
+
+// The AVX-512 matrix-vector kernel picks per row and chunk of k (the group, or 128 k of longer
+// groups) between exact integer digit products (x written as X * 2^u, X split into <= 4 signed
+// bytes) and the float path; this drives every case of that choice through the same bound as
+// the other tests (the integer path rounds less, so it must pass the float path's bound too):
+// f16-exact rows (1-3 digits), powers of two (1 digit), full f32 significands spread over many
+// exponents (float path), an all-zero first chunk, and a huge/tiny mix in one chunk, in rows
+// of one call so one chunk mixes paths across rows.
+TEST(WeightQuant, GemvChunkPaths) {
+  for (int bits : {4, 8})
+    for (int64_t gs : {int64_t{0}, int64_t{32}, int64_t{96}, int64_t{384}})
+      for (int64_t m : {1, 2, 5}) {
+        const int64_t k = gs == 384 ? 700 : 300;  // partial last group / chunk, k % 8 != 0 for 300
+        std::vector<float> x(m * k);
+        auto u = test::rand_f32(m * k, -1.0f, 1.0f);
+        for (int64_t r = 0; r < m; ++r)
+          for (int64_t kk = 0; kk < k; ++kk) {
+            float& v = x[r * k + kk];
+            const float f = u[r * k + kk];
+            switch ((r + (kk / 128)) % 5) {
+              case 0: v = f16_to_f32(f32_to_f16(f * 3.0f)); break;                 // f16-exact
+              case 1: v = std::ldexp(1.0f, static_cast<int>(kk % 9) - 4) * (f < 0 ? -1 : 1); break;  // 1 digit
+              case 2: v = f * std::ldexp(1.0f, static_cast<int>(kk % 13) - 6); break;  // float path
+              case 3: v = kk < 128 ? 0.0f : f; break;                               // zero chunk
+              default: v = kk % 17 == 0 ? f * 1e20f : f * 1e-20f; break;            // float path
+            }
+          }
+        check(bits, m, k, 20, gs, true, gs != 32, DType::f32, DType::f32, m != 2, false, &x);
+      }
 }
 
 // A real model size (Mixtral/DeepSeek hidden 7168) on a slice of columns, decode and prefill.

@@ -92,5 +92,33 @@ constexpr int kWqMR = 6;  // rows of the GEMM microkernel (6 x 16: 12 accumulato
 const WqKernels& wq_kernels(Isa isa);
 const WqKernels& wq_ref_kernels();
 const WqKernels& wq_avx2_kernels();
+const WqKernels& wq_avx512_kernels();  // VNNI matrix-vector path (x86/avx512/wq_vnni.cc)
+
+// Per-row preparation of the AVX-512 VNNI matrix-vector kernel (x86/avx512/wq_vnni.cc), in
+// floats from the row's start, every section 64-byte aligned:
+//   [x' = x * 2^(-iB), groups * kgroup floats: the float fallback's activations]
+//   [per group: sum of x (for offsets)]
+//   [per chunk: 16 words {S (0: all zero, 1-4: digits, 5: float path), 4 s32 accumulator
+//     starts -2^(B-1) * sum of digit s, 4 f32 digit weights 2^(u + 8s), f32 float-path bias
+//     correction, unused}]
+//   [per k-block: 4 digits x (8 bytes for 4-bit: even k then odd k; 4 bytes for 8-bit)]
+// A chunk is the group, or 128 k of it when the group is longer than 256 (which keeps the
+// s32 sums exact in f32 and the digit count low).
+struct WqVnniGeometry {
+  int64_t chunk = 0, cpg = 0;  // k per chunk, chunks per group
+  int64_t gsum_at = 0, info_at = 0, digits_at = 0, floats = 0;
+  explicit WqVnniGeometry(const WqPanels& w) {
+    const auto up16 = [](int64_t v) { return (v + 15) / 16 * 16; };
+    chunk = w.kgroup <= 256 ? w.kgroup : 128;
+    cpg = (w.kgroup + chunk - 1) / chunk;
+    const int64_t kp = w.groups * w.kgroup;
+    gsum_at = up16(kp);
+    info_at = gsum_at + up16(w.groups);
+    digits_at = info_at + w.groups * cpg * 16;
+    floats = digits_at + up16(kp);
+  }
+};
+// Defined in baseline code (ref/wq.cc): workspace sizing calls it for any ISA.
+int64_t wq_vnni_prep_floats(const WqPanels& w);
 
 }  // namespace qllm::kernels

@@ -298,8 +298,9 @@ size_t workspace_of(const Plan& pl, const kernels::WqKernels& wk, int threads) {
 size_t weight_quant_matmul_workspace_size(const WeightQuantMatmulArgs& a, const WeightQuantMatmulParams& p, int threads) {
   const Plan pl = validate(a, p);
   // The larger of the ISAs' needs, so one size serves any context.
-  return std::max(workspace_of(pl, kernels::wq_ref_kernels(), threads),
-                  workspace_of(pl, kernels::wq_kernels(Isa::avx2), threads));
+  return std::max({workspace_of(pl, kernels::wq_ref_kernels(), threads),
+                   workspace_of(pl, kernels::wq_kernels(Isa::avx2), threads),
+                   workspace_of(pl, kernels::wq_kernels(Isa::avx512), threads)});
 }
 
 void weight_quant_matmul(Context& ctx, const WeightQuantMatmulArgs& a, const TensorView& y,

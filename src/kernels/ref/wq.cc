@@ -61,9 +61,15 @@ const WqKernels& wq_ref_kernels() {
   return t;
 }
 
+int64_t wq_vnni_prep_floats(const WqPanels& w) { return WqVnniGeometry(w).floats; }
+
 const WqKernels& wq_kernels(Isa isa) {
 #if QLLM_HAVE_AVX2
-  if (isa == Isa::avx2 || isa == Isa::avx512) return wq_avx2_kernels();  // no AVX-512 variant: avx2's
+  // VNNI matrix-vector path, AVX2 GEMM path (only where the CPU has AVX-512: workspace sizing
+  // asks for every ISA).
+  if (isa == Isa::avx512 && isa_supported(Isa::avx512)) return wq_avx512_kernels();
+  if (isa == Isa::avx512) return wq_avx2_kernels();
+  if (isa == Isa::avx2) return wq_avx2_kernels();
 #endif
   (void)isa;
   return wq_ref_kernels();
