@@ -124,6 +124,15 @@ int bench_moe_routing(const Options& o) {
                      {"isa", isa_name(ctx.isa())}};
         return j;
       };
+      // A pass over memory (init / finalize): bytes moved over the time, and over DRAM bandwidth.
+      auto memory_row = [&](const char* op, double t, double bytes) {
+        nlohmann::ordered_json j = base_case(op);
+        j["median_ms"] = t * 1e3;
+        j["gbps"] = bytes / t / 1e9;
+        j["dram_gbps"] = dram_now;
+        j["dram_ratio"] = bytes / t / 1e9 / dram_now;
+        rep.row(j);
+      };
       int64_t call_no = 0;
 
       // 1. moe_init_routing: bf16 tokens -> expert-ordered s8 rows + scales (+ index arrays).
@@ -138,13 +147,7 @@ int bench_moe_routing(const Options& o) {
         });
         // Read: the tokens (once from memory; the k copies of a row hit cache) and the ids;
         // written: the rows, their scales and the row index.
-        const double bytes = 2.0 * T * h + 4.0 * R + R * (h + 4.0) + 4.0 * R;
-        nlohmann::ordered_json j = base_case("init_routing");
-        j["median_ms"] = t * 1e3;
-        j["gbps"] = bytes / t / 1e9;
-        j["dram_gbps"] = dram_now;
-        j["dram_ratio"] = bytes / t / 1e9 / dram_now;
-        rep.row(j);
+        memory_row("init_routing", t, 2.0 * T * h + 4.0 * R + R * (h + 4.0) + 4.0 * R);
       }
 
       // 2./3. The routed matmuls, against their unrouted twins on the same data and weights.
@@ -236,13 +239,8 @@ int bench_moe_routing(const Options& o) {
           f.expanded_row_idx = TensorView(r.row_idx.data(), DType::s32, {R});
           moe_finalize_routing(ctx, f, TensorView(down_out.data(), DType::bf16, {T, h}));
         });
-        const double bytes = 4.0 * R * h + 2.0 * T * h + 2.0 * T * h + 8.0 * R;  // rows, skip, out, weights + index
-        nlohmann::ordered_json j = base_case("finalize_routing");
-        j["median_ms"] = t * 1e3;
-        j["gbps"] = bytes / t / 1e9;
-        j["dram_gbps"] = dram_now;
-        j["dram_ratio"] = bytes / t / 1e9 / dram_now;
-        rep.row(j);
+        // rows, skip, out, weights + index
+        memory_row("finalize_routing", t, 4.0 * R * h + 2.0 * T * h + 2.0 * T * h + 8.0 * R);
       }
     }
   }
