@@ -111,6 +111,9 @@ struct KernelTable {
   // y[c] = out_dtype((f32(acc[c]) * scale[c]) * row_scale)
   void (*dequant_row)(const int32_t* acc, int64_t n, const float* scale, float row_scale,
                       DType out_dtype, void* y);
+  // Rows of int8_gemm's microkernel tile: row blocks that are a multiple of it leave no
+  // part-filled strip (6 for the AVX2 s16 kernel, 8 for VNNI).
+  int64_t int8_tile_rows = 6;
 };
 
 const KernelTable& table(Isa isa);

@@ -29,10 +29,16 @@ struct FfnShape {
   int64_t m = 0, G = 0, k1 = 0, n1 = 0, k2 = 0, n2 = 0;
 };
 
-int64_t block_rows(int64_t rows) {
-  // Split `rows` into equal blocks no larger than kMaxBlockRows, rounded up to the 6-row tile.
-  const int64_t nb = ceil_div(rows, kMaxBlockRows);
-  return std::min(kMaxBlockRows, ceil_div(ceil_div(rows, nb), 6) * 6);
+// The largest block that is a whole number of microkernel strips: 132 rows for the 6-row AVX2
+// tile, 128 for the 8-row VNNI tile (132 would leave a 4-row strip, half as efficient, in
+// every panel).
+int64_t max_block_rows(int64_t tile) { return kMaxBlockRows / tile * tile; }
+
+int64_t block_rows(int64_t rows, int64_t tile) {
+  // Split `rows` into equal blocks no larger than max_block_rows, rounded up to the tile.
+  const int64_t maxb = max_block_rows(tile);
+  const int64_t nb = ceil_div(rows, maxb);
+  return std::min(maxb, ceil_div(ceil_div(rows, nb), tile) * tile);
 }
 
 FfnShape validate(const char* op, const MoeFfnArgs& a, const MoeFfnParams& p, bool grouped) {
@@ -138,7 +144,8 @@ void run(Context& ctx, const char* op, const MoeFfnArgs& a, const TensorView& ou
   else { offsets[0] = 0; offsets[1] = s.m; }
   // Validation is complete; from here on the output is written.
 
-  const int64_t mb = std::min<int64_t>(std::max<int64_t>(s.m, 1), kMaxBlockRows);
+  // Blocks of at most max_block_rows <= kMaxBlockRows rows (what the workspace is sized for).
+  const int64_t mb = std::min<int64_t>(std::max<int64_t>(s.m, 1), max_block_rows(kt.int8_tile_rows));
   const int64_t kg1 = pk->kg1(), kg2 = pk->kg2();
   const int64_t ab1 = kt.int8_a_bytes(s.k1), ab2 = kt.int8_a_bytes(s.k2);
   Segment* segs = ws.alloc<Segment>(s.G + 1, op);
@@ -170,7 +177,7 @@ void run(Context& ctx, const char* op, const MoeFfnArgs& a, const TensorView& ou
       const int64_t grows = offsets[g + 1] - offsets[g];
       if (grows > mb) {
         if (used > 0) break;  // a big group starts a block of its own
-        const int64_t take = std::min(left, block_rows(grows));
+        const int64_t take = std::min(left, block_rows(grows, kt.int8_tile_rows));
         segs[nseg++] = {g, r0, take, 0};
         used = take;
         pos = r0 + take;

@@ -82,6 +82,7 @@ const KernelTable& avx512_table() {
     k.isa = Isa::avx512;
     k.int8_gemm = avx512::int8_gemm;
     k.int8_layout = Int8Layout::quads;
+    k.int8_tile_rows = avx512::kMR;
     k.int8_a_bytes = avx512::a_bytes;
     k.int8_prepare_a = avx512::prepare_a;
     return k;
