@@ -239,6 +239,25 @@ TEST(WeightQuant, GemvChunkPaths) {
       }
 }
 
+// The matrix-vector path splits x's preparation over the threads by (row, group range), with
+// ranges that cross rows (gs 96: 11 groups, items of 10): the result must be bit-identical at
+// any thread count, since each group's preparation depends on its own k only.
+TEST(WeightQuant, GemvThreadCountIndependent) {
+  for (Isa isa : test::fast_isas())
+    for (int bits : {4, 8})
+      for (int64_t gs : {int64_t{0}, int64_t{32}, int64_t{96}}) {
+        SCOPED_TRACE(testing::Message() << isa_name(isa) << " bits " << bits << " gs " << gs);
+        const int64_t m = 5, k = 1000, n = 40;
+        const QW w = make_qw(bits, k, n, gs, true, gs != 32);
+        const auto x = rand_float_bytes(DType::f32, m * k, -1.0f, 1.0f);
+        std::vector<uint8_t> y1, y3;
+        Context c1(ContextOptions{1, false, isa}), c3(ContextOptions{3, false, isa});
+        run_op(c1, w, x, DType::f32, m, nullptr, DType::f32, y1, DType::f32, true);
+        run_op(c3, w, x, DType::f32, m, nullptr, DType::f32, y3, DType::f32, true);
+        EXPECT_EQ(0, std::memcmp(y1.data(), y3.data(), y1.size()));
+      }
+}
+
 // A real model size (Mixtral/DeepSeek hidden 7168) on a slice of columns, decode and prefill.
 TEST(WeightQuant, ModelSize) {
   check(4, 1, 7168, 48, 128, true, true, DType::bf16, DType::bf16, false);

@@ -73,9 +73,11 @@ struct WqGemvX {
 
 struct WqKernels {
   Isa isa;
-  // Floats of per-row preparation the gemv kernel wants (0: none), and the preparation.
+  // Floats of per-row preparation the gemv kernel wants (0: none), and the preparation of its
+  // groups [g0, g1) (each group's part of `prep` depends on that group's x only, so threads may
+  // prepare disjoint group ranges of one row at once).
   int64_t (*gemv_prep_floats)(const WqPanels& w);
-  void (*gemv_prepare)(const WqPanels& w, const float* x, float* prep);
+  void (*gemv_prepare)(const WqPanels& w, const float* x, float* prep, int64_t g0, int64_t g1);
   // y rows [0, rows) (rows <= 8), panels [p0, p1): y = x @ W' + bias, to ep.out / ep.out_dtype.
   void (*gemv)(const WqPanels& w, const WqGemvX& x, int64_t rows, int64_t p0, int64_t p1,
                const FloatEpilogue& ep);

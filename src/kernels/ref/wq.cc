@@ -27,7 +27,7 @@ void store_out(DType dt, void* out, int64_t i, float v) {
 }
 
 int64_t prep_floats_ref(const WqPanels&) { return 0; }
-void prepare_ref(const WqPanels&, const float*, float*) {}
+void prepare_ref(const WqPanels&, const float*, float*, int64_t, int64_t) {}
 
 void gemv_ref(const WqPanels& w, const WqGemvX& x, int64_t rows, int64_t p0, int64_t p1, const FloatEpilogue& ep) {
   for (int64_t r = 0; r < rows; ++r)

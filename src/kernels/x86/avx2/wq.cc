@@ -38,10 +38,10 @@ int64_t prep_floats(const WqPanels& w) {
   return (f + 15) / 16 * 16;  // keep every row 64-byte aligned
 }
 
-void prepare(const WqPanels& w, const float* x, float* prep) {
+void prepare(const WqPanels& w, const float* x, float* prep, int64_t g0, int64_t g1) {
   const int KB = w.kb_k();
   float* sums = prep + w.groups * w.kgroup;
-  for (int64_t g = 0; g < w.groups; ++g) {
+  for (int64_t g = g0; g < g1; ++g) {
     double biased = 0, all = 0;
     for (int64_t j = 0; j < w.kgroup; ++j) {
       const int64_t kk = g * w.kgroup + j;
