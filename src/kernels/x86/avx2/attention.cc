@@ -326,30 +326,44 @@ inline void store_pairs(__m128 f0, __m128 f1, float* s, int64_t Tk) {
   if (R > 3) _mm_storeh_pi(reinterpret_cast<__m64*>(s + 3 * Tk), hi);
 }
 
-// Scores of R rows of one head for the key pair (j, j + 1) (two = false: key j alone), 8-lane
-// FMA chains over Dp reduced by tree4 (the lane_tree8 order).
-template <int R, class L, bool two>
-inline void dec_scores_f(const float* q, int64_t D, int64_t Dp, const uint8_t* k0, const uint8_t* k1, float* s, int64_t Tk) {
+// Stores the scores of NK keys for R rows: f[k] holds key k's scores of rows 0..3 (lanes);
+// s[r * Tk + k] = f[k][r]. NK = 4 transposes them in registers so each row is one 16-byte store
+// (scalar or 8-byte stores per key pair cost as much as the dot products at D = 64).
+template <int R, int NK>
+inline void store_scores(__m128* f, float* s, int64_t Tk) {
+  if constexpr (NK == 4) {
+    _MM_TRANSPOSE4_PS(f[0], f[1], f[2], f[3]);  // f[r] = row r's 4 keys
+    for (int r = 0; r < R; ++r) _mm_storeu_ps(s + r * Tk, f[r]);
+  } else if constexpr (NK == 2) {
+    store_pairs<R>(f[0], f[1], s, Tk);
+  } else {
+    alignas(16) float t0[4];
+    _mm_store_ps(t0, f[0]);
+    for (int r = 0; r < R; ++r) s[r * Tk] = t0[r];
+  }
+}
+
+// Scores of R rows of one head for NK (1, 2 or 4) consecutive keys (K rows k[0..NK)), 8-lane
+// FMA chains over Dp reduced by tree4 (the lane_tree8 order): each converted K chunk serves the
+// R rows, each q chunk the NK keys. NK = 4 only in the AVX-512 build (16 accumulators + 4 K
+// chunks need its 32 registers; AVX2 would spill).
+template <int R, class L, int NK>
+inline void dec_scores_f(const float* q, int64_t D, int64_t Dp, const uint8_t* const* k, float* s, int64_t Tk) {
   const int64_t Df = D / 8 * 8;
-  __m256 c[4][2];
-  for (int r = 0; r < 4; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
+  __m256 c[4][NK];
+  for (int r = 0; r < 4; ++r)
+    for (int i = 0; i < NK; ++i) c[r][i] = _mm256_setzero_ps();
   for (int64_t d = 0; d < Dp; d += 8) {
-    const __m256 kv0 = d < Df ? L::load(k0 + d * L::es) : load_tail<L>(k0, d, D);
-    const __m256 kv1 = !two ? kv0 : d < Df ? L::load(k1 + d * L::es) : load_tail<L>(k1, d, D);
+    __m256 kv[NK];
+    for (int i = 0; i < NK; ++i) kv[i] = d < Df ? L::load(k[i] + d * L::es) : load_tail<L>(k[i], d, D);
     for (int r = 0; r < R; ++r) {
       const __m256 qv = _mm256_load_ps(q + r * Dp + d);
-      c[r][0] = _mm256_fmadd_ps(qv, kv0, c[r][0]);
-      if (two) c[r][1] = _mm256_fmadd_ps(qv, kv1, c[r][1]);
+      for (int i = 0; i < NK; ++i) c[r][i] = _mm256_fmadd_ps(qv, kv[i], c[r][i]);
     }
   }
-  const __m128 f0 = tree4(c[0][0], c[1][0], c[2][0], c[3][0]);
-  if (two) {
-    store_pairs<R>(f0, tree4(c[0][1], c[1][1], c[2][1], c[3][1]), s, Tk);
-    return;
-  }
-  alignas(16) float t0[4];
-  _mm_store_ps(t0, f0);
-  for (int r = 0; r < R; ++r) s[r * Tk] = t0[r];
+  __m128 f[NK];
+  for (int i = 0; i < NK; ++i) f[i] = tree4(c[0][i], c[1][i], c[2][i], c[3][i]);
+  store_scores<R, NK>(f, s, Tk);
 }
 
 // 16 int8 of a K row as int16 (zero padded past D).
@@ -360,57 +374,53 @@ inline __m256i load_k16(const uint8_t* row, int64_t d, int64_t D) {
   return _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
 }
 
-// s8 scores of R rows for the key pair (j, j + 1): exact int32 q16.k8 dot products (vpmaddwd:
-// 16 products per instruction, pairs summed in int32, |pair| <= 2 * 127 * 128, no saturation).
-template <int R, bool two>
-inline void dec_scores_s8(const int16_t* q16, __m128 qsv, int64_t D, const uint8_t* k0, const uint8_t* k1, float ks0,
-                          float ks1, float* s, int64_t Tk) {
+// s8 scores of R rows for NK (1, 2 or 4) consecutive keys (K rows k[i], scales ks[i]): exact
+// int32 q16.k8 dot products (vpmaddwd: 16 products per instruction, pairs summed in int32,
+// |pair| <= 2 * 127 * 128, no saturation).
+template <int R, int NK>
+inline void dec_scores_s8(const int16_t* q16, __m128 qsv, int64_t D, const uint8_t* const* k, const float* ks, float* s,
+                          int64_t Tk) {
   const int64_t Dq = decode_q16_width(D);
-  __m256i c[4][2];
-  for (int r = 0; r < 4; ++r) c[r][0] = c[r][1] = _mm256_setzero_si256();
+  __m256i c[4][NK];
+  for (int r = 0; r < 4; ++r)
+    for (int i = 0; i < NK; ++i) c[r][i] = _mm256_setzero_si256();
   int64_t d0 = 0;
 #if QLLM_ATTN_VNNI
   // 32 dims per vpdpwssd on zmm, folded to the ymm accumulators (exact int32 either way).
-  {
-    __m512i z[4][2];
-    for (int r = 0; r < 4; ++r) z[r][0] = z[r][1] = _mm512_setzero_si512();
+  if (D >= 32) {
+    __m512i z[4][NK];
+    for (int r = 0; r < 4; ++r)
+      for (int i = 0; i < NK; ++i) z[r][i] = _mm512_setzero_si512();
     for (; d0 + 32 <= D; d0 += 32) {
-      const __m512i kv0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k0 + d0)));
-      const __m512i kv1 = two ? _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k1 + d0))) : kv0;
+      __m512i kv[NK];
+      for (int i = 0; i < NK; ++i) kv[i] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k[i] + d0)));
       for (int r = 0; r < R; ++r) {
         const __m512i qv = _mm512_loadu_si512(q16 + r * Dq + d0);
-        z[r][0] = _mm512_dpwssd_epi32(z[r][0], qv, kv0);
-        if (two) z[r][1] = _mm512_dpwssd_epi32(z[r][1], qv, kv1);
+        for (int i = 0; i < NK; ++i) z[r][i] = _mm512_dpwssd_epi32(z[r][i], qv, kv[i]);
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int k = 0; k < (two ? 2 : 1); ++k)
-        c[r][k] = _mm256_add_epi32(_mm512_castsi512_si256(z[r][k]), _mm512_extracti64x4_epi64(z[r][k], 1));
+      for (int i = 0; i < NK; ++i) c[r][i] = _mm256_add_epi32(_mm512_castsi512_si256(z[r][i]), _mm512_extracti64x4_epi64(z[r][i], 1));
   }
 #endif
   for (int64_t d = d0; d < Dq; d += 16) {
-    const __m256i kv0 = load_k16(k0, d, D);
-    const __m256i kv1 = two ? load_k16(k1, d, D) : kv0;
+    __m256i kv[NK];
+    for (int i = 0; i < NK; ++i) kv[i] = load_k16(k[i], d, D);
     for (int r = 0; r < R; ++r) {
       const __m256i qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(q16 + r * Dq + d));
+      for (int i = 0; i < NK; ++i) {
 #if QLLM_ATTN_VNNI  // vpdpwssd: the same exact int32 sums, multiply and add fused
-      c[r][0] = _mm256_dpwssd_epi32(c[r][0], qv, kv0);
-      if (two) c[r][1] = _mm256_dpwssd_epi32(c[r][1], qv, kv1);
+        c[r][i] = _mm256_dpwssd_epi32(c[r][i], qv, kv[i]);
 #else
-      c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(qv, kv0));
-      if (two) c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(qv, kv1));
+        c[r][i] = _mm256_add_epi32(c[r][i], _mm256_madd_epi16(qv, kv[i]));
 #endif
+      }
     }
   }
-  const __m128 f0 = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(tree4_epi32(c[0][0], c[1][0], c[2][0], c[3][0])), _mm_set1_ps(ks0)), qsv);
-  if (two) {  // each row's 2 scores are adjacent in s: one 8-byte store per row
-    const __m128 f1 = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(tree4_epi32(c[0][1], c[1][1], c[2][1], c[3][1])), _mm_set1_ps(ks1)), qsv);
-    store_pairs<R>(f0, f1, s, Tk);
-    return;
-  }
-  alignas(16) float t[4];
-  _mm_store_ps(t, f0);
-  for (int r = 0; r < R; ++r) s[r * Tk] = t[r];
+  __m128 f[NK];
+  for (int i = 0; i < NK; ++i)
+    f[i] = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(tree4_epi32(c[0][i], c[1][i], c[2][i], c[3][i])), _mm_set1_ps(ks[i])), qsv);
+  store_scores<R, NK>(f, s, Tk);
 }
 
 // P.V of R rows of one head over all n keys of the tile for C 8-dim chunks from dim d, the
@@ -595,29 +605,39 @@ void decode_t(const float* q, const int16_t* q16, const float* qs, int64_t g, in
     if (ok && ++off == src.block_size) off = 0, ++blk;
   }
   const int64_t Dq = decode_q16_width(D);
-  // Scores, token-major: for each key pair, every head's rows (the pair's K rows of all heads
-  // are 2 contiguous runs of H * D elements, read once).
-  for (int64_t j = 0; j < n; j += 2) {
-    const bool two = j + 1 < n;
+  // Scores, token-major: for each group of KS keys (KS = 4 in the AVX-512 build, 2 with AVX2's
+  // 16 registers), every head's rows (the group's K rows of all heads are KS contiguous runs of
+  // H * D elements, read once). A tile's tail takes groups of 2 and 1.
+  constexpr int64_t KS = QLLM_ATTN_VNNI ? 4 : 2;
+  for (int64_t j = 0; j < n;) {
+    const int64_t nk = n - j >= KS ? KS : n - j >= 2 ? 2 : 1;
     for (int64_t h = 0; h < H; ++h) {
-      const uint8_t* k0 = t.kp[j] + h * hs;
-      const uint8_t* k1 = two ? t.kp[j + 1] + h * hs : k0;
-      if (t.kn[j]) prefetch_head(t.kn[j] + h * hs, hs);
-      if (two && t.kn[j + 1]) prefetch_head(t.kn[j + 1] + h * hs, hs);
+      const uint8_t* kr[4];
+      float ksc[4] = {};
+      for (int64_t i = 0; i < nk; ++i) {
+        kr[i] = t.kp[j + i] + h * hs;
+        if (t.kn[j + i]) prefetch_head(t.kn[j + i] + h * hs, hs);
+        if (s8) ksc[i] = t.ksp[j + i][h];
+      }
       for_groups(g, [&]<int R>(int64_t r) {
         const int64_t row = h * RH + r;
         float* sp = s + (h * g + r) * Tk + j;
         if constexpr (s8) {
           // Built in registers: 4 scalar stores then a vector load of them stalled store forwarding.
           const __m128 qsv = _mm_setr_ps(qs[row], R > 1 ? qs[row + 1] : 0.0f, R > 2 ? qs[row + 2] : 0.0f, R > 3 ? qs[row + 3] : 0.0f);
-          if (two) dec_scores_s8<R, true>(q16 + row * Dq, qsv, D, k0, k1, t.ksp[j][h], t.ksp[j + 1][h], sp, Tk);
-          else dec_scores_s8<R, false>(q16 + row * Dq, qsv, D, k0, k1, t.ksp[j][h], 0.0f, sp, Tk);
+          const int16_t* qr = q16 + row * Dq;
+          if (KS == 4 && nk == 4) dec_scores_s8<R, (KS == 4 ? 4 : 2)>(qr, qsv, D, kr, ksc, sp, Tk);
+          else if (nk == 2) dec_scores_s8<R, 2>(qr, qsv, D, kr, ksc, sp, Tk);
+          else dec_scores_s8<R, 1>(qr, qsv, D, kr, ksc, sp, Tk);
         } else {
-          if (two) dec_scores_f<R, L, true>(q + row * Dp, D, Dp, k0, k1, sp, Tk);
-          else dec_scores_f<R, L, false>(q + row * Dp, D, Dp, k0, k1, sp, Tk);
+          const float* qr = q + row * Dp;
+          if (KS == 4 && nk == 4) dec_scores_f<R, L, (KS == 4 ? 4 : 2)>(qr, D, Dp, kr, sp, Tk);
+          else if (nk == 2) dec_scores_f<R, L, 2>(qr, D, Dp, kr, sp, Tk);
+          else dec_scores_f<R, L, 1>(qr, D, Dp, kr, sp, Tk);
         }
       });
     }
+    j += nk;
   }
   // Softmax per row; s8 multiplies the probabilities by the value scales.
   alignas(32) float vs[kMaxTile + 8];
