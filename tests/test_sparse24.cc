@@ -215,11 +215,45 @@ TEST(Sparse24, Int8MatmulSweep) {
       }
 }
 
+// The large-m float path (rows kernel, ops/sparse24.cc: m >= 32) on both sides of its switch
+// (m = 31 | 32, 33, 65 = a second, partial 64-row panel, 130), n across the 128-channel work
+// block and not a multiple of the 8-channel super-panel, k not a multiple of 16; x row 2 all zero
+// (its outputs must be exactly 0), weight channel 1 all zero. Each output is one FMA chain over
+// the k/2 kept terms, inside check_float's (k/2 + 4) * 2^-24 bound; every ISA gives ref's bits.
+TEST(Sparse24, FloatRowsPathSweep) {
+  for (DType wdt : {DType::f32, DType::f16, DType::bf16})
+    for (int64_t k : {4, 12, 100})
+      for (int64_t n : {5, 34, 130})
+        for (int64_t m : {31, 32, 33, 65, 130}) {
+          if (m == 130 && n != 130) continue;
+          const DType xdt = m == 33 ? DType::bf16 : (m == 65 ? DType::f16 : DType::f32);
+          const DType odt = n == 5 ? DType::f16 : DType::f32;
+          const Compressed c = prune(wdt, n, k, make_weight(wdt, n, k, static_cast<uint32_t>(k * 17 + n)));
+          auto x = make_x(xdt, m, k, static_cast<uint32_t>(m + 3));
+          std::memset(x.data() + 2 * k * dtype_size(xdt), 0, static_cast<size_t>(k * dtype_size(xdt)));
+          const PackedSparse24 pk = PackedSparse24::pack(TensorView(c.values.data(), wdt, {n, k / 2}),
+                                                         TensorView(c.meta.data(), DType::u8, {n, sparse24_meta_cols(k)}));
+          Sparse24MatmulArgs a;
+          a.x = TensorView(x.data(), xdt, {m, k});
+          a.packed = &pk;
+          std::vector<uint8_t> want(static_cast<size_t>(m * n * 4), 0xee), got(want.size(), 0xee);
+          sparse24_matmul(context(Isa::ref), a, TensorView(want.data(), odt, {m, n}), {odt});
+          check_float(wdt, xdt, odt, m, k, n, c, x, want);
+          for (int64_t col = 0; col < n; ++col) ASSERT_EQ(elem(odt, want.data(), 2 * n + col), 0.0) << "zero row, col " << col;
+          for (Isa isa : test::fast_isas()) {
+            std::fill(got.begin(), got.end(), 0xee);
+            sparse24_matmul(context(isa), a, TensorView(got.data(), odt, {m, n}), {odt});
+            ASSERT_EQ(got, want) << isa_name(isa) << " " << dtype_name(wdt) << " m " << m << " k " << k << " n " << n;
+          }
+        }
+}
+
 // Every ISA gives ref's bits, on the real model depth (k = 7168) and odd shapes, from one packed
 // weight reused across contexts (the packed layout is the same for every ISA).
 TEST(Sparse24, IsasAgreeBitwise) {
   struct Case { int64_t m, k, n; };
-  for (const Case cs : {Case{1, 7168, 66}, Case{17, 7168, 34}, Case{3, 100, 17}, Case{12, 1040, 40}})
+  for (const Case cs : {Case{1, 7168, 66}, Case{17, 7168, 34}, Case{3, 100, 17}, Case{12, 1040, 40},
+                        Case{70, 7168, 20}})
     for (DType wdt : {DType::f32, DType::f16, DType::bf16, DType::s8}) {
       const DType xdt = wdt == DType::s8 ? DType::s8 : DType::f32;
       const Compressed c = prune(wdt, cs.n, cs.k, make_weight(wdt, cs.n, cs.k, 5));

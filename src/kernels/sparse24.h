@@ -51,6 +51,18 @@ struct S24Panels {
 using S24FloatFn = void (*)(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0,
                             int64_t p1, int64_t kb0, int64_t kb1, float* acc, int64_t ld_acc);
 
+// ---- float large-m kernel: rows in the vector lanes -------------------------------------------
+// For many rows the kernels above pay one permute per useful FMA. The rows kernel instead reads x
+// transposed in panels of kRowPanel = 64 rows: xp[k][64] f32 (k padded to kb * 8, rows past m
+// zero), and for each kept weight of a channel it broadcasts the value once and runs 8 FMAs (64
+// rows) with x row-vectors as memory operands at the kept k (the offsets come straight from the
+// channel's meta byte: position i -> i * 256 bytes). No permutes: per 8 useful FMAs 9 loads.
+// acc[c * 64 + r] (c = 2 (p - p0) + {0: A, 1: B}) += sum over the kept terms of blocks [kb0, kb1)
+// (even bounds) in k order, one FMA each: per output one chain in ascending k.
+constexpr int kRowPanel = 64;
+using S24RowsFn = void (*)(const float* xp, const S24Panels& w, int64_t p0, int64_t p1, int64_t kb0, int64_t kb1,
+                           float* acc);
+
 // ---- s8 (W8A8) layout: super-panels of 32 channels and an x pair table -------------------------
 // The s8 kernel gathers from a per-call table of x pairs instead of from x itself: for every row
 // and group g of 4, tab[g][t] (8 s32) = u16(x[4g + i0]) | x[4g + i1] << 16 for the six position
@@ -90,6 +102,7 @@ using S24S8Fn = void (*)(const int32_t* tab, int64_t ldt, int64_t rows, const S2
 struct Sparse24Kernels {
   Isa isa;
   S24FloatFn float_mm;
+  S24RowsFn float_rows;  // large m (ops/sparse24.cc picks it from kS24RowsMinM rows on)
   S24XTableFn s8_xtable;
   S24S8Fn s8_mm;
 };
@@ -99,6 +112,7 @@ const Sparse24Kernels& sparse24_kernels(Isa isa);
 namespace ref {
 void s24_float_mm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0, int64_t p1,
                   int64_t kb0, int64_t kb1, float* acc, int64_t ld_acc);
+void s24_float_rows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1, int64_t kb0, int64_t kb1, float* acc);
 void s24_s8_xtable(const int8_t* x, int64_t k, int64_t groups_pad, int32_t* tab);
 void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels& w, int64_t sp0, int64_t sp1,
                int64_t b0, int64_t b1, int32_t* acc, int64_t ld_acc);
@@ -106,6 +120,7 @@ void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels&
 namespace avx2 {
 void s24_float_mm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0, int64_t p1,
                   int64_t kb0, int64_t kb1, float* acc, int64_t ld_acc);
+void s24_float_rows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1, int64_t kb0, int64_t kb1, float* acc);
 void s24_s8_xtable(const int8_t* x, int64_t k, int64_t groups_pad, int32_t* tab);
 void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels& w, int64_t sp0, int64_t sp1,
                int64_t b0, int64_t b1, int32_t* acc, int64_t ld_acc);

@@ -387,6 +387,19 @@ Plan validate(const Sparse24MatmulArgs& a, const Sparse24MatmulParams& p) {
   return pl;
 }
 
+// Large m: the rows kernel (kernels/sparse24.h) from kS24RowsMinM rows on (measured: see
+// docs/design.md). Work item = (panel of 64 rows, 64 pairs = 128 channels); within an item k
+// runs in chunks of 8 blocks (64 deep), so the panel's x chunk (64 x 64 f32 = 16 KB) stays in L1
+// while the 64 pairs stream past it, and the item's accumulators (128 channels x 64 rows, 32 KB)
+// stay in L2. x is transposed once into panels, kRowsTransK columns of a panel at a time so the
+// strided writes land in a 128 KB region (L2).
+constexpr int64_t kS24RowsMinM = 32;
+constexpr int64_t kRowsPairBlock = 256;
+constexpr int64_t kRowsChunkKb = 8;
+constexpr int64_t kRowsTransK = 512;
+bool use_rows(int64_t m) { return m >= kS24RowsMinM; }
+int64_t row_panels(int64_t m) { return ceil_div(m, int64_t{kernels::kRowPanel}); }
+
 int64_t row_block(int64_t m) { return std::min<int64_t>(std::max<int64_t>(m, 1), kRowBlock); }
 
 void store(DType dt, void* y, int64_t i, float v) {
@@ -422,6 +435,10 @@ size_t sparse24_matmul_workspace_size(const Context& ctx, const Sparse24MatmulAr
   if (pl.quant) {
     w.add<int32_t>(std::max<int64_t>(s8_slab_rows(pl.m, pl.k), 1) * s8_table_ld(pl.k));
     w.add<int32_t>(ctx.threads() * row_block(pl.m) * kS8PanelBlock * kernels::kS8Channels);
+  } else if (use_rows(pl.m)) {
+    w.add<float>(row_panels(pl.m) * kernels::kRowPanel * pl.kb * 8);       // transposed x panels
+    w.add<float>(ctx.threads() * kRowsTransK);                            // row conversion buffers
+    w.add<float>(ctx.threads() * kRowsPairBlock * 2 * kernels::kRowPanel);  // accumulator tiles
   } else {
     w.add<float>(pl.m * pl.kb * 8);
     w.add<float>(ctx.threads() * row_block(pl.m) * kPairBlock * 8);  // accumulator tiles
@@ -475,6 +492,56 @@ void run_float(Context& ctx, const Plan& pl, const Sparse24MatmulArgs& a, const 
             const int64_t li = r * ld + (pp - p0) * 8 + 2 * c;
             store(odt, yout, (r0 + r) * pl.n + col, (ftile[li] + ftile[li + 1]) + (ftile[li + 4] + ftile[li + 5]));
           }
+    }
+  });
+}
+
+// Large-m float path: x transposed into 64-row panels, the rows kernel per (panel, pair block).
+void run_float_rows(Context& ctx, const Plan& pl, const Sparse24MatmulArgs& a, const PackedSparse24& pw, void* yout,
+                    DType odt, Workspace& ws) {
+  using kernels::kRowPanel;
+  const kernels::KernelTable& kt = ctx.kernels();
+  const kernels::Sparse24Kernels& sk = kernels::sparse24_kernels(ctx.isa());
+  ThreadPool& pool = ctx.pool();
+  const int64_t kpad = pl.kb * 8, npan = row_panels(pl.m), panel_floats = kRowPanel * kpad;
+  float* xp = ws.alloc<float>(npan * panel_floats, kOp);
+  float* rowbuf = ws.alloc<float>(ctx.threads() * kRowsTransK, kOp);
+  float* tiles = ws.alloc<float>(ctx.threads() * kRowsPairBlock * 2 * kRowPanel, kOp);
+  const int64_t es = dtype_size(pl.xdt);
+  const uint8_t* x = a.x.data<uint8_t>();
+
+  // Transpose (and convert) x: xp[panel][k][64], zero past k and past m.
+  const int64_t tchunks = ceil_div(kpad, kRowsTransK);
+  pool.parallel_for(npan * tchunks, 1, [&](int64_t b, int64_t e, int tid) {
+    float* buf = rowbuf + static_cast<int64_t>(tid) * kRowsTransK;
+    for (int64_t it = b; it < e; ++it) {
+      const int64_t pan = it / tchunks, k0 = (it % tchunks) * kRowsTransK, k1 = std::min(kpad, k0 + kRowsTransK);
+      float* dst = xp + pan * panel_floats + k0 * kRowPanel;
+      for (int r = 0; r < kRowPanel; ++r) {
+        const int64_t row = pan * kRowPanel + r;
+        const int64_t kv = row < pl.m ? std::max<int64_t>(0, std::min(pl.k, k1) - k0) : 0;  // valid columns
+        if (kv > 0) kt.to_f32(x + (row * pl.k + k0) * es, pl.xdt, kv, buf);
+        for (int64_t j = kv; j < k1 - k0; ++j) buf[j] = 0.0f;
+        for (int64_t j = 0; j < k1 - k0; ++j) dst[j * kRowPanel + r] = buf[j];
+      }
+    }
+  });
+
+  const kernels::S24Panels panels{pw.data(), pw.dtype(), pw.kblocks(), pw.panel_bytes()};
+  const int64_t pairs = pw.panels() * kernels::kFP, pblocks = ceil_div(pairs, kRowsPairBlock);
+  pool.parallel_for(npan * pblocks, 1, [&](int64_t b, int64_t e, int tid) {
+    for (int64_t it = b; it < e; ++it) {
+      const int64_t pan = it / pblocks, r0 = pan * kRowPanel, rows = std::min<int64_t>(kRowPanel, pl.m - r0);
+      const int64_t p0 = (it % pblocks) * kRowsPairBlock, p1 = std::min(pairs, p0 + kRowsPairBlock);
+      float* acc = tiles + static_cast<int64_t>(tid) * kRowsPairBlock * 2 * kRowPanel;
+      std::memset(acc, 0, static_cast<size_t>((p1 - p0) * 2 * kRowPanel) * sizeof(float));
+      const float* xpan = xp + pan * panel_floats;
+      for (int64_t k0 = 0; k0 < pl.kb; k0 += kRowsChunkKb)
+        sk.float_rows(xpan, panels, p0, p1, k0, std::min(pl.kb, k0 + kRowsChunkKb), acc);
+      const int64_t c1 = std::min(pl.n, 2 * p1);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t col = 2 * p0; col < c1; ++col)
+          store(odt, yout, (r0 + r) * pl.n + col, acc[(col - 2 * p0) * kRowPanel + r]);
     }
   });
 }
@@ -547,6 +614,7 @@ void sparse24_matmul(Context& ctx, const Sparse24MatmulArgs& a, const TensorView
     pw = &local;
   }
   if (pl.quant) run_s8(ctx, pl, a, *pw, y.mutable_data<void>(), p.out_dtype, ws);
+  else if (use_rows(pl.m)) run_float_rows(ctx, pl, a, *pw, y.mutable_data<void>(), p.out_dtype, ws);
   else run_float(ctx, pl, a, *pw, y.mutable_data<void>(), p.out_dtype, ws);
 }
 

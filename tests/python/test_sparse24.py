@@ -67,7 +67,8 @@ def reference(x, w):
 
 
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 17])
+# m = 31 | 32, 70: both sides of the large-m (rows) kernel's switch at 32; 70 = a partial 64-row panel.
+@pytest.mark.parametrize("m", [1, 3, 17, 31, 32, 70])
 @pytest.mark.parametrize("k", [4, 12, 100])
 @pytest.mark.parametrize("packed", [False, True])
 def test_float_matmul(wdtype, m, k, packed):
@@ -78,7 +79,8 @@ def test_float_matmul(wdtype, m, k, packed):
     kw = dict(packed=qllm.PackedSparse24(values, meta)) if packed else dict(values=values, meta=meta)
     y = ops.sparse24_matmul(as_np(x), out_dtype="float32", **kw)
     want = reference(x, w)
-    # f32 accumulation of k/2 products (one rounding per FMA) plus 3 reduction adds:
+    # f32 accumulation of k/2 products (one rounding per FMA) plus 3 reduction adds (m >= 32:
+    # one chain of k/2 FMAs, no reduction adds, inside the same bound):
     # |err| <= (k/2 + 4) * 2^-24 * sum|w x| (first-order gamma_n bound).
     tol = (k / 2 + 4) * 2.0**-24 * (x.double().abs() @ w.double().abs().T)
     assert ((torch.from_numpy(y).double() - want).abs() <= tol + 1e-30).all()

@@ -46,6 +46,25 @@ void s24_float_mm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w,
   }
 }
 
+// Per channel and row one chain in ascending k: the block's kept terms g0.v0, g0.v1, g1.v0,
+// g1.v1 (lanes 2c, 2c + 1, 4 + 2c, 5 + 2c of the block's values), exactly the AVX2 order.
+void s24_float_rows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1, int64_t kb0, int64_t kb1, float* acc) {
+  for (int64_t p = p0; p < p1; ++p)
+    for (int c = 0; c < 2; ++c) {
+      float* a = acc + (2 * (p - p0) + c) * kRowPanel;
+      for (int64_t kb = kb0; kb < kb1; ++kb) {
+        const uint8_t* vals = w.values(p, kb);
+        const uint16_t meta = w.meta(p, kb);
+        for (int t = 0; t < 4; ++t) {
+          const int h = t / 2, v = t % 2;
+          const float wv = value_f32(w.dtype, vals, 4 * h + 2 * c + v);
+          const float* xr = xp + (8 * kb + 4 * h + pos(meta, c, h, v)) * kRowPanel;
+          for (int r = 0; r < kRowPanel; ++r) a[r] = std::fma(wv, xr[r], a[r]);
+        }
+      }
+    }
+}
+
 // The six position pairs in code order (kernels/sparse24.h).
 constexpr int kPairPos[6][2] = {{0, 1}, {0, 2}, {0, 3}, {1, 2}, {1, 3}, {2, 3}};
 
@@ -91,11 +110,11 @@ void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels&
 }  // namespace ref
 
 const Sparse24Kernels& sparse24_kernels(Isa isa) {
-  static const Sparse24Kernels ref_k{Isa::ref, ref::s24_float_mm, ref::s24_s8_xtable, ref::s24_s8_mm};
+  static const Sparse24Kernels ref_k{Isa::ref, ref::s24_float_mm, ref::s24_float_rows, ref::s24_s8_xtable, ref::s24_s8_mm};
 #if QLLM_HAVE_AVX2
   // avx512 has no kernels of its own for this family: it runs the AVX2 ones.
-  static const Sparse24Kernels avx2_k{Isa::avx2, avx2::s24_float_mm, avx2::s24_s8_xtable, avx2::s24_s8_mm};
-  static const Sparse24Kernels avx512_k{Isa::avx512, avx2::s24_float_mm, avx2::s24_s8_xtable, avx2::s24_s8_mm};
+  static const Sparse24Kernels avx2_k{Isa::avx2, avx2::s24_float_mm, avx2::s24_float_rows, avx2::s24_s8_xtable, avx2::s24_s8_mm};
+  static const Sparse24Kernels avx512_k{Isa::avx512, avx2::s24_float_mm, avx2::s24_float_rows, avx2::s24_s8_xtable, avx2::s24_s8_mm};
 #endif
   switch (isa) {
     case Isa::ref: return ref_k;

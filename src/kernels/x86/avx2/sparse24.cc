@@ -138,6 +138,80 @@ void fmm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t 
                         acc + r0 * ld_acc + (p - p0) * 8, ld_acc);
 }
 
+// Large-m rows kernel (kernels/sparse24.h): one channel of pair p at a time over the chunk, 8
+// accumulators = 64 rows. Per kept weight one broadcast and 8 FMAs whose x operand is a memory
+// load at the kept k: 9 loads per 8 useful FMAs, no permute, and the 8 independent chains cover
+// the FMA latency x 2 pipes. The meta byte gives the 4 offsets with 2 ALU ops each: position i
+// of group h is row 4h + i of the block, i * 256 bytes (64 f32) past the group.
+// vals: the pair's f32 values in the chunk's first step (vstride floats per step); meta: its
+// meta byte for channel c in the first step (mstride bytes per step).
+void frows_channel(const float* xp, const float* vals, int64_t vstride, const uint8_t* meta, int64_t mstride, int c,
+                   int64_t kb0, int64_t kb1, float* acc) {
+  __m256 a[8];
+  for (int q = 0; q < 8; ++q) a[q] = _mm256_loadu_ps(acc + 8 * q);
+  for (int64_t kb = kb0; kb < kb1; kb += 2, vals += vstride, meta += mstride) {
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* xb = reinterpret_cast<const uint8_t*>(xp + (kb + h) * 8 * kRowPanel);
+      const uint32_t m = meta[2 * h];
+      const float* v = vals + 8 * h;
+      const uint32_t off[4] = {(m << 8) & 0x300u, (m << 6) & 0x300u, ((m << 4) & 0x300u) + 0x400u,
+                               ((m << 2) & 0x300u) + 0x400u};
+      const int vi[4] = {2 * c, 2 * c + 1, 4 + 2 * c, 5 + 2 * c};
+      for (int t = 0; t < 4; ++t) {
+        const __m256 wb = _mm256_broadcast_ss(v + vi[t]);
+        const float* xr = reinterpret_cast<const float*>(xb + off[t]);
+        for (int q = 0; q < 8; ++q) a[q] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(xr + 8 * q), a[q]);
+      }
+    }
+  }
+  for (int q = 0; q < 8; ++q) _mm256_storeu_ps(acc + 8 * q, a[q]);
+}
+
+// Software prefetch: a chunk of a super-panel is only (kb1 - kb0) / 2 steps (~1 KB), too short
+// for the hardware prefetcher, and the weights come from DRAM (each 64-row panel re-reads them),
+// so on entering a super-panel the next one's chunk (or, at the end, the first one's next chunk)
+// is requested, ~8 channel passes (~2 K cycles) ahead. The next x chunk is requested spread over
+// the pairs (x is read from L2/L3 once per chunk and then reused by every pair from L1).
+// f16/bf16 values: on entering a super-panel its chunk of values is converted to f32 once into a
+// 1 KB stack buffer (converting per block and broadcasting from a just-stored vector stalled on
+// store forwarding: ~1.1x dense against f32's ~1.4x).
+template <DType DT>
+void frows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1, int64_t kb0, int64_t kb1, float* acc) {
+  constexpr int64_t es = dtype_size(DT);
+  constexpr int64_t step = s24_step_bytes(es);
+  constexpr int64_t kMaxSteps = 8;  // chunk (kb1 - kb0) / 2 <= kMaxSteps (ops/sparse24.cc: 4)
+  alignas(32) float buf[kMaxSteps * kFP * 16];
+  const int64_t nsteps = (kb1 - kb0) / 2;
+  const int64_t wbytes = nsteps * step;
+  const int64_t xbytes = (kb1 - kb0) * 8 * kRowPanel * 4, npairs = p1 - p0;
+  const uint8_t* xnext = reinterpret_cast<const uint8_t*>(xp + kb1 * 8 * kRowPanel);
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* st = w.step(p, kb0 / 2);
+    const int64_t pj = p % kFP;
+    if (pj == 0 || p == p0) {
+      const uint8_t* nx = p - pj + kFP < p1 ? w.step(p - pj + kFP, kb0 / 2) : w.step(p0, kb1 / 2);
+      for (int64_t l = 0; l < wbytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(nx + l), _MM_HINT_T0);
+      if constexpr (DT != DType::f32)
+        for (int64_t s = 0; s < nsteps && s < kMaxSteps; ++s)
+          for (int i = 0; i < kFP * 2; ++i) _mm256_store_ps(buf + s * kFP * 16 + i * 8, load8(DT, st + s * step + i * 8 * es));
+    }
+    const int64_t xl0 = xbytes * (p - p0) / npairs, xl1 = xbytes * (p - p0 + 1) / npairs;
+    for (int64_t l = xl0 & ~int64_t{63}; l < xl1; l += 64) _mm_prefetch(reinterpret_cast<const char*>(xnext + l), _MM_HINT_T1);
+    const float* vals;
+    int64_t vstride;
+    if constexpr (DT == DType::f32) {
+      vals = reinterpret_cast<const float*>(st + pj * 16 * es);
+      vstride = step / 4;
+    } else {
+      vals = buf + pj * 16;
+      vstride = kFP * 16;
+    }
+    for (int c = 0; c < 2; ++c)
+      frows_channel(xp, vals, vstride, st + kFP * 16 * es + pj * 4 + c, step, c, kb0, kb1,
+                    acc + (2 * (p - p0) + c) * kRowPanel);
+  }
+}
+
 // Software prefetch distance of the s8 kernels (bytes ahead in a super-panel's stream), issued as
 // two prefetches per 76-byte group, spread over the loop: with bursts of 19 prefetches per block,
 // or none, one stream ran at ~25 GB/s on 2 cores whatever DRAM delivered; 2 KB ahead measured
@@ -239,6 +313,15 @@ void s24_float_mm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w,
     case DType::f16: fmm<DType::f16>(x, ldx, rows, w, p0, p1, kb0, kb1, acc, ld_acc); break;
     case DType::bf16: fmm<DType::bf16>(x, ldx, rows, w, p0, p1, kb0, kb1, acc, ld_acc); break;
     default: fmm<DType::f32>(x, ldx, rows, w, p0, p1, kb0, kb1, acc, ld_acc); break;
+  }
+}
+
+void s24_float_rows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1, int64_t kb0, int64_t kb1, float* acc) {
+  static_assert(kRowPanel == 64, "frows_channel holds 64 rows in 8 accumulators");
+  switch (w.dtype) {
+    case DType::f16: frows<DType::f16>(xp, w, p0, p1, kb0, kb1, acc); break;
+    case DType::bf16: frows<DType::bf16>(xp, w, p0, p1, kb0, kb1, acc); break;
+    default: frows<DType::f32>(xp, w, p0, p1, kb0, kb1, acc); break;
   }
 }
 
