@@ -112,4 +112,20 @@ inline const void* offset(const void* p, DType dt, int64_t i) {
   return static_cast<const uint8_t*>(p) + i * dtype_size(dt);
 }
 
+// Stores the first mr rows of a row-major mr x 16 f32 tile to out (rows ldo elements apart,
+// ncols <= 16 valid columns), adding bias[0, ncols) first when given (matrix-vector epilogues).
+inline void store_rows16(const float* tile, int mr, const float* bias, DType dt, void* out, int64_t ldo, int64_t ncols) {
+  alignas(32) float b[16] = {};
+  if (bias)
+    for (int64_t j = 0; j < ncols; ++j) b[j] = bias[j];
+  for (int r = 0; r < mr; ++r) {
+    __m256 v0 = _mm256_load_ps(tile + r * 16), v1 = _mm256_load_ps(tile + r * 16 + 8);
+    if (bias) {
+      v0 = _mm256_add_ps(v0, _mm256_load_ps(b));
+      v1 = _mm256_add_ps(v1, _mm256_load_ps(b + 8));
+    }
+    store16(dt, offset(out, dt, r * ldo), v0, v1, ncols);
+  }
+}
+
 }  // namespace qllm::kernels::avx2

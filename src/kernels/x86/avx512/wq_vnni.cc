@@ -355,16 +355,8 @@ void gemv(const WqPanels& w, const WqGemvX& x, int64_t rows, int64_t p0, int64_t
         if (w.has_offset) gemv_rows<4, true>(mr, w, geo, prow, p, ybuf);
         else gemv_rows<4, false>(mr, w, geo, prow, p, ybuf);
       }
-      for (int r = 0; r < mr; ++r) {
-        __m256 v0 = _mm256_load_ps(ybuf + r * 16), v1 = _mm256_load_ps(ybuf + r * 16 + 8);
-        if (ep.bias) {
-          alignas(32) float b[16] = {};
-          for (int64_t j = 0; j < ncols; ++j) b[j] = ep.bias[col0 + j];
-          v0 = _mm256_add_ps(v0, _mm256_load_ps(b));
-          v1 = _mm256_add_ps(v1, _mm256_load_ps(b + 8));
-        }
-        avx2::store16(ep.out_dtype, avx2::offset(ep.out, ep.out_dtype, (r0 + r) * ep.ldo + col0), v0, v1, ncols);
-      }
+      avx2::store_rows16(ybuf, mr, ep.bias ? ep.bias + col0 : nullptr, ep.out_dtype,
+                        avx2::offset(ep.out, ep.out_dtype, r0 * ep.ldo + col0), ep.ldo, ncols);
     }
   }
 }
