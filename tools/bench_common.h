@@ -44,6 +44,16 @@ Peak measure_peak(int threads, double seconds_per_test);
 // DRAM read bandwidth alone (GB/s): the available bandwidth drifts on a shared host, so
 // memory-bound cases measure it again right before they run.
 double measure_dram(int threads, int reps);
+// The same streaming probe over given buffers (e.g. a case's own rotation of weight copies),
+// read once in order per pass. The host backs a buffer with 2 MiB pages only some of the time,
+// and that moves its streaming rate by up to 1.7x (30-35 vs 50-62 GB/s here); so a memory-bound
+// case also reports `stream_ratio` against the rate of the very pages it reads, next to
+// `dram_ratio` against the fresh 1 GiB probe.
+struct StreamSpan {
+  const void* data;
+  size_t bytes;
+};
+double measure_stream(int threads, const std::vector<StreamSpan>& bufs, int reps);
 
 // The limits as one benchmark row (`bench` = "peak"), printed first by every benchmark so its
 // ratios can be checked against the limits of the same run.

@@ -155,41 +155,56 @@ double int8_vnni_gops(int threads, int64_t iters) {
   return threads * static_cast<double>(iters) * 8 * 64 * 2 / s / 1e9;
 }
 
-// Streaming read of a 1 GiB buffer split across the threads (4 independent load chains
-// each). The best of several software-prefetch distances (0 = hardware prefetch only) is the
-// limit: it is the most a streaming kernel can get, so no kernel can beat it by prefetching.
-double dram_gbps(int threads, int reps) {
-  const size_t bytes = size_t{1} << 30;
-  uint8_t* buf = static_cast<uint8_t*>(aligned_malloc(bytes));
-  std::memset(buf, 1, bytes);  // touch every page first
+// One thread's streaming read of [base, base + bytes) (4 independent load chains; whole 128-byte
+// steps, the tail is not read), with software prefetch `ahead` bytes ahead (0 = hardware only).
+void stream_read(const uint8_t* base, size_t bytes, size_t ahead) {
+  const __m256i* p = reinterpret_cast<const __m256i*>(base);
+  const size_t n = bytes / 32;
+  __m256i x0 = _mm256_setzero_si256(), x1 = x0, x2 = x0, x3 = x0;
+  for (size_t i = 0; i + 4 <= n; i += 4) {
+    if (ahead) {
+      _mm_prefetch(reinterpret_cast<const char*>(p + i) + ahead, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + i) + ahead + 64, _MM_HINT_T0);
+    }
+    x0 = _mm256_xor_si256(x0, _mm256_loadu_si256(p + i));
+    x1 = _mm256_xor_si256(x1, _mm256_loadu_si256(p + i + 1));
+    x2 = _mm256_xor_si256(x2, _mm256_loadu_si256(p + i + 2));
+    x3 = _mm256_xor_si256(x3, _mm256_loadu_si256(p + i + 3));
+  }
+  const __m256i x = _mm256_xor_si256(_mm256_xor_si256(x0, x1), _mm256_xor_si256(x2, x3));
+  g_sink += static_cast<uint64_t>(_mm256_extract_epi64(x, 0));
+}
+
+// Read bandwidth (GB/s) of one pass over `bufs` in order, each split evenly across the threads.
+// The best of several software-prefetch distances is the limit: it is the most a streaming
+// kernel can get, so no kernel can beat it by prefetching. Median of `reps` passes per distance.
+double stream_gbps(int threads, const std::vector<StreamSpan>& bufs, int reps) {
+  double bytes = 0;
+  for (const StreamSpan& b : bufs) bytes += static_cast<double>(b.bytes / threads / 128 * 128) * threads;
   double best = 0;
   for (const size_t ahead : {size_t{0}, size_t{1024}, size_t{2048}, size_t{4096}}) {
     std::vector<double> rates;
     for (int rep = 0; rep < reps; ++rep) {
       const double s = run_threads(threads, [&](int t) {
-        const size_t chunk = bytes / threads;
-        const uint8_t* base = buf + t * chunk;
-        const __m256i* p = reinterpret_cast<const __m256i*>(base);
-        const size_t n = chunk / 32;
-        __m256i x0 = _mm256_setzero_si256(), x1 = x0, x2 = x0, x3 = x0;
-        for (size_t i = 0; i + 4 <= n; i += 4) {
-          if (ahead) {
-            _mm_prefetch(reinterpret_cast<const char*>(p + i) + ahead, _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(p + i) + ahead + 64, _MM_HINT_T0);
-          }
-          x0 = _mm256_xor_si256(x0, _mm256_load_si256(p + i));
-          x1 = _mm256_xor_si256(x1, _mm256_load_si256(p + i + 1));
-          x2 = _mm256_xor_si256(x2, _mm256_load_si256(p + i + 2));
-          x3 = _mm256_xor_si256(x3, _mm256_load_si256(p + i + 3));
+        for (const StreamSpan& b : bufs) {
+          const size_t chunk = b.bytes / threads / 128 * 128;
+          stream_read(static_cast<const uint8_t*>(b.data) + t * chunk, chunk, ahead);
         }
-        const __m256i x = _mm256_xor_si256(_mm256_xor_si256(x0, x1), _mm256_xor_si256(x2, x3));
-        g_sink += static_cast<uint64_t>(_mm256_extract_epi64(x, 0));
       });
       rates.push_back(bytes / s / 1e9);
     }
     std::sort(rates.begin(), rates.end());
     best = std::max(best, rates[rates.size() / 2]);
   }
+  return best;
+}
+
+// Streaming read of a fresh 1 GiB buffer: the DRAM limit every benchmark reports against.
+double dram_gbps(int threads, int reps) {
+  const size_t bytes = size_t{1} << 30;
+  uint8_t* buf = static_cast<uint8_t*>(aligned_malloc(bytes));
+  std::memset(buf, 1, bytes);  // touch every page first
+  const double best = stream_gbps(threads, {{buf, bytes}}, reps);
   aligned_free(buf);
   return best;
 }
@@ -212,6 +227,10 @@ double calibrated(F&& f, int threads, double seconds) {
 }  // namespace
 
 double measure_dram(int threads, int reps) { return dram_gbps(threads, reps); }
+
+double measure_stream(int threads, const std::vector<StreamSpan>& bufs, int reps) {
+  return stream_gbps(threads, bufs, reps);
+}
 
 Peak measure_peak(int threads, double seconds) {
   Peak p;

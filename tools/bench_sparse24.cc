@@ -166,6 +166,12 @@ int bench_sparse24(const Options& o) {
           j["gbps"] = bytes / t / 1e9;
           j["dram_gbps"] = dram_now;
           j["dram_ratio"] = bytes / t / 1e9 / dram_now;
+          // Against the streaming rate of the very copies it reads (see measure_stream).
+          std::vector<StreamSpan> spans;
+          for (const PackedSparse24& w : sps) spans.push_back({w.data(), w.bytes()});
+          const double stream_now = measure_stream(ctx.threads(), spans, o.quick ? 1 : 3);
+          j["stream_gbps"] = stream_now;
+          j["stream_ratio"] = bytes / t / 1e9 / stream_now;
         }
         if (!o.no_peers) {
           j["dense_ms"] = t_dense * 1e3;

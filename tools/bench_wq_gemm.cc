@@ -120,7 +120,16 @@ int bench_wq_gemm(const Options& o) {
         });
 #endif
 
-      auto report = [&](const char* format, int64_t gs, double t, double wbytes, double xbytes) {
+      // The streaming rate of the very copies a format reads (see measure_stream).
+      auto own_stream = [&](const std::vector<StreamSpan>& spans) {
+        return memory_bound ? measure_stream(ctx.threads(), spans, o.quick ? 1 : 3) : 0.0;
+      };
+      auto dense_spans = [](const std::vector<PackedWeight>& pw) {
+        std::vector<StreamSpan> s;
+        for (const PackedWeight& w : pw) s.push_back({w.panels(0), w.bytes()});
+        return s;
+      };
+      auto report = [&](const char* format, int64_t gs, double t, double wbytes, double xbytes, double stream_now) {
         nlohmann::ordered_json j;
         j["bench"] = "wq-gemm";
         j["case"] = {{"format", format}, {"group_size", gs}, {"m", m}, {"k", k}, {"n", n},
@@ -131,6 +140,8 @@ int bench_wq_gemm(const Options& o) {
           j["gbps"] = bytes / t / 1e9;
           j["dram_gbps"] = dram_now;
           j["dram_ratio"] = bytes / t / 1e9 / dram_now;
+          j["stream_gbps"] = stream_now;
+          j["stream_ratio"] = bytes / t / 1e9 / stream_now;
         }
         j["gflops"] = flops / t / 1e9;
         j["fma_peak_ratio"] = flops / t / 1e9 / peak.fma_gflops;
@@ -142,8 +153,8 @@ int bench_wq_gemm(const Options& o) {
         rep.row(j);
       };
       if (!o.no_peers) {
-        report("f32", 0, t_f32, f32_bytes, 4.0 * m * k);
-        report("f16", 0, t_f16, f16_bytes, 2.0 * m * k);
+        report("f32", 0, t_f32, f32_bytes, 4.0 * m * k, own_stream(dense_spans(pf32)));
+        report("f16", 0, t_f16, f16_bytes, 2.0 * m * k, own_stream(dense_spans(pf16)));
         if (t_blas > 0) {
           nlohmann::ordered_json j;
           j["bench"] = "wq-gemm";
@@ -168,7 +179,9 @@ int bench_wq_gemm(const Options& o) {
           a.packed_w = &pq[f][it++ % pq[f].size()];
           weight_quant_matmul(ctx, a, yv);
         });
-        report(formats[f].name, formats[f].group_size, t, static_cast<double>(pq[f][0].bytes()), 2.0 * m * k);
+        std::vector<StreamSpan> spans;
+        for (const PackedQuantWeight& w : pq[f]) spans.push_back({w.data(), w.bytes()});
+        report(formats[f].name, formats[f].group_size, t, static_cast<double>(pq[f][0].bytes()), 2.0 * m * k, own_stream(spans));
       }
     }
   }
