@@ -84,7 +84,9 @@ struct AttnKernels {
   // error of a weight is <= 0.51 wmax / 127 (see docs/design.md for the accuracy).
   // tmp holds >= D int32 in the ref kernel.
   // n <= 128. s: scratch [H * g, Tk] (Tk >= n, a multiple of 8); tmp: >= 2 * Dp + 64 floats.
-  void (*decode)(const float* q, const int16_t* q16, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D,
+  // q8 [rows, decode_q8_width(D)] holds the same quantised query as int8 (zero padded): the
+  // AVX-512 VNNI build's q.k (vpdpbusd on bytes) reads it, the others read q16.
+  void (*decode)(const float* q, const int16_t* q16, const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D,
                  int64_t Dp, const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* tmp, float* m, float* l,
                  float* acc);
 };
@@ -97,6 +99,8 @@ constexpr float kDecPvMinWeight = 0x1p-100f;
 
 // Query row width of the s8 decode path: D rounded up to the 16 int16 lanes of one vpmaddwd.
 inline int64_t decode_q16_width(int64_t D) { return (D + 15) / 16 * 16; }
+// The same rows as int8: D rounded up to the 64 bytes of one zmm vpdpbusd.
+inline int64_t decode_q8_width(int64_t D) { return (D + 63) / 64 * 64; }
 
 const AttnKernels& attn_kernels(Isa isa);
 const AttnKernels& attn_kernels_ref();

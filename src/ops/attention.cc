@@ -288,7 +288,7 @@ struct ThreadLayout {
     const bool s8 = P.kdt == DType::s8;
     q16 = take(s8 ? R * Dq / 2 : 0);
     qs = take(s8 ? R : 0);
-    q8 = take(s8 ? Dq / 4 : 0);
+    q8 = take(s8 ? R * kernels::decode_q8_width(P.D) / 4 : 0);
     total = off;
   }
 };
@@ -335,7 +335,7 @@ void run(Context& ctx, const Problem& P, Workspace* ws_in) {
     int16_t* q16 = reinterpret_cast<int16_t*>(base + TL.q16);
     float* qs = base + TL.qs;
     int8_t* q8 = reinterpret_cast<int8_t*>(base + TL.q8);
-    const int64_t Dq = kernels::decode_q16_width(D);
+    const int64_t Dq = kernels::decode_q16_width(D), Dq8 = kernels::decode_q8_width(D);
     for (int64_t ti = t0; ti < t1; ++ti) {
       const Task& T = tasks[ti];
       const Seq& S = seqs[T.b];
@@ -373,13 +373,15 @@ void run(Context& ctx, const Problem& P, Workspace* ws_in) {
       if (dec && P.kdt == DType::s8)
         for (int64_t h = T.h0; h < T.h1; ++h)
           for (int64_t r = (h - T.h0) * RH; r < (h - T.h0) * RH + rows; ++r) {
-            qs[r] = kt.quantize_row(q + r * Dp, nullptr, D, q8);
-            for (int64_t d = 0; d < Dq; ++d) q16[r * Dq + d] = d < D ? q8[d] : 0;
+            int8_t* q8r = q8 + r * Dq8;
+            qs[r] = kt.quantize_row(q + r * Dp, nullptr, D, q8r);
+            for (int64_t d = D; d < Dq8; ++d) q8r[d] = 0;
+            for (int64_t d = 0; d < Dq; ++d) q16[r * Dq + d] = d < D ? q8r[d] : 0;
           }
       for (int64_t j = k0; j < k1; j += Tk) {
         const int64_t n = std::min(Tk, k1 - j);
         if (dec) {  // all the task's heads at once (token-major reads)
-          ak.decode(q, q16, qs, rows, T.h1 - T.h0, RH, D, Dp, P.source(S, T.h0), j, n, Tk, s, ktile, m, l, acc);
+          ak.decode(q, q16, q8, qs, rows, T.h1 - T.h0, RH, D, Dp, P.source(S, T.h0), j, n, Tk, s, ktile, m, l, acc);
           continue;
         }
         for (int64_t h = T.h0; h < T.h1; ++h) {

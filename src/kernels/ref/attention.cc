@@ -149,7 +149,7 @@ void decode_head(const float* q, const int16_t* q16, const float* qs, int64_t ro
   }
 }
 
-void decode_ref(const float* q, const int16_t* q16, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
+void decode_ref(const float* q, const int16_t* q16, const int8_t* /*q8: the same values as q16*/, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
                 const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* tmp, float* m, float* l, float* acc) {
   const int64_t Dq = decode_q16_width(D);
   for (int64_t h = 0; h < H; ++h) {

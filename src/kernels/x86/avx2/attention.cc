@@ -562,6 +562,71 @@ inline void dec_pv_s8(const uint8_t* const* wq, const float* sw, const uint8_t* 
   }
 }
 
+#if QLLM_ATTN_VNNI
+// In-register transpose of 16 x 16 dwords: r[i] lane j becomes r[j] lane i.
+inline void transpose16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// s8 scores of R rows of one head for 16 keys at once, one key per dword lane: each 64-byte
+// chunk of the 16 K rows is biased to unsigned (k ^ 0x80 = k + 128) and transposed in
+// registers, so T[c] lane i holds bytes 4c .. 4c+3 of key i, and vpdpbusd(T[c], broadcast q8
+// dword c) adds 4 products per lane. The sums start at -128 * sum(q8) (qc), which cancels the
+// bias exactly: sum (k + 128) q - 128 sum q = sum k q, the int32 q16.k8 sum of the definition.
+// No horizontal reduction: the 16 sums are one vector, converted, scaled by the keys' scales
+// (ksv) and the row's, and stored as 16 scores per row (lanes >= nk masked off). Bytes past D
+// load as 0 (biased: 128) and meet q8's zero padding.
+template <int R>
+inline void dec_scores_s8_t16(const int8_t* q8, int64_t Dq8, const int32_t* qc, const float* qs, int64_t D,
+                              const uint8_t* const* k, __m512 ksv, __mmask16 keep, float* s, int64_t Tk) {
+  __m512i acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_set1_epi32(qc[r]);
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t d = 0; d < D; d += 64) {
+    __m512i T[16];
+    if (d + 64 <= D) {
+      for (int i = 0; i < 16; ++i) T[i] = _mm512_xor_si512(_mm512_loadu_si512(k[i] + d), bias);
+    } else {
+      const __mmask64 mk = (uint64_t{1} << (D - d)) - 1;
+      for (int i = 0; i < 16; ++i) T[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, k[i] + d), bias);
+    }
+    transpose16(T);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* qd = q8 + r * Dq8 + d;
+      for (int c = 0; c < 16; ++c) {
+        int32_t w;
+        std::memcpy(&w, qd + 4 * c, 4);
+        acc[r] = _mm512_dpbusd_epi32(acc[r], T[c], _mm512_set1_epi32(w));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), ksv), _mm512_set1_ps(qs[r]));
+    _mm512_mask_storeu_ps(s + r * Tk, keep, f);
+  }
+}
+#endif
+
 // Calls f.template operator()<R>(r) for the row groups of g rows: 4 at a time, then the rest.
 template <class F>
 inline void for_groups(int64_t g, F&& f) {
@@ -576,7 +641,7 @@ inline void for_groups(int64_t g, F&& f) {
 }
 
 template <class L>
-void decode_t(const float* q, const int16_t* q16, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
+void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
               const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* m, float* l, float* acc) {
   constexpr bool s8 = std::is_same_v<L, LoadS8>;
   DecTile t;
@@ -596,12 +661,25 @@ void decode_t(const float* q, const int16_t* q16, const float* qs, int64_t g, in
     }
     if (++off == src.block_size) off = 0, ++blk;
   }
+  const char* last_sl = nullptr;  // s8: the last scale line prefetched
   for (int64_t j = 0; j < n; ++j) {  // continues the walk: keys j0 + n + j
     const bool ok = j0 + n + j < src.tokens;
     const int64_t phys = !ok ? 0 : src.block_table ? src.block_table[blk] : blk;
     const int64_t e = (phys * src.block_stride + off * src.token_stride) * es;
     t.kn[j] = ok ? kb + e : nullptr;
     t.vn[j] = ok ? vb + e : nullptr;
+    if (s8 && ok) {
+      // The next tile's K/V scales (a separate [block, token, head] f32 array, 32 B per token
+      // at 8 KV heads): without this prefetch every block's scale lines missed to DRAM, stalling
+      // the score and softmax loops (~8% of the s8 decode time in perf).
+      const int64_t so = phys * src.scale_block_stride + off * src.scale_token_stride;
+      const char* sl = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(src.k_scale + so) & ~uintptr_t{63});
+      if (sl != last_sl) {
+        last_sl = sl;
+        asm volatile("prefetcht0 %0" : : "m"(*sl));
+        asm volatile("prefetcht0 %0" : : "m"(*(reinterpret_cast<const char*>(src.v_scale + so))));
+      }
+    }
     if (ok && ++off == src.block_size) off = 0, ++blk;
   }
   const int64_t Dq = decode_q16_width(D);
@@ -609,6 +687,41 @@ void decode_t(const float* q, const int16_t* q16, const float* qs, int64_t g, in
   // 16 registers), every head's rows (the group's K rows of all heads are KS contiguous runs of
   // H * D elements, read once). A tile's tail takes groups of 2 and 1.
   constexpr int64_t KS = QLLM_ATTN_VNNI ? 4 : 2;
+#if QLLM_ATTN_VNNI
+  constexpr int64_t kMaxRows = 1024;  // H * g: query heads of the task (qc below)
+  if (s8 && H * g <= kMaxRows) {
+    // 16 keys per pass, transposed (dec_scores_s8_t16); -128 * sum(q8) per row first.
+    const int64_t Dq8 = decode_q8_width(D);
+    alignas(64) int32_t qc[kMaxRows];
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t r = 0; r < g; ++r) {
+        const int8_t* qr = q8 + (h * RH + r) * Dq8;
+        __m512i sum = _mm512_setzero_si512();
+        for (int64_t d = 0; d < Dq8; d += 64)
+          sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), _mm512_load_si512(qr + d));
+        qc[h * g + r] = -128 * _mm512_reduce_add_epi32(sum);
+      }
+    for (int64_t j = 0; j < n; j += 16) {
+      const int64_t nk = std::min<int64_t>(16, n - j);
+      const __mmask16 keep = static_cast<__mmask16>((1u << nk) - 1);
+      // Scale offsets (floats from k_scale) of the 16 keys, head 0; lanes past nk repeat key j.
+      alignas(64) int32_t so[16];
+      for (int64_t i = 0; i < 16; ++i) so[i] = static_cast<int32_t>(t.ksp[j + (i < nk ? i : 0)] - src.k_scale);
+      const __m512i sov = _mm512_load_si512(so);
+      for (int64_t h = 0; h < H; ++h) {
+        const uint8_t* kr[16];
+        for (int64_t i = 0; i < 16; ++i) kr[i] = t.kp[j + (i < nk ? i : 0)] + h * hs;
+        for (int64_t i = 0; i < nk; ++i)
+          if (t.kn[j + i]) prefetch_head(t.kn[j + i] + h * hs, hs);
+        const __m512 ksv = _mm512_i32gather_ps(_mm512_add_epi32(sov, _mm512_set1_epi32(static_cast<int>(h))), src.k_scale, 4);
+        for_groups(g, [&]<int R>(int64_t r) {
+          const int64_t row = h * RH + r;
+          dec_scores_s8_t16<R>(q8 + row * Dq8, Dq8, qc + h * g + r, qs + row, D, kr, ksv, keep, s + (h * g + r) * Tk + j, Tk);
+        });
+      }
+    }
+  } else
+#endif
   for (int64_t j = 0; j < n;) {
     const int64_t nk = n - j >= KS ? KS : n - j >= 2 ? 2 : 1;
     for (int64_t h = 0; h < H; ++h) {
@@ -712,14 +825,14 @@ void decode_t(const float* q, const int16_t* q16, const float* qs, int64_t g, in
   }
 }
 
-void decode(const float* q, const int16_t* q16, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
+void decode(const float* q, const int16_t* q16, const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
             const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* /*tmp*/, float* m, float* l,
             float* acc) {
   switch (src.dtype) {
-    case DType::f16: decode_t<LoadF16>(q, q16, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
-    case DType::bf16: decode_t<LoadBF16>(q, q16, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
-    case DType::s8: decode_t<LoadS8>(q, q16, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
-    default: decode_t<LoadF32>(q, q16, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
+    case DType::f16: decode_t<LoadF16>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
+    case DType::bf16: decode_t<LoadBF16>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
+    case DType::s8: decode_t<LoadS8>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
+    default: decode_t<LoadF32>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
   }
 }
 

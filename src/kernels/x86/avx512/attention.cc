@@ -5,6 +5,7 @@
 // at a time in the 32 vector registers. Every float operation is the AVX2 kernel's, so the
 // results are bit-identical to the AVX2 and reference kernels (tests compare them).
 #define QLLM_ATTN_VNNI 1
-// g++ 12 warns about the undefined upper half inside its own _mm512 cast/convert intrinsics.
+// g++ 12 warns about the undefined upper half inside its own _mm512 cast/convert/reduce intrinsics.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include "kernels/x86/avx2/attention.cc"
