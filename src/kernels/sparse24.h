@@ -125,5 +125,9 @@ void s24_s8_xtable(const int8_t* x, int64_t k, int64_t groups_pad, int32_t* tab)
 void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels& w, int64_t sp0, int64_t sp1,
                int64_t b0, int64_t b1, int32_t* acc, int64_t ld_acc);
 }  // namespace avx2
+namespace avx512 {
+// zmm rows kernel (x86/avx512/sparse24.cc): two pairs' accumulators at once, same bits as ref.
+void s24_float_rows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1, int64_t kb0, int64_t kb1, float* acc);
+}  // namespace avx512
 
 }  // namespace qllm::kernels

@@ -112,9 +112,11 @@ void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels&
 const Sparse24Kernels& sparse24_kernels(Isa isa) {
   static const Sparse24Kernels ref_k{Isa::ref, ref::s24_float_mm, ref::s24_float_rows, ref::s24_s8_xtable, ref::s24_s8_mm};
 #if QLLM_HAVE_AVX2
-  // avx512 has no kernels of its own for this family: it runs the AVX2 ones.
+  // avx512: its own zmm rows kernel where the CPU runs AVX-512; the rest are the AVX2 kernels.
   static const Sparse24Kernels avx2_k{Isa::avx2, avx2::s24_float_mm, avx2::s24_float_rows, avx2::s24_s8_xtable, avx2::s24_s8_mm};
-  static const Sparse24Kernels avx512_k{Isa::avx512, avx2::s24_float_mm, avx2::s24_float_rows, avx2::s24_s8_xtable, avx2::s24_s8_mm};
+  static const Sparse24Kernels avx512_k{Isa::avx512, avx2::s24_float_mm,
+                                        isa_supported(Isa::avx512) ? avx512::s24_float_rows : avx2::s24_float_rows,
+                                        avx2::s24_s8_xtable, avx2::s24_s8_mm};
 #endif
   switch (isa) {
     case Isa::ref: return ref_k;
