@@ -203,8 +203,11 @@ void scores_rows(const float* q, int64_t Dp, const float* kt, int64_t ns, int64_
       for (int i = 0; i < 4; ++i) c[r][i] = _mm256_setzero_ps();
     const float* k0 = kt + j * Dp;
     for (int64_t d = 0; d < Dp; d += 8) {
-      const __m256 kv0 = _mm256_load_ps(k0 + d), kv1 = _mm256_load_ps(k0 + Dp + d), kv2 = _mm256_load_ps(k0 + 2 * Dp + d),
-                   kv3 = _mm256_load_ps(k0 + 3 * Dp + d);
+      __m256 kv0 = _mm256_load_ps(k0 + d), kv1 = _mm256_load_ps(k0 + Dp + d), kv2 = _mm256_load_ps(k0 + 2 * Dp + d),
+             kv3 = _mm256_load_ps(k0 + 3 * Dp + d);
+      // Keep the K chunks in registers: g++ otherwise folds their loads into the FMAs as memory
+      // operands, loading each K chunk once per row (10 loads per 8 FMAs instead of 6).
+      asm("" : "+x"(kv0), "+x"(kv1), "+x"(kv2), "+x"(kv3));
       for (int r = 0; r < RR; ++r) {
         const __m256 qv = _mm256_load_ps(q + r * Dp + d);
         c[r][0] = _mm256_fmadd_ps(qv, kv0, c[r][0]);
