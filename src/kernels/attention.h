@@ -47,12 +47,15 @@ struct KvSource {
 
 struct AttnKernels {
   // kt, vt [n, Dp] f32 from keys [j0, j0 + n): f16/bf16 exactly, s8 as f32(q) * scale (one
-  // rounding); columns [D, Dp) are zero. Also prefetches the next tile's rows.
+  // rounding); columns [D, Dp) are zero. Also prefetches the next tile's rows. The SIMD kernels
+  // pad kt to round_up(n, 8) keys with zeros (the buffers hold that many rows), and the avx512
+  // kernels store kt interleaved for their zmm score groups; the layout is private to the pair
+  // load_kv / attend of one ISA.
   void (*load_kv)(const KvSource& src, int64_t j0, int64_t n, int64_t D, int64_t Dp, float* kt, float* vt);
   // One online-softmax step of `rows` query rows over the tile's keys j0 .. j0 + n - 1.
   // q [rows, Dp] (pre-scaled, zero padded), row r sees keys [lo[r], hi[r]). State per row: m
   // (running max, -inf initially), l (running sum), acc [rows, Dp] (unnormalised output). s is
-  // scratch [rows, n]. A row that sees no key of the tile is left unchanged. For a row that does,
+  // scratch [rows, round_up(n, 8)] (the SIMD kernels keep whole 8-key chunks per row). A row that sees no key of the tile is left unchanged. For a row that does,
   // with [a, b) its visible keys of the tile:
   //   s_j = lane_tree8(8-lane FMA dot of q and k_j); m' = max(m, max s_j);
   //   alpha = m == -inf ? 0 : exp_qllm(m - m'); p_j = exp_qllm(s_j - m');

@@ -277,7 +277,7 @@ struct ThreadLayout {
     auto take = [&](int64_t n) { const int64_t o = off; off += floats_aligned(n); return o; };
     q = take(R * Dp);
     acc = take(R * Dp);
-    s = take(R * Tk);
+    s = take(R * Tk);  // attend pads score rows to 8 keys: Tk is a multiple of 8
     kt = take(Tk * Dp);
     vt = take(Tk * Dp);
     m = take(R);

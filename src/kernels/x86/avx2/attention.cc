@@ -36,20 +36,24 @@ void prefetch_row(const void* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
 }
 
-void load_row(const KvSource& s, const void* base, const float* scale, int64_t j, int64_t D, int64_t Dp, float* out) {
+// One cache row (token j) as f32 into the tile: 8-element chunk c of the row goes to out + c * cs
+// (cs = 8: a plain row; the AVX-512 K tile interleaves keys, see kt_row). Chunks past D are zero.
+void load_row(const KvSource& s, const void* base, const float* scale, int64_t j, int64_t D, int64_t Dp, float* out,
+              int64_t cs = 8) {
   const int64_t off = s.token_offset(j, s.token_stride, s.block_stride);
+  auto at = [&](int64_t d) { return out + d / 8 * cs + d % 8; };
   int64_t d = 0;
   switch (s.dtype) {
     case DType::f16: {
       const uint16_t* p = static_cast<const uint16_t*>(base) + off;
-      for (; d + 8 <= D; d += 8) _mm256_store_ps(out + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + d))));
-      for (; d < D; ++d) out[d] = f16_to_f32(p[d]);
+      for (; d + 8 <= D; d += 8) _mm256_store_ps(at(d), _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + d))));
+      for (; d < D; ++d) *at(d) = f16_to_f32(p[d]);
       break;
     }
     case DType::bf16: {
       const uint16_t* p = static_cast<const uint16_t*>(base) + off;
-      for (; d + 8 <= D; d += 8) _mm256_store_ps(out + d, avx2::load8(DType::bf16, p + d));
-      for (; d < D; ++d) out[d] = bf16_to_f32(p[d]);
+      for (; d + 8 <= D; d += 8) _mm256_store_ps(at(d), avx2::load8(DType::bf16, p + d));
+      for (; d < D; ++d) *at(d) = bf16_to_f32(p[d]);
       break;
     }
     case DType::s8: {
@@ -58,20 +62,44 @@ void load_row(const KvSource& s, const void* base, const float* scale, int64_t j
       const __m256 sv = _mm256_set1_ps(sc);
       for (; d + 8 <= D; d += 8) {
         const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + d)));
-        _mm256_store_ps(out + d, _mm256_mul_ps(_mm256_cvtepi32_ps(w), sv));
+        _mm256_store_ps(at(d), _mm256_mul_ps(_mm256_cvtepi32_ps(w), sv));
       }
-      for (; d < D; ++d) out[d] = static_cast<float>(p[d]) * sc;
+      for (; d < D; ++d) *at(d) = static_cast<float>(p[d]) * sc;
       break;
     }
     default: {
       const float* p = static_cast<const float*>(base) + off;
-      for (; d + 8 <= D; d += 8) _mm256_store_ps(out + d, _mm256_loadu_ps(p + d));
-      for (; d < D; ++d) out[d] = p[d];
+      for (; d + 8 <= D; d += 8) _mm256_store_ps(at(d), _mm256_loadu_ps(p + d));
+      for (; d < D; ++d) *at(d) = p[d];
       break;
     }
   }
-  for (; d < Dp; ++d) out[d] = 0.0f;
+  for (; d < Dp; ++d) *at(d) = 0.0f;
 }
+
+void zero_row(int64_t Dp, float* out, int64_t cs = 8) {
+  for (int64_t c = 0; c < Dp / 8; ++c) _mm256_store_ps(out + c * cs, _mm256_setzero_ps());
+}
+
+// Keys per score pass group; the tile's K rows (and the score rows, stride round_up(n, 8)) are
+// padded to a multiple of it with zeros so that passes never need a key tail.
+constexpr int64_t kKeyGroup = 8;
+inline int64_t key_stride(int64_t n) { return (n + kKeyGroup - 1) / kKeyGroup * kKeyGroup; }
+
+#if QLLM_ATTN_VNNI
+// AVX-512 K tile: per group of 8 keys and per 8-dim chunk c, 4 zmm of 16 floats; zmm i holds
+// chunk c of key 8G + i (low half) and of key 8G + i + 4 (high half). One zmm FMA then runs the
+// 8-lane chains of two keys, and the transposing reduction (scores8) lands the 8 keys' sums in
+// key order. Chunk c of key j starts at kt_row(j) + c * 64.
+inline float* kt_row(float* kt, int64_t j, int64_t Dp) {
+  const int64_t G = j / 8, w = j % 8;
+  return kt + G * 8 * Dp + (w % 4) * 16 + (w / 4) * 8;
+}
+constexpr int64_t kKtChunkStride = 64;
+#else
+inline float* kt_row(float* kt, int64_t j, int64_t Dp) { return kt + j * Dp; }
+constexpr int64_t kKtChunkStride = 8;
+#endif
 
 void load_kv(const KvSource& s, int64_t j0, int64_t n, int64_t D, int64_t Dp, float* kt, float* vt) {
   const int64_t row_bytes = D * dtype_size(s.dtype);
@@ -83,9 +111,10 @@ void load_kv(const KvSource& s, int64_t j0, int64_t n, int64_t D, int64_t Dp, fl
       prefetch_row(static_cast<const char*>(s.k) + off, row_bytes);
       prefetch_row(static_cast<const char*>(s.v) + off, row_bytes);
     }
-    load_row(s, s.k, s.k_scale, j0 + j, D, Dp, kt + j * Dp);
+    load_row(s, s.k, s.k_scale, j0 + j, D, Dp, kt_row(kt, j, Dp), kKtChunkStride);
     load_row(s, s.v, s.v_scale, j0 + j, D, Dp, vt + j * Dp);
   }
+  for (int64_t j = n; j < key_stride(n); ++j) zero_row(Dp, kt_row(kt, j, Dp), kKtChunkStride);
 }
 
 // Sums of 4 vectors, each in the lane_tree8 order: ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)).
@@ -103,49 +132,131 @@ __m256i lane_mask(int64_t lo, int64_t hi) {  // lanes i with lo <= i < hi
   return _mm256_and_si256(ge, lt);
 }
 
-// Scores of R (<= 4) rows for keys [ua, ub) of the tile into s[r * n + j].
+#if QLLM_ATTN_VNNI
+// hadd of zmm pairs, per 128-bit lane like _mm256_hadd_ps: a01 a23 b01 b23 in each lane.
+inline __m512 hadd512(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD));
+}
+
+// exp8 on 16 lanes: the same operations in the same order, so the same bits as exp8 / exp_qllm.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(x, _mm512_set1_ps(kExpHi));
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpLo));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpC6);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC5));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  p = _mm512_fmadd_ps(p, r2, r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// Scores of R (<= 4) rows for the 8-key groups covering keys [ua, ub): 4 rows x 4 zmm (8 keys,
+// see kt_row) = 16 chains, each K zmm loaded once per chunk for the R rows, the query chunk
+// broadcast to both halves. Per row the 4 zmm are reduced by three lane-wise hadds (giving the
+// l01 / l23 then l0123 / l4567 sums of the 8 keys, as tree4 does) and one 128-bit lane shuffle
+// + add (l0123 + l4567): the 8 keys' lane_tree8 sums in key order, one 32-byte store per row.
 template <int R>
-void scores(const float* q, int64_t Dp, const float* kt, int64_t n, int64_t ua, int64_t ub, float* s) {
-  int64_t j = ua;
-  for (; j + 2 <= ub; j += 2) {
-    __m256 c[4][2];
-    for (int r = 0; r < 4; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
-    const float* k0 = kt + j * Dp;
-    const float* k1 = k0 + Dp;
-    for (int64_t d = 0; d < Dp; d += 8) {
-      const __m256 kv0 = _mm256_load_ps(k0 + d), kv1 = _mm256_load_ps(k1 + d);
+void scores(const float* q, int64_t Dp, const float* kt, int64_t ns, int64_t ua, int64_t ub, float* s) {
+  for (int64_t G = ua / 8; G * 8 < ub; ++G) {
+    __m512 c[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) c[r][i] = _mm512_setzero_ps();
+    const float* kg = kt + G * 8 * Dp;
+    for (int64_t ch = 0; ch < Dp / 8; ++ch) {
+      const float* kc = kg + ch * 64;
+      const __m512 k0 = _mm512_load_ps(kc), k1 = _mm512_load_ps(kc + 16), k2 = _mm512_load_ps(kc + 32),
+                   k3 = _mm512_load_ps(kc + 48);
       for (int r = 0; r < R; ++r) {
+        // (AVX-512F forms of broadcast_f32x8 / extractf32x8: the build does not enable DQ)
+        const __m512 qv = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_load_pd(reinterpret_cast<const double*>(q + r * Dp + ch * 8))));
+        c[r][0] = _mm512_fmadd_ps(qv, k0, c[r][0]);
+        c[r][1] = _mm512_fmadd_ps(qv, k1, c[r][1]);
+        c[r][2] = _mm512_fmadd_ps(qv, k2, c[r][2]);
+        c[r][3] = _mm512_fmadd_ps(qv, k3, c[r][3]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 h = hadd512(hadd512(c[r][0], c[r][1]), hadd512(c[r][2], c[r][3]));
+      const __m512 x = _mm512_shuffle_f32x4(h, h, 0xD8);  // lanes 0 2 1 3
+      _mm256_store_ps(s + r * ns + G * 8, _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))));
+    }
+  }
+}
+#else
+// Scores of RR (1 or 2) rows x 4 keys = 8 independent FMA chains (FMA latency 4 x 2 per cycle
+// = 8 in flight) over 8-dim chunks; one tree4 per row gives its 4 keys' lane_tree8 sums in key
+// order, stored as one 16-byte vector (no scalar stores). Keys in steps of 4 from the 4-aligned
+// start; the K tile and score rows are padded to 8 keys (zeros), so no key tail.
+template <int RR>
+void scores_rows(const float* q, int64_t Dp, const float* kt, int64_t ns, int64_t ua, int64_t ub, float* s) {
+  for (int64_t j = ua / 4 * 4; j < ub; j += 4) {
+    __m256 c[RR][4];
+    for (int r = 0; r < RR; ++r)
+      for (int i = 0; i < 4; ++i) c[r][i] = _mm256_setzero_ps();
+    const float* k0 = kt + j * Dp;
+    for (int64_t d = 0; d < Dp; d += 8) {
+      __m256 kv0 = _mm256_load_ps(k0 + d), kv1 = _mm256_load_ps(k0 + Dp + d), kv2 = _mm256_load_ps(k0 + 2 * Dp + d),
+             kv3 = _mm256_load_ps(k0 + 3 * Dp + d);
+      // Keep the K chunks in registers: g++ otherwise folds their loads into the FMAs as memory
+      // operands, loading each K chunk once per row (10 loads per 8 FMAs instead of 6).
+      asm("" : "+x"(kv0), "+x"(kv1), "+x"(kv2), "+x"(kv3));
+      for (int r = 0; r < RR; ++r) {
         const __m256 qv = _mm256_load_ps(q + r * Dp + d);
         c[r][0] = _mm256_fmadd_ps(qv, kv0, c[r][0]);
         c[r][1] = _mm256_fmadd_ps(qv, kv1, c[r][1]);
+        c[r][2] = _mm256_fmadd_ps(qv, kv2, c[r][2]);
+        c[r][3] = _mm256_fmadd_ps(qv, kv3, c[r][3]);
       }
     }
-    alignas(16) float t0[4], t1[4];
-    _mm_store_ps(t0, tree4(c[0][0], c[1][0], c[2][0], c[3][0]));
-    _mm_store_ps(t1, tree4(c[0][1], c[1][1], c[2][1], c[3][1]));
-    for (int r = 0; r < R; ++r) {
-      s[r * n + j] = t0[r];
-      s[r * n + j + 1] = t1[r];
-    }
-  }
-  if (j < ub) {
-    __m256 c[4];
-    for (int r = 0; r < 4; ++r) c[r] = _mm256_setzero_ps();
-    const float* k0 = kt + j * Dp;
-    for (int64_t d = 0; d < Dp; d += 8) {
-      const __m256 kv0 = _mm256_load_ps(k0 + d);
-      for (int r = 0; r < R; ++r) c[r] = _mm256_fmadd_ps(_mm256_load_ps(q + r * Dp + d), kv0, c[r]);
-    }
-    alignas(16) float t0[4];
-    _mm_store_ps(t0, tree4(c[0], c[1], c[2], c[3]));
-    for (int r = 0; r < R; ++r) s[r * n + j] = t0[r];
+    for (int r = 0; r < RR; ++r) _mm_storeu_ps(s + r * ns + j, tree4(c[r][0], c[r][1], c[r][2], c[r][3]));
   }
 }
+
+template <int R>
+void scores(const float* q, int64_t Dp, const float* kt, int64_t ns, int64_t ua, int64_t ub, float* s) {
+  if constexpr (R >= 2) scores_rows<2>(q, Dp, kt, ns, ua, ub, s);
+  if constexpr (R == 4) scores_rows<2>(q + 2 * Dp, Dp, kt, ns, ua, ub, s + 2 * ns);
+  if constexpr (R == 3) scores_rows<1>(q + 2 * Dp, Dp, kt, ns, ua, ub, s + 2 * ns);
+  if constexpr (R == 1) scores_rows<1>(q, Dp, kt, ns, ua, ub, s);
+}
+#endif
 
 // acc[r] = acc[r] * alpha[r] + sum_j p[r][j] v_j over keys [ua, ub) (p = 0 outside a row's keys).
 template <int R>
 void pv(const float* p, int64_t n, const float* vt, int64_t Dp, int64_t ua, int64_t ub, const float* alpha, float* acc) {
   int64_t d = 0;
+#if QLLM_ATTN_VNNI
+  // R rows x C zmm (16 dims each): with C = 4 the 16 accumulators cover 64 dims (all of D = 64)
+  // per pass, each V zmm loaded once for the R rows and the probability broadcast folded into
+  // the FMA (embedded broadcast). Same chains per element as the AVX2 form.
+  auto pass = [&]<int C>(int64_t d0) {
+    __m512 c[R][C];
+    for (int r = 0; r < R; ++r) {
+      const __m512 al = _mm512_set1_ps(alpha[r]);
+      for (int i = 0; i < C; ++i) c[r][i] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * Dp + d0 + 16 * i), al);
+    }
+    for (int64_t j = ua; j < ub; ++j) {
+      __m512 v[C];
+      for (int i = 0; i < C; ++i) v[i] = _mm512_loadu_ps(vt + j * Dp + d0 + 16 * i);
+      for (int r = 0; r < R; ++r) {
+        const __m512 pb = _mm512_set1_ps(p[r * n + j]);
+        for (int i = 0; i < C; ++i) c[r][i] = _mm512_fmadd_ps(pb, v[i], c[r][i]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < C; ++i) _mm512_storeu_ps(acc + r * Dp + d0 + 16 * i, c[r][i]);
+  };
+  for (; d + 64 <= Dp; d += 64) pass.template operator()<4>(d);
+  for (; d + 16 <= Dp; d += 16) pass.template operator()<1>(d);
+#endif
   for (; d + 16 <= Dp; d += 16) {
     __m256 c[4][2];
     for (int r = 0; r < R; ++r) {
@@ -192,10 +303,11 @@ void attend_group(const float* q, int64_t Dp, const float* kt, const float* vt, 
     }
   }
   if (ua >= ub) return;
-  scores<R>(q, Dp, kt, n, ua, ub, s);
+  const int64_t ns = key_stride(n);  // score row stride (8-key padded)
+  scores<R>(q, Dp, kt, ns, ua, ub, s);
   float alpha[4];
   for (int r = 0; r < R; ++r) {
-    float* sr = s + r * n;
+    float* sr = s + r * ns;
     if (a[r] >= b[r]) {  // no visible key in this tile: state unchanged, p = 0 over [ua, ub)
       alpha[r] = 1.0f;
       for (int64_t j = ua; j < ub; ++j) sr[j] = 0.0f;
@@ -203,13 +315,18 @@ void attend_group(const float* q, int64_t Dp, const float* kt, const float* vt, 
     }
     // Chunks of 8 aligned to the tile (lane i of a chunk is tile index j with j % 8 == i, as
     // the lane sums of the definition require); lanes outside [a, b) are -inf for the max and
-    // 0 for the probabilities, lanes outside [ua, ub) are never stored.
+    // 0 for the probabilities. The score rows are padded to whole chunks (ns), so every chunk
+    // is loaded and stored whole (lanes outside [ua, ub) are never read by pv; lanes never
+    // written by scores may hold garbage, which the blend / and drop): only the chunks that cut
+    // [a, b) (causal diagonal, window edge, tile tail) need the masks; the others take the plain
+    // path (vmaskmov, slow on this CPU, is gone).
     const int64_t c0 = ua / 8 * 8;
     const __m256 ninf = _mm256_set1_ps(kNegInf);
     __m256 mx = ninf;
     for (int64_t j = c0; j < b[r]; j += 8) {
-      const __m256i mk = lane_mask(a[r] - j, b[r] - j);
-      mx = _mm256_max_ps(_mm256_blendv_ps(ninf, _mm256_maskload_ps(sr + j, mk), _mm256_castsi256_ps(mk)), mx);
+      __m256 x = _mm256_load_ps(sr + j);
+      if (j < a[r] || j + 8 > b[r]) x = _mm256_blendv_ps(ninf, x, _mm256_castsi256_ps(lane_mask(a[r] - j, b[r] - j)));
+      mx = _mm256_max_ps(x, mx);
     }
     alignas(32) float mxl[8];
     _mm256_store_ps(mxl, mx);
@@ -219,30 +336,45 @@ void attend_group(const float* q, int64_t Dp, const float* kt, const float* vt, 
     alpha[r] = m[r] == kNegInf ? 0.0f : exp_qllm(m[r] - mn);
     const __m256 mv = _mm256_set1_ps(mn);
     __m256 sum = _mm256_setzero_ps();
-    for (int64_t j = c0; j < ub; j += 8) {
-      const __m256i mk = lane_mask(a[r] - j, b[r] - j);
-      const __m256 x = _mm256_maskload_ps(sr + j, mk);
-      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(x, mv)), _mm256_castsi256_ps(mk));
+#if QLLM_ATTN_VNNI
+    const __m512 mv16 = _mm512_set1_ps(mn);
+#endif
+    for (int64_t j = c0; j < ub;) {
+#if QLLM_ATTN_VNNI
+      // Two whole visible chunks per exp16 (the same operations as exp8, lane for lane); the
+      // lane sums still add chunk j, then chunk j + 8, in key order.
+      if (j >= a[r] && j + 16 <= b[r]) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mv16));
+        sum = _mm256_add_ps(sum, _mm512_castps512_ps256(e));
+        sum = _mm256_add_ps(sum, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+        _mm512_storeu_ps(sr + j, e);
+        j += 16;
+        continue;
+      }
+#endif
+      __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(sr + j), mv));
+      if (j < a[r] || j + 8 > b[r]) e = _mm256_and_ps(e, _mm256_castsi256_ps(lane_mask(a[r] - j, b[r] - j)));
       sum = _mm256_add_ps(sum, e);
-      _mm256_maskstore_ps(sr + j, lane_mask(ua - j, ub - j), e);
+      _mm256_store_ps(sr + j, e);
+      j += 8;
     }
     alignas(32) float sl[8];
     _mm256_store_ps(sl, sum);
     l[r] = l[r] * alpha[r] + lane_tree8(sl);
     m[r] = mn;
   }
-  pv<R>(s, n, vt, Dp, ua, ub, alpha, acc);
+  pv<R>(s, ns, vt, Dp, ua, ub, alpha, acc);
 }
 
 void attend(const float* q, int64_t rows, int64_t Dp, const float* kt, const float* vt, int64_t n, int64_t j0,
             const int64_t* lo, const int64_t* hi, float* s, float* m, float* l, float* acc) {
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4)
-    attend_group<4>(q + r * Dp, Dp, kt, vt, n, j0, lo + r, hi + r, s + r * n, m + r, l + r, acc + r * Dp);
+    attend_group<4>(q + r * Dp, Dp, kt, vt, n, j0, lo + r, hi + r, s + r * key_stride(n), m + r, l + r, acc + r * Dp);
   switch (rows - r) {
-    case 3: attend_group<3>(q + r * Dp, Dp, kt, vt, n, j0, lo + r, hi + r, s + r * n, m + r, l + r, acc + r * Dp); break;
-    case 2: attend_group<2>(q + r * Dp, Dp, kt, vt, n, j0, lo + r, hi + r, s + r * n, m + r, l + r, acc + r * Dp); break;
-    case 1: attend_group<1>(q + r * Dp, Dp, kt, vt, n, j0, lo + r, hi + r, s + r * n, m + r, l + r, acc + r * Dp); break;
+    case 3: attend_group<3>(q + r * Dp, Dp, kt, vt, n, j0, lo + r, hi + r, s + r * key_stride(n), m + r, l + r, acc + r * Dp); break;
+    case 2: attend_group<2>(q + r * Dp, Dp, kt, vt, n, j0, lo + r, hi + r, s + r * key_stride(n), m + r, l + r, acc + r * Dp); break;
+    case 1: attend_group<1>(q + r * Dp, Dp, kt, vt, n, j0, lo + r, hi + r, s + r * key_stride(n), m + r, l + r, acc + r * Dp); break;
     default: break;
   }
 }
