@@ -13,6 +13,9 @@
 #include "kernels/sparse24.h"
 #include "kernels/x86/avx2/simd.h"
 
+// g++ 12 warns about the undefined upper half inside its own _mm512 permute intrinsics.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace qllm::kernels::avx512 {
 
 namespace {
