@@ -157,7 +157,7 @@ inline void int_chunk4(int S, const uint8_t* bp, int64_t nkb, const int8_t* dg, 
 // With one row the FMA latency would bound the loop, so m = 1 keeps 4 independent accumulator
 // sets, m = 2 two. The sums run in the VNNI kernel's float path's order (same bits).
 template <int BITS, int MR>
-inline void float_chunk(const uint8_t* bp, int64_t nkb, const float* const* xr, int64_t k0,
+__attribute__((always_inline)) inline void float_chunk(const uint8_t* bp, int64_t nkb, const float* const* xr, int64_t k0,
                         const int32_t* const* inf, __m256 (*t)[2]) {
   constexpr int KB = BITS == 8 ? 4 : 8;
   constexpr int NS = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
