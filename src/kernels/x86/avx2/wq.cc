@@ -1,7 +1,9 @@
 // AVX2 weight-only quantised matmul (W8A16 / W4A16) on the packed panels of kernels/wq.h.
 //
 // Matrix-vector path (m <= 8, memory-bound): the goal is to decode weights as fast as DRAM
-// delivers them. A k-block (64 bytes: 16 columns x KB k) is two 32-byte loads; value i of every
+// delivers them. 4-bit weights take exact integer digit products per chunk where that is
+// cheaper (int_both / int_half below, the VNNI kernel's scheme with vpmaddubsw; x prepared by
+// kernels/x86/wq_digits.h); the rest takes the float path: A k-block (64 bytes: 16 columns x KB k) is two 32-byte loads; value i of every
 // column is `vpand` with the bits of value i + `vcvtdq2ps`, which yields u * 2^(iB) exactly (the
 // layout stores values biased and the top value signed, see wq.h), and one FMA against x[k]
 // pre-multiplied by 2^(-iB) (exact: a power of two). So 3 vector ops per 8 weights, no shifts and
