@@ -258,6 +258,38 @@ TEST(WeightQuant, GemvThreadCountIndependent) {
       }
 }
 
+// The AVX2 4-bit matrix-vector kernel (vpmaddubsw digit products, x86/avx2/wq.cc) and the
+// AVX-512 VNNI one share x's preparation (kernels/x86/wq_digits.h): at m = 1 and chunks of >= 64 k
+// they take the same path per chunk (digits, float fallback, zero skip) and round in the same
+// order, so their results must be bit-identical; x mixes every chunk kind (as GemvChunkPaths).
+// (Groups of 32 take the AVX2 float path: covered by the bound of the other tests.)
+TEST(WeightQuant, GemvAvx2MatchesVnniBits) {
+  if (!isa_supported(Isa::avx512) || !isa_supported(Isa::avx2)) GTEST_SKIP() << "needs AVX-512 VNNI";
+  for (int64_t gs : {int64_t{0}, int64_t{64}, int64_t{128}, int64_t{384}})
+    for (bool sym : {true, false}) {
+      SCOPED_TRACE(testing::Message() << "gs " << gs << " sym " << sym);
+      const int64_t k = gs == 384 ? 1000 : 700, n = 40;
+      const QW w = make_qw(4, k, n, gs, true, sym);
+      std::vector<float> xs(k);
+      auto u = test::rand_f32(k, -1.0f, 1.0f);
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const float f = u[kk];
+        switch ((kk / 128) % 4) {
+          case 0: xs[kk] = f16_to_f32(f32_to_f16(f)); break;                        // 2-4 digits
+          case 1: xs[kk] = f * std::ldexp(1.0f, static_cast<int>(kk % 13) - 6); break;  // float path
+          case 2: xs[kk] = 0.0f; break;                                               // zero chunk
+          default: xs[kk] = std::ldexp(1.0f, static_cast<int>(kk % 5)); break;        // 1 digit
+        }
+      }
+      std::vector<uint8_t> x(k * 4);
+      std::memcpy(x.data(), xs.data(), x.size());
+      std::vector<uint8_t> y2, y5;
+      run_op(test::context(Isa::avx2), w, x, DType::f32, 1, nullptr, DType::f32, y2, DType::f32, true);
+      run_op(test::context(Isa::avx512), w, x, DType::f32, 1, nullptr, DType::f32, y5, DType::f32, true);
+      EXPECT_EQ(0, std::memcmp(y2.data(), y5.data(), y2.size()));
+    }
+}
+
 // A real model size (Mixtral/DeepSeek hidden 7168) on a slice of columns, decode and prefill.
 TEST(WeightQuant, ModelSize) {
   check(4, 1, 7168, 48, 128, true, true, DType::bf16, DType::bf16, false);

@@ -33,6 +33,7 @@
 #include "kernels/kernels.h"
 #include "kernels/wq.h"
 #include "kernels/x86/avx2/simd.h"
+#include "kernels/x86/wq_digits.h"
 
 // GCC 12 warns inside its own _mm512_cvtepi32_ps (the _mm512_undefined_ps it passes through).
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -50,146 +51,10 @@ using Geo = WqVnniGeometry;
 // found once large buffers sat on 2 MiB pages (no page boundary stops the prefetch there).
 constexpr int64_t g_pf = 4096;
 
-inline float pow2(int e) {  // 2^e, exact for -126 <= e <= 127
-  uint32_t b = static_cast<uint32_t>(e + 127) << 23;
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
-
-// Per row (see wq.h, WqVnniGeometry, for the layout of `prep`), groups [g0, g1), 16 k per step
-// in AVX-512: the operator splits a row's groups over the threads, and this must still cost far
-// less than the matrix-vector product (a scalar version cost ~10% of a k = 14336 call).
+// Per-row preparation (digits, float-fallback decisions, sums): kernels/x86/wq_digits.h, shared
+// with the AVX2 digit kernel so both see the same digits and round the same way.
 void prepare(const WqPanels& w, const float* x, float* prep, int64_t g0, int64_t g1) {
-  const Geo geo(w);
-  const int KB = w.kb_k();
-  const int64_t bias = w.bias();
-  float* xp = prep;
-  float* gsum = prep + geo.gsum_at;
-  int32_t* info = reinterpret_cast<int32_t*>(prep + geo.info_at);
-  int8_t* dig = reinterpret_cast<int8_t*>(prep + geo.digits_at);
-  const int SB = w.bits == 8 ? 4 : 8;  // digit bytes per k-block and digit
-  // x' = x * 2^(-iB) with i = k % KB (KB divides 16 and every group starts at a multiple of KB).
-  alignas(64) float mult[16];
-  for (int j = 0; j < 16; ++j) mult[j] = 1.0f / static_cast<float>(1u << ((j % KB) * w.bits));
-  const __m512 vmult = _mm512_load_ps(mult);
-  // 4-bit: a block's 8 digit bytes are its even k then its odd k (the kernel's nibble order).
-  const __m128i perm4 = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
-  for (int64_t g = g0; g < g1; ++g) {
-    const int64_t len = w.group_len(g);
-    const float* xg = x + g * w.kgroup;
-    __m512d all = _mm512_setzero_pd();
-    for (int64_t j = 0; j < w.kgroup; j += 16) {
-      const int64_t nv = std::min<int64_t>(16, std::max<int64_t>(0, len - j));
-      const __mmask16 lm = static_cast<__mmask16>((1u << nv) - 1);
-      const __mmask16 sm = static_cast<__mmask16>((1u << std::min<int64_t>(16, w.kgroup - j)) - 1);
-      const __m512 v = _mm512_maskz_loadu_ps(lm, xg + j);
-      _mm512_mask_storeu_ps(xp + g * w.kgroup + j, sm, _mm512_mul_ps(v, vmult));
-      all = _mm512_add_pd(all, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
-      all = _mm512_add_pd(all, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
-    }
-    gsum[g] = static_cast<float>(_mm512_reduce_add_pd(all));
-    for (int64_t c = 0; c < geo.cpg; ++c) {
-      int32_t* inf = info + (g * geo.cpg + c) * 16;
-      float* inff = reinterpret_cast<float*>(inf);
-      std::memset(inf, 0, 64);
-      const int64_t c0 = c * geo.chunk, clen = std::min(len, (c + 1) * geo.chunk) - c0;
-      if (clen <= 0) continue;
-      const int64_t nkb = (clen + KB - 1) / KB;
-      const float* xc = xg + c0;
-      int8_t* d = dig + ((g * w.kgroup + c0) / KB) * 4 * SB;
-      // Pass 1: u = the lowest set bit over the chunk, top = a bound on the highest.
-      __m512i vumin = _mm512_set1_epi32(1 << 20), vtop = _mm512_set1_epi32(-(1 << 20));
-      __mmask16 bad = 0;
-      // The float path's correction -bias * sum of x over the biased positions (i < KB - 1), for
-      // every chunk: another row may send this chunk down the float path.
-      __m512d biased = _mm512_setzero_pd();
-      const __mmask16 bpos = KB == 8 ? 0x7F7F : 0x7777;
-      for (int64_t j = 0; j < clen; j += 16) {
-        const __mmask16 lm = static_cast<__mmask16>((1u << std::min<int64_t>(16, clen - j)) - 1);
-        const __m512 xv = _mm512_maskz_loadu_ps(lm & bpos, xc + j);
-        biased = _mm512_add_pd(biased, _mm512_cvtps_pd(_mm512_castps512_ps256(xv)));
-        biased = _mm512_add_pd(biased, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(xv), 1))));
-        const __m512i b = _mm512_castps_si512(_mm512_maskz_loadu_ps(lm, xc + j));
-        const __m512i ef = _mm512_and_si512(_mm512_srli_epi32(b, 23), _mm512_set1_epi32(0xFF));
-        bad |= _mm512_cmpeq_epi32_mask(ef, _mm512_set1_epi32(0xFF));
-        const __m512i mant = _mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFF));
-        const __mmask16 nz = _mm512_test_epi32_mask(b, _mm512_set1_epi32(0x7FFFFFFF));
-        const __mmask16 normal = _mm512_test_epi32_mask(ef, ef);
-        const __m512i m = _mm512_mask_or_epi32(mant, normal, mant, _mm512_set1_epi32(0x800000));
-        const __m512i efp = _mm512_max_epi32(ef, _mm512_set1_epi32(1));
-        const __m512i lsb = _mm512_and_si512(m, _mm512_sub_epi32(_mm512_setzero_si512(), m));
-        // The lowest set bit's position: the exponent of lsb as a float (a power of two, exact).
-        const __m512i tz = _mm512_sub_epi32(_mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(lsb)), 23),
-                                            _mm512_set1_epi32(127));
-        const __m512i elow = _mm512_add_epi32(_mm512_sub_epi32(efp, _mm512_set1_epi32(150)), tz);
-        vumin = _mm512_mask_min_epi32(vumin, nz, vumin, elow);
-        vtop = _mm512_mask_max_epi32(vtop, nz, vtop, _mm512_sub_epi32(efp, _mm512_set1_epi32(126)));
-      }
-      inff[9] = static_cast<float>(-static_cast<double>(bias) * _mm512_reduce_add_pd(biased));
-      const int umin = _mm512_reduce_min_epi32(vumin), top = _mm512_reduce_max_epi32(vtop);
-      bool ok = bad == 0;
-      if (ok && umin == (1 << 20)) {  // all zero: S = 0 (zero digits, read if another row needs them)
-        std::memset(d, 0, static_cast<size_t>(nkb * 4 * SB));
-        continue;
-      }
-      // |X| = |x| 2^-u < 2^(top - u) must fit s32 for the digit split; 2^(u + 8s) must be normal.
-      ok = ok && top - umin <= 31 && umin >= -126 && umin <= 100;
-      int S = 0;
-      if (ok) {
-        const __m512 scl = _mm512_castsi512_ps(_mm512_set1_epi32((127 - umin) << 23));  // 2^-u
-        __m512i sum[4], nzd = _mm512_setzero_si512();
-        for (int s = 0; s < 4; ++s) sum[s] = _mm512_setzero_si512();
-        __m512i used[4] = {nzd, nzd, nzd, nzd};
-        for (int64_t j = 0; j < clen; j += 16) {
-          const __mmask16 lm = static_cast<__mmask16>((1u << std::min<int64_t>(16, clen - j)) - 1);
-          __m512i X = _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(lm, xc + j), scl));
-          __m128i db[4];
-          for (int s = 0; s < 4; ++s) {
-            const __m512i ds = _mm512_srai_epi32(_mm512_slli_epi32(X, 24), 24);  // low byte, signed
-            X = _mm512_srai_epi32(_mm512_sub_epi32(X, ds), 8);
-            sum[s] = _mm512_add_epi32(sum[s], ds);
-            used[s] = _mm512_or_si512(used[s], ds);
-            db[s] = _mm512_cvtepi32_epi8(ds);
-          }
-          nzd = _mm512_or_si512(nzd, X);  // must end zero
-          const int64_t kb0 = j / KB;
-          if (KB == 8) {
-            for (int s = 0; s < 4; ++s) db[s] = _mm_shuffle_epi8(db[s], perm4);
-            int8_t* o = d + kb0 * 32;
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi64(db[0], db[1]));
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16), _mm_unpacklo_epi64(db[2], db[3]));
-            if (kb0 + 1 < nkb) {
-              _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 32), _mm_unpackhi_epi64(db[0], db[1]));
-              _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 48), _mm_unpackhi_epi64(db[2], db[3]));
-            }
-          } else {
-            const __m128i t0 = _mm_unpacklo_epi32(db[0], db[1]), t1 = _mm_unpacklo_epi32(db[2], db[3]);
-            const __m128i t2 = _mm_unpackhi_epi32(db[0], db[1]), t3 = _mm_unpackhi_epi32(db[2], db[3]);
-            const __m128i blk[4] = {_mm_unpacklo_epi64(t0, t1), _mm_unpackhi_epi64(t0, t1),
-                                    _mm_unpacklo_epi64(t2, t3), _mm_unpackhi_epi64(t2, t3)};
-            for (int q = 0; q < 4 && kb0 + q < nkb; ++q)
-              _mm_storeu_si128(reinterpret_cast<__m128i*>(d + (kb0 + q) * 16), blk[q]);
-          }
-        }
-        ok = _mm512_test_epi32_mask(nzd, nzd) == 0;
-        for (int s = 0; s < 4; ++s)
-          if (_mm512_test_epi32_mask(used[s], used[s])) S = s + 1;
-        if (ok && umin + 8 * (S - 1) > 127) ok = false;
-        if (ok) {
-          inf[0] = S;
-          for (int s = 0; s < S; ++s) {
-            inf[1 + s] = static_cast<int32_t>(-bias * _mm512_reduce_add_epi32(sum[s]));
-            inff[5 + s] = pow2(umin + 8 * s);
-          }
-          // Digits >= S are zero (the split ended), so the kernel may read S' > S of them.
-          continue;
-        }
-      }
-      inf[0] = 5;  // float path
-      std::memset(d, 0, static_cast<size_t>(nkb * 4 * SB));
-    }
-  }
+  wq_digits_prepare(w, x, prep, g0, g1);
 }
 
 template <int BITS, int MR, int S>
