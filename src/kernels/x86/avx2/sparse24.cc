@@ -25,6 +25,7 @@
 #include "kernels/x86/avx2/simd.h"
 
 namespace qllm::kernels::avx2 {
+int g_s8rows_exp = 0;  // EXPERIMENT
 
 namespace {
 
@@ -364,28 +365,71 @@ void s8rows_table(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, int64_t
   }
 }
 
-// One channel (C of its 8-channel sub-panel) over the chunk's gn groups: 64 rows in 8 s32
-// accumulators (8 independent chains). Per group: the code word's 3 bits of channel C become the
-// table offset code * 256 bytes with one shift and one mask (C is a constant); the two kept values
-// are broadcast as an s16 pair (vpbroadcastw + vpmovsxbw); then 8 x (vpmaddwd with the table
-// entry as memory operand, vpaddd). codes / vals: the sub-panel's code word / the channel's
-// values at the chunk's first group (12 / 64 bytes per group).
+// a[q] += vpmaddwd(bc, table entry [8q, 8q + 8)) for q < 8, in asm: GCC 12 compiled the
+// intrinsics with the products in fresh registers and 8 vmovdqa per group rotating them back into
+// the accumulators (36 instructions per group instead of 28), and the 6-wide dispatch, not the
+// vpmaddwd pipes, set the pace. The entry is at rt + D + off (D: the group's constant
+// displacement, off: code * 256), so no address arithmetic per group. One product register
+// suffices (renaming).
+template <int D>
+inline void madd8(__m256i (&a)[8], __m256i bc, const int32_t* rt, uint64_t off) {
+  __m256i p;
+  asm("vpmaddwd %c[d](%[t],%[o]), %[b], %[p]\n\t"
+      "vpaddd %[p], %[a0], %[a0]\n\t"
+      "vpmaddwd %c[d]+32(%[t],%[o]), %[b], %[p]\n\t"
+      "vpaddd %[p], %[a1], %[a1]\n\t"
+      "vpmaddwd %c[d]+64(%[t],%[o]), %[b], %[p]\n\t"
+      "vpaddd %[p], %[a2], %[a2]\n\t"
+      "vpmaddwd %c[d]+96(%[t],%[o]), %[b], %[p]\n\t"
+      "vpaddd %[p], %[a3], %[a3]\n\t"
+      "vpmaddwd %c[d]+128(%[t],%[o]), %[b], %[p]\n\t"
+      "vpaddd %[p], %[a4], %[a4]\n\t"
+      "vpmaddwd %c[d]+160(%[t],%[o]), %[b], %[p]\n\t"
+      "vpaddd %[p], %[a5], %[a5]\n\t"
+      "vpmaddwd %c[d]+192(%[t],%[o]), %[b], %[p]\n\t"
+      "vpaddd %[p], %[a6], %[a6]\n\t"
+      "vpmaddwd %c[d]+224(%[t],%[o]), %[b], %[p]\n\t"
+      "vpaddd %[p], %[a7], %[a7]"
+      : [a0] "+x"(a[0]), [a1] "+x"(a[1]), [a2] "+x"(a[2]), [a3] "+x"(a[3]), [a4] "+x"(a[4]), [a5] "+x"(a[5]),
+        [a6] "+x"(a[6]), [a7] "+x"(a[7]), [p] "=&x"(p)
+      : [t] "r"(rt), [o] "r"(off), [b] "x"(bc), [d] "i"(D),
+        "m"(*reinterpret_cast<const int32_t(*)[kS8RowsChunkGroups * 6 * kRowPanel]>(rt)));
+}
+
+// Group g of channel C (of its 8-channel sub-panel): the code word's 3 bits of channel C become
+// the table offset code * 256 bytes with one shift and one mask (C is a constant); the two kept
+// values are broadcast as an s16 pair (vpbroadcastw + vpmovsxbw); then madd8. codes / vals: the
+// sub-panel's code word / the channel's values at the chunk's first group (12 / 64 bytes per group).
+template <int C, int G>
+inline void s8rows_group(__m256i (&a)[8], const int32_t* rt, const uint8_t* codes, const uint8_t* vals) {
+  uint32_t word;
+  std::memcpy(&word, codes + 12 * G, 4);
+  const uint64_t off = C < 3 ? (word << (8 - 3 * C)) & 0x700u : (word >> (3 * C - 8)) & 0x700u;
+  int16_t v2;
+  std::memcpy(&v2, vals + kS8Channels * 2 * G, 2);
+  madd8<G * 6 * kRowPanel * 4>(a, _mm256_cvtepi8_epi16(_mm_set1_epi16(v2)), rt, off);
+}
+
+template <int C, int... G>
+inline void s8rows_groups(std::integer_sequence<int, G...>, __m256i (&a)[8], const int32_t* rt, const uint8_t* codes,
+                          const uint8_t* vals) {
+  (s8rows_group<C, G>(a, rt, codes, vals), ...);
+}
+
+// One channel over the chunk's gn groups: 64 rows in 8 s32 accumulators (8 independent chains),
+// loaded / stored once per chunk (zero on the first). A full chunk is unrolled (constant
+// displacements everywhere); the last, partial chunk of k runs group by group.
 template <int C>
 inline void s8rows_channel(const int32_t* rt, const uint8_t* codes, const uint8_t* vals, int gn, bool first,
                            int32_t* acc) {
   __m256i a[8];
   for (int q = 0; q < 8; ++q)
     a[q] = first ? _mm256_setzero_si256() : _mm256_load_si256(reinterpret_cast<const __m256i*>(acc + 8 * q));
-  for (int g = 0; g < gn; ++g) {
-    uint32_t word;
-    std::memcpy(&word, codes + 12 * g, 4);
-    const uint32_t off = C < 3 ? (word << (8 - 3 * C)) & 0x700u : (word >> (3 * C - 8)) & 0x700u;
-    const int32_t* te = reinterpret_cast<const int32_t*>(reinterpret_cast<const uint8_t*>(rt + g * 6 * kRowPanel) + off);
-    int16_t v2;
-    std::memcpy(&v2, vals + kS8Channels * 2 * g, 2);
-    const __m256i bc = _mm256_cvtepi8_epi16(_mm_set1_epi16(v2));
-    for (int q = 0; q < 8; ++q)
-      a[q] = _mm256_add_epi32(a[q], _mm256_madd_epi16(bc, _mm256_load_si256(reinterpret_cast<const __m256i*>(te + 8 * q))));
+  if (gn == kS8RowsChunkGroups && g_s8rows_exp != 1) {
+    s8rows_groups<C>(std::make_integer_sequence<int, kS8RowsChunkGroups>{}, a, rt, codes, vals);
+  } else {
+    for (int g = 0; g < gn; ++g)
+      s8rows_group<C, 0>(a, rt + g * 6 * kRowPanel, codes + 12 * g, vals + kS8Channels * 2 * g);
   }
   for (int q = 0; q < 8; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(acc + 8 * q), a[q]);
 }
@@ -464,6 +508,7 @@ void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels&
 
 namespace qllm::kernels::avx2 {
 
+
 // Chunk walk of the rows kernel: per chunk of kS8RowsChunkGroups groups (always inside one
 // 16-group block), build the table, then every super-panel's 32 channels. Prefetch: a super-panel's
 // chunk is 8 value lines + 2 code lines, requested two super-panels ahead (at the end of the item:
@@ -471,19 +516,21 @@ namespace qllm::kernels::avx2 {
 // requested spread over the super-panels.
 void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S24S8Panels& w, int64_t sp0, int64_t sp1,
                  int32_t* acc, void* scratch) {
-  static_assert(kRowPanel == 64 && kS8BlockGroups % kS8RowsChunkGroups == 0 && kS8RowsChunkGroups <= 8,
-                "s8rows_channel holds 64 rows in 8 accumulators; a chunk lies in one block and one 8x8 transpose");
+  static_assert(kRowPanel == 64 && kS8BlockGroups % kS8RowsChunkGroups == 0 && kS8RowsChunkGroups % 8 == 0,
+                "s8rows_channel holds 64 rows in 8 accumulators; a chunk lies in one block, 8x8 transposes");
   constexpr int64_t kCodes = kS8BlockGroups * kS8Channels * 2;
   int32_t* rt = static_cast<int32_t*>(scratch);
   __m256i ctl[6];
   for (int t = 0; t < 6; ++t) ctl[t] = pair_ctl(t);
   const int64_t groups = k / 4, nsp = sp1 - sp0;
   if (groups == 0) std::memset(acc, 0, static_cast<size_t>(nsp * kS8Channels * kRowPanel) * sizeof(int32_t));
-  for (int64_t g0 = 0; g0 < groups; g0 += kS8RowsChunkGroups) {
-    const int gn = static_cast<int>(std::min<int64_t>(kS8RowsChunkGroups, groups - g0));
-    s8rows_table(x, ldx, rows, k, g0, gn, rt, ctl);
+  constexpr int kCh = kS8RowsChunkGroups;
+  for (int64_t g0 = 0; g0 < groups; g0 += kCh) {
+    const int gn = static_cast<int>(std::min<int64_t>(kCh, groups - g0));
+    for (int h = 0; h < gn; h += 8)
+      s8rows_table(x, ldx, rows, k, g0 + h, std::min(8, gn - h), rt + h * 6 * kRowPanel, ctl);
     const int64_t b = g0 / kS8BlockGroups, gi0 = g0 % kS8BlockGroups;
-    const int64_t gnext = g0 + kS8RowsChunkGroups;
+    const int64_t gnext = g0 + kCh;
     for (int64_t sp = sp0; sp < sp1; ++sp) {
       // Weights two super-panels ahead (or the next chunk's first ones).
       const int64_t ps = sp + 2 < sp1 ? sp + 2 : sp0 + (sp + 2 - sp1);
@@ -493,12 +540,14 @@ void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S2
         const int64_t pgi = pg % kS8BlockGroups;
         for (int l = 0; l < kS8RowsChunkGroups; ++l)
           _mm_prefetch(reinterpret_cast<const char*>(pb + (pgi + l) * kS8Channels * 2), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(pb + kCodes + pgi * 12), _MM_HINT_T0);
+        for (int l = 0; l < kS8RowsChunkGroups * 12; l += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(pb + kCodes + pgi * 12 + l), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(pb + kCodes + pgi * 12 + kS8RowsChunkGroups * 12 - 1), _MM_HINT_T0);
       }
       if (gnext < groups)
         for (int64_t r = kRowPanel * (sp - sp0) / nsp; r < kRowPanel * (sp - sp0 + 1) / nsp && r < rows; ++r)
-          _mm_prefetch(reinterpret_cast<const char*>(x + r * ldx + 4 * gnext), _MM_HINT_T0);
+          for (int l = 0; l < 4 * kS8RowsChunkGroups; l += 32)
+            _mm_prefetch(reinterpret_cast<const char*>(x + r * ldx + 4 * gnext + l), _MM_HINT_T0);
       const uint8_t* blk = w.block(sp, b);
       int32_t* a = acc + (sp - sp0) * kS8Channels * kRowPanel;
       for (int j = 0; j < 4; ++j)
