@@ -111,7 +111,7 @@ using S24S8Fn = void (*)(const int32_t* tab, int64_t ldt, int64_t rows, const S2
 // dense exact kernel's rate, on the kept half only. Packed layout unchanged (the s8 super-panels
 // above). acc[(sp - sp0) * 32 + c][64] (row r at + r) = channel c's exact dot products over the
 // whole depth (overwritten; rows past `rows` are 0); scratch: kS8RowsScratchBytes, 64-aligned.
-constexpr int kS8RowsChunkGroups = 8;
+constexpr int kS8RowsChunkGroups = 4;
 constexpr int64_t kS8RowsGroupBytes = 6 * kRowPanel * 4;
 constexpr int64_t kS8RowsScratchBytes = kS8RowsChunkGroups * kS8RowsGroupBytes;
 using S24S8RowsFn = void (*)(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S24S8Panels& w,

@@ -25,7 +25,6 @@
 #include "kernels/x86/avx2/simd.h"
 
 namespace qllm::kernels::avx2 {
-int g_s8rows_exp = 0;  // EXPERIMENT
 
 namespace {
 
@@ -372,7 +371,7 @@ void s8rows_table(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, int64_t
 // displacement, off: code * 256), so no address arithmetic per group. One product register
 // suffices (renaming).
 template <int D>
-inline void madd8(__m256i (&a)[8], __m256i bc, const int32_t* rt, uint64_t off) {
+[[gnu::always_inline]] inline void madd8(__m256i (&a)[8], __m256i bc, const int32_t* rt, uint64_t off) {
   __m256i p;
   asm("vpmaddwd %c[d](%[t],%[o]), %[b], %[p]\n\t"
       "vpaddd %[p], %[a0], %[a0]\n\t"
@@ -401,7 +400,7 @@ inline void madd8(__m256i (&a)[8], __m256i bc, const int32_t* rt, uint64_t off) 
 // values are broadcast as an s16 pair (vpbroadcastw + vpmovsxbw); then madd8. codes / vals: the
 // sub-panel's code word / the channel's values at the chunk's first group (12 / 64 bytes per group).
 template <int C, int G>
-inline void s8rows_group(__m256i (&a)[8], const int32_t* rt, const uint8_t* codes, const uint8_t* vals) {
+[[gnu::always_inline]] inline void s8rows_group(__m256i (&a)[8], const int32_t* rt, const uint8_t* codes, const uint8_t* vals) {
   uint32_t word;
   std::memcpy(&word, codes + 12 * G, 4);
   const uint64_t off = C < 3 ? (word << (8 - 3 * C)) & 0x700u : (word >> (3 * C - 8)) & 0x700u;
@@ -411,33 +410,43 @@ inline void s8rows_group(__m256i (&a)[8], const int32_t* rt, const uint8_t* code
 }
 
 template <int C, int... G>
-inline void s8rows_groups(std::integer_sequence<int, G...>, __m256i (&a)[8], const int32_t* rt, const uint8_t* codes,
+[[gnu::always_inline]] inline void s8rows_groups(std::integer_sequence<int, G...>, __m256i (&a)[8], const int32_t* rt, const uint8_t* codes,
                           const uint8_t* vals) {
   (s8rows_group<C, G>(a, rt, codes, vals), ...);
 }
 
-// One channel over the chunk's gn groups: 64 rows in 8 s32 accumulators (8 independent chains),
-// loaded / stored once per chunk (zero on the first). A full chunk is unrolled (constant
-// displacements everywhere); the last, partial chunk of k runs group by group.
-template <int C>
-inline void s8rows_channel(const int32_t* rt, const uint8_t* codes, const uint8_t* vals, int gn, bool first,
-                           int32_t* acc) {
+// One channel over a full chunk of NG groups: 64 rows in 8 s32 accumulators (8 independent
+// chains), loaded / stored once per chunk (zero on the first), the groups unrolled (constant
+// displacements everywhere).
+template <int C, int NG>
+void s8rows_channel(const int32_t* rt, const uint8_t* codes, const uint8_t* vals, bool first, int32_t* acc) {
   __m256i a[8];
   for (int q = 0; q < 8; ++q)
     a[q] = first ? _mm256_setzero_si256() : _mm256_load_si256(reinterpret_cast<const __m256i*>(acc + 8 * q));
-  if (gn == kS8RowsChunkGroups && g_s8rows_exp != 1) {
-    s8rows_groups<C>(std::make_integer_sequence<int, kS8RowsChunkGroups>{}, a, rt, codes, vals);
-  } else {
-    for (int g = 0; g < gn; ++g)
-      s8rows_group<C, 0>(a, rt + g * 6 * kRowPanel, codes + 12 * g, vals + kS8Channels * 2 * g);
+  s8rows_groups<C>(std::make_integer_sequence<int, NG>{}, a, rt, codes, vals);
+  for (int q = 0; q < 8; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(acc + 8 * q), a[q]);
+}
+
+// The last, partial chunk of k (gn groups), channel c of its sub-panel given at run time.
+void s8rows_channel_tail(const int32_t* rt, const uint8_t* codes, const uint8_t* vals, int c, int gn, bool first,
+                         int32_t* acc) {
+  __m256i a[8];
+  for (int q = 0; q < 8; ++q)
+    a[q] = first ? _mm256_setzero_si256() : _mm256_load_si256(reinterpret_cast<const __m256i*>(acc + 8 * q));
+  for (int g = 0; g < gn; ++g) {
+    uint32_t word;
+    std::memcpy(&word, codes + 12 * g, 4);
+    int16_t v2;
+    std::memcpy(&v2, vals + kS8Channels * 2 * g, 2);
+    madd8<0>(a, _mm256_cvtepi8_epi16(_mm_set1_epi16(v2)), rt + g * 6 * kRowPanel, ((word >> (3 * c)) & 7u) << 8);
   }
   for (int q = 0; q < 8; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(acc + 8 * q), a[q]);
 }
 
-template <int... C>
+template <int NG, int... C>
 inline void s8rows_subpanel(std::integer_sequence<int, C...>, const int32_t* rt, const uint8_t* codes,
-                            const uint8_t* vals, int gn, bool first, int32_t* acc) {
-  (s8rows_channel<C>(rt, codes, vals + 2 * C, gn, first, acc + C * kRowPanel), ...);
+                            const uint8_t* vals, bool first, int32_t* acc) {
+  (s8rows_channel<C, NG>(rt, codes, vals + 2 * C, first, acc + C * kRowPanel), ...);
 }
 
 }  // namespace
@@ -516,8 +525,8 @@ namespace qllm::kernels::avx2 {
 // requested spread over the super-panels.
 void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S24S8Panels& w, int64_t sp0, int64_t sp1,
                  int32_t* acc, void* scratch) {
-  static_assert(kRowPanel == 64 && kS8BlockGroups % kS8RowsChunkGroups == 0 && kS8RowsChunkGroups % 8 == 0,
-                "s8rows_channel holds 64 rows in 8 accumulators; a chunk lies in one block, 8x8 transposes");
+  static_assert(kRowPanel == 64 && kS8BlockGroups % kS8RowsChunkGroups == 0 && kS8RowsChunkGroups <= 8,
+                "s8rows_channel holds 64 rows in 8 accumulators; a chunk lies in one block and one 8x8 transpose");
   constexpr int64_t kCodes = kS8BlockGroups * kS8Channels * 2;
   int32_t* rt = static_cast<int32_t*>(scratch);
   __m256i ctl[6];
@@ -527,14 +536,14 @@ void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S2
   constexpr int kCh = kS8RowsChunkGroups;
   for (int64_t g0 = 0; g0 < groups; g0 += kCh) {
     const int gn = static_cast<int>(std::min<int64_t>(kCh, groups - g0));
-    for (int h = 0; h < gn; h += 8)
-      s8rows_table(x, ldx, rows, k, g0 + h, std::min(8, gn - h), rt + h * 6 * kRowPanel, ctl);
+    s8rows_table(x, ldx, rows, k, g0, gn, rt, ctl);
     const int64_t b = g0 / kS8BlockGroups, gi0 = g0 % kS8BlockGroups;
     const int64_t gnext = g0 + kCh;
     for (int64_t sp = sp0; sp < sp1; ++sp) {
       // Weights two super-panels ahead (or the next chunk's first ones).
-      const int64_t ps = sp + 2 < sp1 ? sp + 2 : sp0 + (sp + 2 - sp1);
-      const int64_t pg = sp + 2 < sp1 ? g0 : gnext;
+      constexpr int pfd = 2;
+      const int64_t ps = sp + pfd < sp1 ? sp + pfd : sp0 + (sp + pfd - sp1);
+      const int64_t pg = sp + pfd < sp1 ? g0 : gnext;
       if (pg < groups && ps < sp1) {
         const uint8_t* pb = w.block(ps, pg / kS8BlockGroups);
         const int64_t pgi = pg % kS8BlockGroups;
@@ -550,9 +559,14 @@ void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S2
             _mm_prefetch(reinterpret_cast<const char*>(x + r * ldx + 4 * gnext + l), _MM_HINT_T0);
       const uint8_t* blk = w.block(sp, b);
       int32_t* a = acc + (sp - sp0) * kS8Channels * kRowPanel;
-      for (int j = 0; j < 4; ++j)
-        s8rows_subpanel(std::make_integer_sequence<int, 8>{}, rt, blk + kCodes + gi0 * 12 + 3 * j,
-                        blk + gi0 * kS8Channels * 2 + 16 * j, gn, g0 == 0, a + 8 * j * kRowPanel);
+      for (int j = 0; j < 4; ++j) {
+        const uint8_t* codes = blk + kCodes + gi0 * 12 + 3 * j;
+        const uint8_t* vals = blk + gi0 * kS8Channels * 2 + 16 * j;
+        int32_t* aj = a + 8 * j * kRowPanel;
+        if (gn == kCh) s8rows_subpanel<kCh>(std::make_integer_sequence<int, 8>{}, rt, codes, vals, g0 == 0, aj);
+        else
+          for (int c = 0; c < 8; ++c) s8rows_channel_tail(rt, codes, vals + 2 * c, c, gn, g0 == 0, aj + c * kRowPanel);
+      }
     }
   }
 }
