@@ -248,8 +248,8 @@ TEST(Sparse24, FloatRowsPathSweep) {
         }
 }
 
-// The large-m s8 path (rows kernel, ops/sparse24.cc: m >= 32) on both sides of its switch
-// (m = 31 | 32, 33, 65 = a second, partial 64-row panel, 130 = three panels), k not a multiple of
+// The large-m s8 path (rows kernel, ops/sparse24.cc: m >= 40) on both sides of its switch
+// (m = 39 | 40, 41, 65 = a second, partial 64-row panel, 130 = three panels), k not a multiple of
 // the 8-group chunk (k = 100: chunks of 8, 8, 8, 1 groups, crossing a 16-group block), n not a
 // multiple of the 32-channel super-panel, and n = 530 across the 512-channel work item. Full s8
 // range: x row 0 all -128, the kept weights of channel 0 all -128 and of channel 2 all 127; x
@@ -263,7 +263,7 @@ TEST(Sparse24, Int8RowsPathSweep) {
     for (int64_t n : {5, 34, 130}) cases.push_back({k, n});
   cases.push_back({12, 530});
   for (const Case cs : cases)
-    for (int64_t m : {31, 32, 33, 65, 130}) {
+    for (int64_t m : {39, 40, 41, 65, 130}) {
       const int64_t k = cs.k, n = cs.n;
       if (m == 130 && n != 130) continue;
       Compressed c = prune(DType::s8, n, k, make_weight(DType::s8, n, k, static_cast<uint32_t>(k * 29 + n)));
@@ -344,7 +344,7 @@ TEST(Sparse24, IsasAgreeBitwise) {
 }
 
 // The s8 path's schedules at the real depth k = 7168: m = 130 runs the rows kernel (three 64-row
-// panels, the last of 2 rows), m = 31 and 1 the tiled kernel on x-pair tables (super-panels of 32
+// panels, the last of 2 rows), m = 39 and 1 the tiled kernel on x-pair tables (super-panels of 32
 // channels, n = 70: two full, one of 6, a super-panel pair and a single one per work item); every
 // ISA must give the exact s64 dot products.
 TEST(Sparse24, Int8SlabsAndPanelsExact) {
@@ -369,7 +369,7 @@ TEST(Sparse24, Int8SlabsAndPanelsExact) {
   std::vector<Isa> isas = test::fast_isas();
   isas.push_back(Isa::ref);
   for (Isa isa : isas)
-    for (int64_t rows : {m, int64_t{31}, int64_t{1}}) {
+    for (int64_t rows : {m, int64_t{39}, int64_t{1}}) {
       std::vector<int32_t> got(rows * n, 0x7eadbeef);
       a.x = TensorView(x.data() + (m - rows) * k, DType::s8, {rows, k});
       sparse24_matmul(context(isa), a, TensorView(got.data(), DType::s32, {rows, n}), {DType::s32});
