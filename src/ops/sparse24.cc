@@ -431,7 +431,7 @@ int64_t s8_slab_rows(int64_t m, int64_t k) {
 // kernel ~0.21 ms per row (6.4 ms at m = 31), so they cross at ~40 rows (docs/design.md). Work item = (panel of 64 rows, kS8RowsPanelBlock super-panels = 512
 // channels): the item's accumulators (512 x 64 s32 = 128 KB) stay in L2 across the k chunks, and
 // the panel's x and the chunk tables are built once per item (~2 % of its work), so no table
-// memory outside the per-thread 12 KB scratch. 512 channels per item keeps the x panel's re-reads
+// memory outside the per-thread 6 KB scratch. 512 channels per item keeps the x panel's re-reads
 // (once per item) small against the weight stream (once per panel).
 constexpr int64_t kS24S8RowsMinM = 40;
 constexpr int64_t kS8RowsPanelBlock = 16;

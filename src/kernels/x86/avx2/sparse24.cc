@@ -325,8 +325,8 @@ inline __m256i pair_ctl(int t) {
 
 // Builds the chunk's table rt[g][t][64] for groups [g0, g0 + gn) (gn <= 8) of the panel: per 8
 // rows, one 32-byte load per row (8 groups), an 8x8 dword transpose (vector g: lane i = row
-// r0 + i's 4 x of group g0 + g), then per pair code vpshufb + vpsraw + store. ~1.4 K ops per
-// chunk against ~80 K in the channel loop of a 512-channel work item. Rows past `rows` and x past
+// r0 + i's 4 x of group g0 + g), then per pair code vpshufb + vpsraw + store. ~0.8 K ops per
+// 4-group chunk against ~40 K in the channel loop of a 512-channel work item. Rows past `rows` and x past
 // k read as zero.
 void s8rows_table(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, int64_t g0, int gn, int32_t* rt,
                   const __m256i (&ctl)[6]) {
@@ -520,7 +520,7 @@ namespace qllm::kernels::avx2 {
 
 // Chunk walk of the rows kernel: per chunk of kS8RowsChunkGroups groups (always inside one
 // 16-group block), build the table, then every super-panel's 32 channels. Prefetch: a super-panel's
-// chunk is 8 value lines + 2 code lines, requested two super-panels ahead (at the end of the item:
+// chunk is 4 value lines + 1 code line, requested two super-panels ahead (at the end of the item:
 // the first super-panels of the next chunk); the next chunk's 64 x rows (one line each) are
 // requested spread over the super-panels.
 void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S24S8Panels& w, int64_t sp0, int64_t sp1,
