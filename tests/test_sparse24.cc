@@ -248,6 +248,75 @@ TEST(Sparse24, FloatRowsPathSweep) {
         }
 }
 
+// The large-m s8 path (rows kernel, ops/sparse24.cc: m >= 40) on both sides of its switch
+// (m = 39 | 40, 41, 65 = a second, partial 64-row panel, 130 = three panels), k not a multiple of
+// the 8-group chunk (k = 100: chunks of 8, 8, 8, 1 groups, crossing a 16-group block), n not a
+// multiple of the 32-channel super-panel, and n = 530 across the 512-channel work item. Full s8
+// range: x row 0 all -128, the kept weights of channel 0 all -128 and of channel 2 all 127; x
+// row 2 all zero (outputs exactly 0) and weight channel 1 all zero. Integer sums are exact: every
+// ISA must give the int64 dense product bit for bit, and the dequantised outputs SPEC section 1's
+// formula on it.
+TEST(Sparse24, Int8RowsPathSweep) {
+  struct Case { int64_t k, n; };
+  std::vector<Case> cases;
+  for (int64_t k : {4, 12, 100})
+    for (int64_t n : {5, 34, 130}) cases.push_back({k, n});
+  cases.push_back({12, 530});
+  for (const Case cs : cases)
+    for (int64_t m : {39, 40, 41, 65, 130}) {
+      const int64_t k = cs.k, n = cs.n;
+      if (m == 130 && n != 130) continue;
+      Compressed c = prune(DType::s8, n, k, make_weight(DType::s8, n, k, static_cast<uint32_t>(k * 29 + n)));
+      for (int64_t i = 0; i < k / 2; ++i) {
+        reinterpret_cast<int8_t*>(c.values.data())[i] = -128;
+        if (n > 2) reinterpret_cast<int8_t*>(c.values.data())[2 * (k / 2) + i] = 127;
+      }
+      const TensorView vv(c.values.data(), DType::s8, {n, k / 2}), mv(c.meta.data(), DType::u8, {n, sparse24_meta_cols(k)});
+      decompress_24(vv, mv, TensorView(c.dense.data(), DType::s8, {n, k}));
+      auto x = make_x(DType::s8, m, k, static_cast<uint32_t>(m * 5 + k));
+      std::memset(x.data(), 0x80, static_cast<size_t>(k));
+      std::memset(x.data() + 2 * k, 0, static_cast<size_t>(k));
+      const int8_t* xs = reinterpret_cast<const int8_t*>(x.data());
+      const int8_t* ws = reinterpret_cast<const int8_t*>(c.dense.data());
+      std::vector<int64_t> want(m * n);
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t col = 0; col < n; ++col) {
+          int64_t s = 0;
+          for (int64_t kk = 0; kk < k; ++kk) s += static_cast<int64_t>(ws[col * k + kk]) * xs[r * k + kk];
+          want[r * n + col] = s;
+        }
+      const PackedSparse24 pk = PackedSparse24::pack(vv, mv);
+      const auto scale = test::rand_f32(n, 0.001f, 0.01f), pts = test::rand_f32(m, 0.5f, 2.0f);
+      std::vector<Isa> isas = test::fast_isas();
+      isas.push_back(Isa::ref);
+      for (Isa isa : isas) {
+        Sparse24MatmulArgs a;
+        a.x = TensorView(x.data(), DType::s8, {m, k});
+        if (isa == Isa::ref) {
+          a.values = vv;  // unpacked weight: packed in the call's workspace
+          a.meta = mv;
+        } else {
+          a.packed = &pk;
+        }
+        std::vector<int32_t> acc(m * n, 0x7eadbeef);
+        sparse24_matmul(context(isa), a, TensorView(acc.data(), DType::s32, {m, n}), {DType::s32});
+        for (int64_t i = 0; i < m * n; ++i)
+          ASSERT_EQ(acc[i], want[i]) << isa_name(isa) << " m " << m << " k " << k << " n " << n << " at " << i / n << ","
+                                     << i % n;
+        a.scale = TensorView(scale.data(), DType::f32, {n});
+        a.per_token_scale = TensorView(pts.data(), DType::f32, {m});
+        const DType odt = n == 5 ? DType::bf16 : n == 34 ? DType::f16 : DType::f32;
+        std::vector<uint8_t> y(m * n * 4, 0xee);
+        sparse24_matmul(context(isa), a, TensorView(y.data(), odt, {m, n}), {odt});
+        for (int64_t i = 0; i < m * n; ++i) {
+          const float f = (static_cast<float>(want[i]) * scale[i % n]) * pts[i / n];
+          const double expect = odt == DType::f16 ? f16_to_f32(f32_to_f16(f)) : odt == DType::bf16 ? bf16_to_f32(f32_to_bf16(f)) : f;
+          ASSERT_EQ(elem(odt, y.data(), i), expect) << isa_name(isa) << " " << dtype_name(odt) << " m " << m << " i " << i;
+        }
+      }
+    }
+}
+
 // Every ISA gives ref's bits, on the real model depth (k = 7168) and odd shapes, from one packed
 // weight reused across contexts (the packed layout is the same for every ISA).
 TEST(Sparse24, IsasAgreeBitwise) {
@@ -274,10 +343,10 @@ TEST(Sparse24, IsasAgreeBitwise) {
     }
 }
 
-// The s8 path's schedule: rows in slabs of x-pair tables (k = 7168: 120 rows a slab, so m = 130
-// is two slabs, the second a partial row block), super-panels of 32 channels (n = 70: two full,
-// one of 6), a super-panel pair and a single one per work item; every ISA must give the exact
-// s64 dot products.
+// The s8 path's schedules at the real depth k = 7168: m = 130 runs the rows kernel (three 64-row
+// panels, the last of 2 rows), m = 39 and 1 the tiled kernel on x-pair tables (super-panels of 32
+// channels, n = 70: two full, one of 6, a super-panel pair and a single one per work item); every
+// ISA must give the exact s64 dot products.
 TEST(Sparse24, Int8SlabsAndPanelsExact) {
   const int64_t m = 130, k = 7168, n = 70;
   const Compressed c = prune(DType::s8, n, k, make_weight(DType::s8, n, k, 3));
@@ -300,7 +369,7 @@ TEST(Sparse24, Int8SlabsAndPanelsExact) {
   std::vector<Isa> isas = test::fast_isas();
   isas.push_back(Isa::ref);
   for (Isa isa : isas)
-    for (int64_t rows : {m, int64_t{1}}) {
+    for (int64_t rows : {m, int64_t{39}, int64_t{1}}) {
       std::vector<int32_t> got(rows * n, 0x7eadbeef);
       a.x = TensorView(x.data() + (m - rows) * k, DType::s8, {rows, k});
       sparse24_matmul(context(isa), a, TensorView(got.data(), DType::s32, {rows, n}), {DType::s32});

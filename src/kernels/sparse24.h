@@ -99,12 +99,32 @@ using S24XTableFn = void (*)(const int8_t* x, int64_t k, int64_t groups_pad, int
 using S24S8Fn = void (*)(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels& w, int64_t sp0,
                          int64_t sp1, int64_t b0, int64_t b1, int32_t* acc, int64_t ld_acc);
 
+// ---- s8 large-m kernel: rows in the vector lanes ----------------------------------------------
+// For many rows the s8 kernel above pays one vpermd per vpmaddwd (8 channels x 2 kept k). The
+// rows kernel instead walks one 64-row panel of x (kRowPanel rows, row-major s8, ldx apart) and
+// builds, per k chunk of kS8RowsChunkGroups groups, a table in scratch:
+//   rt[g][t][64] s32 = u16(x[r][4g + i0(t)]) | x[r][4g + i1(t)] << 16   (t = the 6 pair codes)
+// (1.5 KB per group: 6 KB per chunk of 4 groups, kept hot in L1: 12 KB measured slower, see
+// docs/design.md). Per channel and group: one broadcast of the
+// channel's two kept values as an s16 pair (vpbroadcastw + vpmovsxbw), the table entry of its
+// pair code (offset = code * 256 bytes, 2 ALU ops from the packed code word), and per 8 rows one
+// vpmaddwd with that entry as memory operand + vpaddd: 16 useful multiply-adds per vpmaddwd, the
+// dense exact kernel's rate, on the kept half only. Packed layout unchanged (the s8 super-panels
+// above). acc[(sp - sp0) * 32 + c][64] (row r at + r) = channel c's exact dot products over the
+// whole depth (overwritten; rows past `rows` are 0); scratch: kS8RowsScratchBytes, 64-aligned.
+constexpr int kS8RowsChunkGroups = 4;
+constexpr int64_t kS8RowsGroupBytes = 6 * kRowPanel * 4;
+constexpr int64_t kS8RowsScratchBytes = kS8RowsChunkGroups * kS8RowsGroupBytes;
+using S24S8RowsFn = void (*)(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S24S8Panels& w,
+                             int64_t sp0, int64_t sp1, int32_t* acc, void* scratch);
+
 struct Sparse24Kernels {
   Isa isa;
   S24FloatFn float_mm;
   S24RowsFn float_rows;  // large m (ops/sparse24.cc picks it from kS24RowsMinM rows on)
   S24XTableFn s8_xtable;
   S24S8Fn s8_mm;
+  S24S8RowsFn s8_rows;  // large m (ops/sparse24.cc: kS24S8RowsMinM)
 };
 
 const Sparse24Kernels& sparse24_kernels(Isa isa);
@@ -116,6 +136,8 @@ void s24_float_rows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1,
 void s24_s8_xtable(const int8_t* x, int64_t k, int64_t groups_pad, int32_t* tab);
 void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels& w, int64_t sp0, int64_t sp1,
                int64_t b0, int64_t b1, int32_t* acc, int64_t ld_acc);
+void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S24S8Panels& w, int64_t sp0, int64_t sp1,
+                 int32_t* acc, void* scratch);
 }  // namespace ref
 namespace avx2 {
 void s24_float_mm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0, int64_t p1,
@@ -124,6 +146,8 @@ void s24_float_rows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1,
 void s24_s8_xtable(const int8_t* x, int64_t k, int64_t groups_pad, int32_t* tab);
 void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels& w, int64_t sp0, int64_t sp1,
                int64_t b0, int64_t b1, int32_t* acc, int64_t ld_acc);
+void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S24S8Panels& w, int64_t sp0, int64_t sp1,
+                 int32_t* acc, void* scratch);
 }  // namespace avx2
 namespace avx512 {
 // zmm rows kernel (x86/avx512/sparse24.cc): two pairs' accumulators at once, same bits as ref.

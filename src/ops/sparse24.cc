@@ -426,13 +426,27 @@ int64_t s8_slab_rows(int64_t m, int64_t k) {
   return std::min(m, std::max(rb, fit));
 }
 
+// Large-m s8 path (kernels/sparse24.h, s8 rows kernel) from kS24S8RowsMinM rows on: a 64-row
+// panel costs the same at any fill (k = 7168, n = 4096: ~8.2 ms at m = 32 and 48), the tiled
+// kernel ~0.21 ms per row (6.4 ms at m = 31), so they cross at ~40 rows (docs/design.md). Work item = (panel of 64 rows, kS8RowsPanelBlock super-panels = 512
+// channels): the item's accumulators (512 x 64 s32 = 128 KB) stay in L2 across the k chunks, and
+// the panel's x and the chunk tables are built once per item (~2 % of its work), so no table
+// memory outside the per-thread 6 KB scratch. 512 channels per item keeps the x panel's re-reads
+// (once per item) small against the weight stream (once per panel).
+constexpr int64_t kS24S8RowsMinM = 40;
+constexpr int64_t kS8RowsPanelBlock = 16;
+bool use_s8_rows(int64_t m) { return m >= kS24S8RowsMinM; }
+
 }  // namespace
 
 size_t sparse24_matmul_workspace_size(const Context& ctx, const Sparse24MatmulArgs& a, const Sparse24MatmulParams& p) {
   const Plan pl = validate(a, p);
   WorkspacePlan w;
   if (!pl.packed) w.add<uint8_t>(PackedSparse24::packed_bytes(pl.wdt, pl.n, pl.k));
-  if (pl.quant) {
+  if (pl.quant && use_s8_rows(pl.m)) {
+    w.add<uint8_t>(ctx.threads() * kernels::kS8RowsScratchBytes);                                     // chunk tables
+    w.add<int32_t>(ctx.threads() * kS8RowsPanelBlock * kernels::kS8Channels * kernels::kRowPanel);  // accumulators
+  } else if (pl.quant) {
     w.add<int32_t>(std::max<int64_t>(s8_slab_rows(pl.m, pl.k), 1) * s8_table_ld(pl.k));
     w.add<int32_t>(ctx.threads() * row_block(pl.m) * kS8PanelBlock * kernels::kS8Channels);
   } else if (use_rows(pl.m)) {
@@ -592,6 +606,41 @@ void run_s8(Context& ctx, const Plan& pl, const Sparse24MatmulArgs& a, const Pac
   }
 }
 
+// Large-m s8 path: the rows kernel per (64-row panel, 512 channels); same epilogue as run_s8.
+void run_s8_rows(Context& ctx, const Plan& pl, const Sparse24MatmulArgs& a, const PackedSparse24& pw, void* yout,
+                 DType odt, Workspace& ws) {
+  using kernels::kRowPanel;
+  using kernels::kS8Channels;
+  const kernels::Sparse24Kernels& sk = kernels::sparse24_kernels(ctx.isa());
+  uint8_t* scratch = ws.alloc<uint8_t>(ctx.threads() * kernels::kS8RowsScratchBytes, kOp);
+  constexpr int64_t kTile = kS8RowsPanelBlock * kS8Channels * kRowPanel;
+  int32_t* tiles = ws.alloc<int32_t>(ctx.threads() * kTile, kOp);
+  const kernels::S24S8Panels panels{pw.data(), pw.kblocks(), pw.panel_bytes()};
+  const int64_t nsp = pw.panels(), spblocks = ceil_div(nsp, kS8RowsPanelBlock), npan = row_panels(pl.m);
+  const float* scale = a.scale.present() ? a.scale.data<float>() : nullptr;
+  const float* pts = a.per_token_scale.present() ? a.per_token_scale.data<float>() : nullptr;
+  const int8_t* x = a.x.data<int8_t>();
+  ctx.pool().parallel_for(npan * spblocks, 1, [&](int64_t b, int64_t e, int tid) {
+    for (int64_t it = b; it < e; ++it) {
+      const int64_t pan = it / spblocks, r0 = pan * kRowPanel, rows = std::min<int64_t>(kRowPanel, pl.m - r0);
+      const int64_t sp0 = (it % spblocks) * kS8RowsPanelBlock, sp1 = std::min(nsp, sp0 + kS8RowsPanelBlock);
+      int32_t* acc = tiles + static_cast<int64_t>(tid) * kTile;
+      sk.s8_rows(x + r0 * pl.k, pl.k, rows, pl.k, panels, sp0, sp1, acc,
+                 scratch + static_cast<int64_t>(tid) * kernels::kS8RowsScratchBytes);
+      const int64_t c0 = sp0 * kS8Channels, c1 = std::min(pl.n, sp1 * kS8Channels);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = r0 + r;
+        for (int64_t col = c0; col < c1; ++col) {
+          const int32_t v = acc[(col - c0) * kRowPanel + r];
+          const int64_t yi = row * pl.n + col;
+          if (odt == DType::s32) static_cast<int32_t*>(yout)[yi] = v;
+          else store(odt, yout, yi, (static_cast<float>(v) * scale[col]) * (pts ? pts[row] : 1.0f));
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void sparse24_matmul(Context& ctx, const Sparse24MatmulArgs& a, const TensorView& y, const Sparse24MatmulParams& p,
@@ -613,7 +662,8 @@ void sparse24_matmul(Context& ctx, const Sparse24MatmulArgs& a, const TensorView
     local = detail::PackedSparse24Access::wrap(pl.wdt, pl.n, pl.k, mem);
     pw = &local;
   }
-  if (pl.quant) run_s8(ctx, pl, a, *pw, y.mutable_data<void>(), p.out_dtype, ws);
+  if (pl.quant && use_s8_rows(pl.m)) run_s8_rows(ctx, pl, a, *pw, y.mutable_data<void>(), p.out_dtype, ws);
+  else if (pl.quant) run_s8(ctx, pl, a, *pw, y.mutable_data<void>(), p.out_dtype, ws);
   else if (use_rows(pl.m)) run_float_rows(ctx, pl, a, *pw, y.mutable_data<void>(), p.out_dtype, ws);
   else run_float(ctx, pl, a, *pw, y.mutable_data<void>(), p.out_dtype, ws);
 }

@@ -91,11 +91,14 @@ def test_float_matmul(wdtype, m, k, packed):
     assert ((y16.double() - want).abs() <= tol + eps * want.abs() + 1e-30).all()
 
 
-@pytest.mark.parametrize("m", [1, 3, 17])
+# m = 39 | 40, 70: both sides of the s8 large-m (rows) kernel's switch at 40; 70 = a partial
+# second 64-row panel. Weight row 0's kept values are -128 (full s8 range on both sides).
+@pytest.mark.parametrize("m", [1, 3, 17, 39, 40, 70])
 @pytest.mark.parametrize("k", [4, 12, 100])
 def test_int8_matmul(m, k):
     n = 34
     w = torch_prune_24(make_w(n, k, torch.int8, seed=k))
+    w[0][w[0] != 0] = -128
     values, meta = ops.prune_24(w)
     x = torch.randint(-128, 128, (m, k), dtype=torch.int8)
     x[0] = -128

@@ -107,16 +107,42 @@ void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels&
     }
 }
 
+// Large-m s8: the same exact dot products, read from the packed super-panels channel by channel
+// (integer sums: any order gives the same bits). Rows past `rows` are 0; no scratch needed.
+void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S24S8Panels& w, int64_t sp0, int64_t sp1,
+                 int32_t* acc, void*) {
+  const int64_t groups = k / 4;
+  for (int64_t sp = sp0; sp < sp1; ++sp)
+    for (int ch = 0; ch < kS8Channels; ++ch) {
+      int32_t* a = acc + ((sp - sp0) * kS8Channels + ch) * kRowPanel;
+      const int j = ch / 8, c = ch % 8;
+      for (int64_t r = 0; r < kRowPanel; ++r) a[r] = 0;
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* blk = w.block(sp, g / kS8BlockGroups);
+        const int64_t gi = g % kS8BlockGroups;
+        const uint8_t* cw = blk + kS8BlockGroups * kS8Channels * 2 + gi * 12 + j * 3;
+        const int code = ((cw[0] | (cw[1] << 8) | (cw[2] << 16)) >> (3 * c)) & 7;
+        const int8_t* v = reinterpret_cast<const int8_t*>(blk + gi * kS8Channels * 2 + ch * 2);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int8_t* xr = x + r * ldx + 4 * g;
+          a[r] += v[0] * xr[kPairPos[code][0]] + v[1] * xr[kPairPos[code][1]];
+        }
+      }
+    }
+}
+
 }  // namespace ref
 
 const Sparse24Kernels& sparse24_kernels(Isa isa) {
-  static const Sparse24Kernels ref_k{Isa::ref, ref::s24_float_mm, ref::s24_float_rows, ref::s24_s8_xtable, ref::s24_s8_mm};
+  static const Sparse24Kernels ref_k{Isa::ref, ref::s24_float_mm, ref::s24_float_rows, ref::s24_s8_xtable, ref::s24_s8_mm,
+                                     ref::s24_s8_rows};
 #if QLLM_HAVE_AVX2
   // avx512: its own zmm rows kernel where the CPU runs AVX-512; the rest are the AVX2 kernels.
-  static const Sparse24Kernels avx2_k{Isa::avx2, avx2::s24_float_mm, avx2::s24_float_rows, avx2::s24_s8_xtable, avx2::s24_s8_mm};
+  static const Sparse24Kernels avx2_k{Isa::avx2, avx2::s24_float_mm, avx2::s24_float_rows, avx2::s24_s8_xtable, avx2::s24_s8_mm,
+                                      avx2::s24_s8_rows};
   static const Sparse24Kernels avx512_k{Isa::avx512, avx2::s24_float_mm,
                                         isa_supported(Isa::avx512) ? avx512::s24_float_rows : avx2::s24_float_rows,
-                                        avx2::s24_s8_xtable, avx2::s24_s8_mm};
+                                        avx2::s24_s8_xtable, avx2::s24_s8_mm, avx2::s24_s8_rows};
 #endif
   switch (isa) {
     case Isa::ref: return ref_k;

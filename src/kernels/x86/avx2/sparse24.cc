@@ -17,7 +17,9 @@
 // exact vpmaddwd.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "kernels/sparse24.h"
 #include "kernels/x86/avx2/simd.h"
@@ -309,6 +311,144 @@ void s8tile_rows(int mr, const int32_t* tab, int64_t ldt, const S24S8Panels& w, 
   }
 }
 
+// ---- s8 large-m rows kernel (kernels/sparse24.h) ----------------------------------------------
+
+// vpshufb control of pair code t: in every dword (one row's 4 x of a group) byte i0 goes to byte 1
+// and byte i1 to byte 3, bytes 0 and 2 are zeroed, so vpsraw 8 leaves s16 x[i0] | x[i1] << 16.
+inline __m256i pair_ctl(int t) {
+  static constexpr int kPos[6][2] = {{0, 1}, {0, 2}, {0, 3}, {1, 2}, {1, 3}, {2, 3}};
+  const __m256i base = _mm256_set1_epi32(static_cast<int32_t>(0x80u | (kPos[t][0] << 8) | (0x80u << 16) |
+                                                              (static_cast<uint32_t>(kPos[t][1]) << 24)));
+  return _mm256_add_epi32(base, _mm256_setr_epi32(0, 0x04000400, 0x08000800, 0x0c000c00, 0, 0x04000400, 0x08000800,
+                                                  0x0c000c00));
+}
+
+// Builds the chunk's table rt[g][t][64] for groups [g0, g0 + gn) (gn <= 8) of the panel: per 8
+// rows, one 32-byte load per row (8 groups), an 8x8 dword transpose (vector g: lane i = row
+// r0 + i's 4 x of group g0 + g), then per pair code vpshufb + vpsraw + store. ~0.8 K ops per
+// 4-group chunk against ~40 K in the channel loop of a 512-channel work item. Rows past `rows` and x past
+// k read as zero.
+void s8rows_table(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, int64_t g0, int gn, int32_t* rt,
+                  const __m256i (&ctl)[6]) {
+  const int64_t c0 = 4 * g0, avail = k - c0;  // valid bytes of the chunk in a row
+  for (int r0 = 0; r0 < kRowPanel; r0 += 8) {
+    __m256i R[8];
+    for (int i = 0; i < 8; ++i) {
+      const int64_t r = r0 + i;
+      if (r >= rows) {
+        R[i] = _mm256_setzero_si256();
+      } else if (avail >= 32) {
+        R[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * ldx + c0));
+      } else {
+        alignas(32) int8_t b[32] = {};
+        std::memcpy(b, x + r * ldx + c0, static_cast<size_t>(avail));
+        R[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
+      }
+    }
+    const __m256i t0 = _mm256_unpacklo_epi32(R[0], R[1]), t1 = _mm256_unpackhi_epi32(R[0], R[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(R[2], R[3]), t3 = _mm256_unpackhi_epi32(R[2], R[3]);
+    const __m256i t4 = _mm256_unpacklo_epi32(R[4], R[5]), t5 = _mm256_unpackhi_epi32(R[4], R[5]);
+    const __m256i t6 = _mm256_unpacklo_epi32(R[6], R[7]), t7 = _mm256_unpackhi_epi32(R[6], R[7]);
+    const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+    const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+    const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+    const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+    const __m256i T[8] = {_mm256_permute2x128_si256(u0, u4, 0x20), _mm256_permute2x128_si256(u1, u5, 0x20),
+                          _mm256_permute2x128_si256(u2, u6, 0x20), _mm256_permute2x128_si256(u3, u7, 0x20),
+                          _mm256_permute2x128_si256(u0, u4, 0x31), _mm256_permute2x128_si256(u1, u5, 0x31),
+                          _mm256_permute2x128_si256(u2, u6, 0x31), _mm256_permute2x128_si256(u3, u7, 0x31)};
+    for (int g = 0; g < gn; ++g)
+      for (int t = 0; t < 6; ++t)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(rt + (g * 6 + t) * kRowPanel + r0),
+                           _mm256_srai_epi16(_mm256_shuffle_epi8(T[g], ctl[t]), 8));
+  }
+}
+
+// a[q] += vpmaddwd(bc, table entry [8q, 8q + 8)) for q < 8, in asm: GCC 12 compiled the
+// intrinsics with the products in fresh registers and 8 vmovdqa per group rotating them back into
+// the accumulators (36 instructions per group instead of 28), and the 6-wide dispatch, not the
+// vpmaddwd pipes, set the pace. The entry is at rt + D + off (D: the group's constant
+// displacement, off: code * 256), so no address arithmetic per group. One product register
+// suffices (renaming).
+template <int D>
+[[gnu::always_inline]] inline void madd8(__m256i (&a)[8], __m256i bc, const int32_t* rt, uint64_t off) {
+  __m256i p;
+  asm("vpmaddwd %c[d](%[t],%[o]), %[b], %[p]\n\t"
+      "vpaddd %[p], %[a0], %[a0]\n\t"
+      "vpmaddwd %c[d]+32(%[t],%[o]), %[b], %[p]\n\t"
+      "vpaddd %[p], %[a1], %[a1]\n\t"
+      "vpmaddwd %c[d]+64(%[t],%[o]), %[b], %[p]\n\t"
+      "vpaddd %[p], %[a2], %[a2]\n\t"
+      "vpmaddwd %c[d]+96(%[t],%[o]), %[b], %[p]\n\t"
+      "vpaddd %[p], %[a3], %[a3]\n\t"
+      "vpmaddwd %c[d]+128(%[t],%[o]), %[b], %[p]\n\t"
+      "vpaddd %[p], %[a4], %[a4]\n\t"
+      "vpmaddwd %c[d]+160(%[t],%[o]), %[b], %[p]\n\t"
+      "vpaddd %[p], %[a5], %[a5]\n\t"
+      "vpmaddwd %c[d]+192(%[t],%[o]), %[b], %[p]\n\t"
+      "vpaddd %[p], %[a6], %[a6]\n\t"
+      "vpmaddwd %c[d]+224(%[t],%[o]), %[b], %[p]\n\t"
+      "vpaddd %[p], %[a7], %[a7]"
+      : [a0] "+x"(a[0]), [a1] "+x"(a[1]), [a2] "+x"(a[2]), [a3] "+x"(a[3]), [a4] "+x"(a[4]), [a5] "+x"(a[5]),
+        [a6] "+x"(a[6]), [a7] "+x"(a[7]), [p] "=&x"(p)
+      : [t] "r"(rt), [o] "r"(off), [b] "x"(bc), [d] "i"(D),
+        "m"(*reinterpret_cast<const int32_t(*)[kS8RowsChunkGroups * 6 * kRowPanel]>(rt)));
+}
+
+// Group g of channel C (of its 8-channel sub-panel): the code word's 3 bits of channel C become
+// the table offset code * 256 bytes with one shift and one mask (C is a constant); the two kept
+// values are broadcast as an s16 pair (vpbroadcastw + vpmovsxbw); then madd8. codes / vals: the
+// sub-panel's code word / the channel's values at the chunk's first group (12 / 64 bytes per group).
+template <int C, int G>
+[[gnu::always_inline]] inline void s8rows_group(__m256i (&a)[8], const int32_t* rt, const uint8_t* codes, const uint8_t* vals) {
+  uint32_t word;
+  std::memcpy(&word, codes + 12 * G, 4);
+  const uint64_t off = C < 3 ? (word << (8 - 3 * C)) & 0x700u : (word >> (3 * C - 8)) & 0x700u;
+  int16_t v2;
+  std::memcpy(&v2, vals + kS8Channels * 2 * G, 2);
+  madd8<G * 6 * kRowPanel * 4>(a, _mm256_cvtepi8_epi16(_mm_set1_epi16(v2)), rt, off);
+}
+
+template <int C, int... G>
+[[gnu::always_inline]] inline void s8rows_groups(std::integer_sequence<int, G...>, __m256i (&a)[8], const int32_t* rt, const uint8_t* codes,
+                          const uint8_t* vals) {
+  (s8rows_group<C, G>(a, rt, codes, vals), ...);
+}
+
+// One channel over a full chunk of NG groups: 64 rows in 8 s32 accumulators (8 independent
+// chains), loaded / stored once per chunk (zero on the first), the groups unrolled (constant
+// displacements everywhere).
+template <int C, int NG>
+void s8rows_channel(const int32_t* rt, const uint8_t* codes, const uint8_t* vals, bool first, int32_t* acc) {
+  __m256i a[8];
+  for (int q = 0; q < 8; ++q)
+    a[q] = first ? _mm256_setzero_si256() : _mm256_load_si256(reinterpret_cast<const __m256i*>(acc + 8 * q));
+  s8rows_groups<C>(std::make_integer_sequence<int, NG>{}, a, rt, codes, vals);
+  for (int q = 0; q < 8; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(acc + 8 * q), a[q]);
+}
+
+// The last, partial chunk of k (gn groups), channel c of its sub-panel given at run time.
+void s8rows_channel_tail(const int32_t* rt, const uint8_t* codes, const uint8_t* vals, int c, int gn, bool first,
+                         int32_t* acc) {
+  __m256i a[8];
+  for (int q = 0; q < 8; ++q)
+    a[q] = first ? _mm256_setzero_si256() : _mm256_load_si256(reinterpret_cast<const __m256i*>(acc + 8 * q));
+  for (int g = 0; g < gn; ++g) {
+    uint32_t word;
+    std::memcpy(&word, codes + 12 * g, 4);
+    int16_t v2;
+    std::memcpy(&v2, vals + kS8Channels * 2 * g, 2);
+    madd8<0>(a, _mm256_cvtepi8_epi16(_mm_set1_epi16(v2)), rt + g * 6 * kRowPanel, ((word >> (3 * c)) & 7u) << 8);
+  }
+  for (int q = 0; q < 8; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(acc + 8 * q), a[q]);
+}
+
+template <int NG, int... C>
+inline void s8rows_subpanel(std::integer_sequence<int, C...>, const int32_t* rt, const uint8_t* codes,
+                            const uint8_t* vals, bool first, int32_t* acc) {
+  (s8rows_channel<C, NG>(rt, codes, vals + 2 * C, first, acc + C * kRowPanel), ...);
+}
+
 }  // namespace
 
 void s24_float_mm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0, int64_t p1, int64_t kb0,
@@ -371,6 +511,64 @@ void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels&
       for (int j0 = 0; j0 < 4; j0 += 2)
         s8tile_rows<2>(static_cast<int>(rows - r0 < kMR ? rows - r0 : kMR), tab + r0 * ldt, ldt, w, sp, j0, b0, b1,
                        acc + r0 * ld_acc + (sp - sp0) * kS8Channels + j0 * 8, ld_acc);
+}
+
+}  // namespace qllm::kernels::avx2
+
+namespace qllm::kernels::avx2 {
+
+
+// Chunk walk of the rows kernel: per chunk of kS8RowsChunkGroups groups (always inside one
+// 16-group block), build the table, then every super-panel's 32 channels. Prefetch: a super-panel's
+// chunk is 4 value lines + 1 code line, requested two super-panels ahead (at the end of the item:
+// the first super-panels of the next chunk); the next chunk's 64 x rows (one line each) are
+// requested spread over the super-panels.
+void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S24S8Panels& w, int64_t sp0, int64_t sp1,
+                 int32_t* acc, void* scratch) {
+  static_assert(kRowPanel == 64 && kS8BlockGroups % kS8RowsChunkGroups == 0 && kS8RowsChunkGroups <= 8,
+                "s8rows_channel holds 64 rows in 8 accumulators; a chunk lies in one block and one 8x8 transpose");
+  constexpr int64_t kCodes = kS8BlockGroups * kS8Channels * 2;
+  int32_t* rt = static_cast<int32_t*>(scratch);
+  __m256i ctl[6];
+  for (int t = 0; t < 6; ++t) ctl[t] = pair_ctl(t);
+  const int64_t groups = k / 4, nsp = sp1 - sp0;
+  if (groups == 0) std::memset(acc, 0, static_cast<size_t>(nsp * kS8Channels * kRowPanel) * sizeof(int32_t));
+  constexpr int kCh = kS8RowsChunkGroups;
+  for (int64_t g0 = 0; g0 < groups; g0 += kCh) {
+    const int gn = static_cast<int>(std::min<int64_t>(kCh, groups - g0));
+    s8rows_table(x, ldx, rows, k, g0, gn, rt, ctl);
+    const int64_t b = g0 / kS8BlockGroups, gi0 = g0 % kS8BlockGroups;
+    const int64_t gnext = g0 + kCh;
+    for (int64_t sp = sp0; sp < sp1; ++sp) {
+      // Weights two super-panels ahead (or the next chunk's first ones).
+      constexpr int pfd = 2;
+      const int64_t ps = sp + pfd < sp1 ? sp + pfd : sp0 + (sp + pfd - sp1);
+      const int64_t pg = sp + pfd < sp1 ? g0 : gnext;
+      if (pg < groups && ps < sp1) {
+        const uint8_t* pb = w.block(ps, pg / kS8BlockGroups);
+        const int64_t pgi = pg % kS8BlockGroups;
+        for (int l = 0; l < kS8RowsChunkGroups; ++l)
+          _mm_prefetch(reinterpret_cast<const char*>(pb + (pgi + l) * kS8Channels * 2), _MM_HINT_T0);
+        for (int l = 0; l < kS8RowsChunkGroups * 12; l += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(pb + kCodes + pgi * 12 + l), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(pb + kCodes + pgi * 12 + kS8RowsChunkGroups * 12 - 1), _MM_HINT_T0);
+      }
+      if (gnext < groups)
+        for (int64_t r = kRowPanel * (sp - sp0) / nsp; r < kRowPanel * (sp - sp0 + 1) / nsp && r < rows; ++r)
+          for (int l = 0; l < 4 * kS8RowsChunkGroups; l += 32)
+            _mm_prefetch(reinterpret_cast<const char*>(x + r * ldx + 4 * gnext + l), _MM_HINT_T0);
+      const uint8_t* blk = w.block(sp, b);
+      int32_t* a = acc + (sp - sp0) * kS8Channels * kRowPanel;
+      for (int j = 0; j < 4; ++j) {
+        const uint8_t* codes = blk + kCodes + gi0 * 12 + 3 * j;
+        const uint8_t* vals = blk + gi0 * kS8Channels * 2 + 16 * j;
+        int32_t* aj = a + 8 * j * kRowPanel;
+        if (gn == kCh) s8rows_subpanel<kCh>(std::make_integer_sequence<int, 8>{}, rt, codes, vals, g0 == 0, aj);
+        else
+          for (int c = 0; c < 8; ++c) s8rows_channel_tail(rt, codes, vals + 2 * c, c, gn, g0 == 0, aj + c * kRowPanel);
+      }
+    }
+  }
 }
 
 }  // namespace qllm::kernels::avx2
