@@ -448,6 +448,10 @@ inline void prefetch_head(const uint8_t* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) asm volatile("prefetcht1 %0" : : "m"(p[b]));
 }
 
+// One prefetcht1 of the line holding p. A register operand: with a memory operand ("m") g++
+// kept the P.V accumulators in memory across the asm (a store of all 16 per key).
+inline void prefetch_line_t1(const void* p) { asm volatile("prefetcht1 (%0)" : : "r"(p)); }
+
 // Rows r < R of the scores f0 (key j) and f1 (key j + 1): s[r * Tk] = f0[r], s[r * Tk + 1] = f1[r].
 template <int R>
 inline void store_pairs(__m128 f0, __m128 f1, float* s, int64_t Tk) {
@@ -476,26 +480,45 @@ inline void store_scores(__m128* f, float* s, int64_t Tk) {
 }
 
 // Scores of R rows of one head for NK (1, 2 or 4) consecutive keys (K rows k[0..NK)), 8-lane
-// FMA chains over Dp reduced by tree4 (the lane_tree8 order): each converted K chunk serves the
-// R rows, each q chunk the NK keys. NK = 4 only in the AVX-512 build (16 accumulators + 4 K
-// chunks need its 32 registers; AVX2 would spill).
+// FMA chains over Dp reduced in the lane_tree8 order: each converted K chunk serves the R rows,
+// each q chunk the NK keys. NK = 4 only in the AVX-512 build (16 accumulators + 4 K chunks
+// need its 32 registers; AVX2 would spill). NK = 4 reduces row by row: three hadds of the row's
+// 4 key vectors leave [k0 k1 k2 k3](lanes 0-3) | [k0 k1 k2 k3](lanes 4-7) partial sums, whose
+// halves add to the row's 4 scores in lane_tree8 order, stored as one 16-byte store (no 4 x 4
+// transpose of per-key tree4 results: 24 instead of 32 vector ops per 4 keys and 4 rows).
 template <int R, class L, int NK>
 inline void dec_scores_f(const float* q, int64_t D, int64_t Dp, const uint8_t* const* k, float* s, int64_t Tk) {
   const int64_t Df = D / 8 * 8;
   __m256 c[4][NK];
   for (int r = 0; r < 4; ++r)
     for (int i = 0; i < NK; ++i) c[r][i] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < Dp; d += 8) {
-    __m256 kv[NK];
-    for (int i = 0; i < NK; ++i) kv[i] = d < Df ? L::load(k[i] + d * L::es) : load_tail<L>(k[i], d, D);
+  auto step = [&](int64_t d, const __m256* kv) {
     for (int r = 0; r < R; ++r) {
       const __m256 qv = _mm256_load_ps(q + r * Dp + d);
       for (int i = 0; i < NK; ++i) c[r][i] = _mm256_fmadd_ps(qv, kv[i], c[r][i]);
     }
+  };
+  int64_t d = 0;
+  for (; d < Df; d += 8) {  // full chunks: no tail test per chunk
+    __m256 kv[NK];
+    for (int i = 0; i < NK; ++i) kv[i] = L::load(k[i] + d * L::es);
+    step(d, kv);
   }
-  __m128 f[NK];
-  for (int i = 0; i < NK; ++i) f[i] = tree4(c[0][i], c[1][i], c[2][i], c[3][i]);
-  store_scores<R, NK>(f, s, Tk);
+  if (d < Dp) {
+    __m256 kv[NK];
+    for (int i = 0; i < NK; ++i) kv[i] = load_tail<L>(k[i], d, D);
+    step(d, kv);
+  }
+  if constexpr (NK == 4) {
+    for (int r = 0; r < R; ++r) {
+      const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(c[r][0], c[r][1]), _mm256_hadd_ps(c[r][2], c[r][3]));
+      _mm_storeu_ps(s + r * Tk, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+    }
+  } else {
+    __m128 f[NK];
+    for (int i = 0; i < NK; ++i) f[i] = tree4(c[0][i], c[1][i], c[2][i], c[3][i]);
+    store_scores<R, NK>(f, s, Tk);
+  }
 }
 
 // 16 int8 of a K row as int16 (zero padded past D).
@@ -556,24 +579,31 @@ inline void dec_scores_s8(const int16_t* q16, __m128 qsv, int64_t D, const uint8
 }
 
 // P.V of R rows of one head over all n keys of the tile for C 8-dim chunks from dim d, the
-// accumulators in registers across the keys: acc = fma(w_j, v_j, acc) for j = 0 .. n-1, the FMA
-// chains of attend in the same key order (bit-identical), with no load + store of acc per key. pf (nullable): rows of pfb bytes to prefetch, one per key (the next tile's V of
-// this head); each pass prefetches its own dims of them, so the requests spread over the passes.
-template <int R, class L, int C>
-inline void dec_pv_pass(const float* w, int64_t Tk, const uint8_t* const* vr, int64_t n, int64_t d, int64_t D, int64_t Dp,
-                        float* acc, const uint8_t* const* pf, int64_t pfb) {
-  const int64_t Df = D / 8 * 8;
+// accumulators in registers across the keys: acc = fma(w_j, v_j, acc * alpha) for j = 0 .. n-1,
+// the FMA chains of attend in the same key order (bit-identical), with no load + store of acc
+// per key; the online-softmax rescale acc * alpha (al[r]) is applied here as acc is loaded (the
+// same product, one pass over acc fewer). Tail: the chunk is the zero-padded last one (D % 8).
+// pf (nullable): rows of pfb bytes to prefetch, one per key (the next tile's V of this head);
+// each pass prefetches the 64-byte lines that start in its own byte range, so the requests
+// spread over the passes, one instruction per line.
+template <int R, class L, int C, bool Tail>
+[[gnu::always_inline]] inline void dec_pv_pass(const float* w, int64_t Tk, const uint8_t* const* vr, int64_t n, int64_t d, int64_t D, int64_t Dp,
+                        const float* al, float* acc, const uint8_t* const* pf, int64_t pfb) {
   __m256 a[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < C; ++i) a[r][i] = _mm256_load_ps(acc + r * Dp + d + 8 * i);
+  for (int r = 0; r < R; ++r) {
+    const __m256 av = _mm256_set1_ps(al[r]);
+    for (int i = 0; i < C; ++i) a[r][i] = _mm256_mul_ps(_mm256_load_ps(acc + r * Dp + d + 8 * i), av);
+  }
+  const int64_t b0 = d * L::es, b1 = std::min<int64_t>((d + 8 * C) * L::es, pfb);
+  const int64_t o0 = (b0 + 63) / 64 * 64;  // lines starting in [b0, b1)
+  const bool pfo = pf != nullptr && o0 < b1, pf2 = o0 + 64 < b1;  // at most 2 lines (f32, C = 4)
   for (int64_t j = 0; j < n; ++j) {
-    if (pf && pf[j] && d * L::es < pfb)  // this pass's dims of the next tile's row: spread over the passes
-      prefetch_head(pf[j] + d * L::es, std::min<int64_t>(8 * C * L::es, pfb - d * L::es));
-    __m256 v[C];
-    for (int i = 0; i < C; ++i) {
-      const int64_t dd = d + 8 * i;
-      v[i] = dd < Df ? L::load(vr[j] + dd * L::es) : load_tail<L>(vr[j], dd, D);
+    if (pfo && pf[j]) {
+      prefetch_line_t1(pf[j] + o0);
+      if (pf2) prefetch_line_t1(pf[j] + o0 + 64);
     }
+    __m256 v[C];
+    for (int i = 0; i < C; ++i) v[i] = Tail ? load_tail<L>(vr[j], d + 8 * i, D) : L::load(vr[j] + (d + 8 * i) * L::es);
     for (int r = 0; r < R; ++r) {
       const __m256 wr = _mm256_broadcast_ss(w + r * Tk + j);
       for (int i = 0; i < C; ++i) a[r][i] = _mm256_fmadd_ps(wr, v[i], a[r][i]);
@@ -583,36 +613,95 @@ inline void dec_pv_pass(const float* w, int64_t Tk, const uint8_t* const* vr, in
     for (int i = 0; i < C; ++i) _mm256_store_ps(acc + r * Dp + d + 8 * i, a[r][i]);
 }
 
+#if QLLM_ATTN_VNNI
+// exp8 on 16 lanes: the same operations, element by element, so the same bits as exp8/exp_qllm.
+inline __m512 exp16(__m512 x) {
+  using namespace avx2;
+  x = _mm512_min_ps(x, _mm512_set1_ps(kExpHi));
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpLo));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpC6);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC5));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  p = _mm512_fmadd_ps(p, r2, r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#endif
+
 // Online-softmax step of one row over all n keys of the tile (the arithmetic of attend with
-// a = 0, b = n); s8 caches fold the value scale into the stored P.V weight. acc *= alpha.
-inline void dec_softmax(float* sr, int64_t n, const float* vs, float* m, float* l, float* acc, int64_t Dp) {
+// a = 0, b = n); s8 caches fold the value scale into the stored P.V weight. Returns alpha; with
+// acc non-null it also does acc *= alpha (the float caches' P.V applies alpha as it loads acc).
+// Only the tile's last partial chunk is masked. The AVX-512 build takes 16 keys per exp (the
+// same element-wise arithmetic) and adds each 16-key vector's halves to the 8 lane sums in key
+// order (lane i sums the keys j % 8 == i in order, as the definition requires).
+inline float dec_softmax(float* sr, int64_t n, const float* vs, float* m, float* l, float* acc, int64_t Dp) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  float mt;
+#if QLLM_ATTN_VNNI
+  const __m512 ninf16 = _mm512_set1_ps(kNegInf);
+  __m512 mx16 = ninf16;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mk = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    mx16 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf16, mk, sr + j), mx16);
+  }
+  mt = _mm512_reduce_max_ps(mx16);  // max is exact: any order gives the same value
+#else
   const __m256 ninf = _mm256_set1_ps(kNegInf);
   __m256 mx = ninf;
-  for (int64_t j = 0; j < n; j += 8) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) mx = _mm256_max_ps(_mm256_loadu_ps(sr + j), mx);
+  if (j < n) {
     const __m256i mk = lane_mask(0, n - j);
     mx = _mm256_max_ps(_mm256_blendv_ps(ninf, _mm256_loadu_ps(sr + j), _mm256_castsi256_ps(mk)), mx);
   }
   alignas(32) float mxl[8];
   _mm256_store_ps(mxl, mx);
-  float mt = kNegInf;
+  mt = kNegInf;
   for (int i = 0; i < 8; ++i) mt = max_ps(mxl[i], mt);
+#endif
   const float mn = max_ps(mt, *m);
   const float alpha = *m == kNegInf ? 0.0f : exp_qllm(*m - mn);
-  const __m256 mv = _mm256_set1_ps(mn);
   __m256 sum = _mm256_setzero_ps();
-  for (int64_t j = 0; j < n; j += 8) {  // s has Tk >= round_up(n, 8) slots: lanes past n get 0
+#if QLLM_ATTN_VNNI
+  const __m512 mv16 = _mm512_set1_ps(mn);
+  for (int64_t j = 0; j < n; j += 16) {  // lanes past n: 0 (added to the lane sums: exact)
+    const __mmask16 mk = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sr + j), mv16)));
+    sum = _mm256_add_ps(sum, _mm512_castps512_ps256(e));
+    sum = _mm256_add_ps(sum, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+    _mm512_mask_storeu_ps(sr + j, mk, vs ? _mm512_mul_ps(e, _mm512_maskz_loadu_ps(mk, vs + j)) : e);
+  }
+#else
+  const __m256 mv = _mm256_set1_ps(mn);
+  for (j = 0; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
+    sum = _mm256_add_ps(sum, e);
+    _mm256_storeu_ps(sr + j, vs ? _mm256_mul_ps(e, _mm256_loadu_ps(vs + j)) : e);
+  }
+  if (j < n) {  // s has Tk >= round_up(n, 8) slots: lanes past n get 0
     const __m256 mk = _mm256_castsi256_ps(lane_mask(0, n - j));
     const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv)), mk);
     sum = _mm256_add_ps(sum, e);
     _mm256_storeu_ps(sr + j, vs ? _mm256_mul_ps(e, _mm256_loadu_ps(vs + j)) : e);
   }
+#endif
   alignas(32) float sl[8];
   _mm256_store_ps(sl, sum);
   *l = *l * alpha + lane_tree8(sl);
   *m = mn;
-  const __m256 av = _mm256_set1_ps(alpha);
-  for (int64_t d = 0; d < Dp; d += 8) _mm256_store_ps(acc + d, _mm256_mul_ps(_mm256_load_ps(acc + d), av));
+  if (acc) {
+    const __m256 av = _mm256_set1_ps(alpha);
+    for (int64_t d = 0; d < Dp; d += 8) _mm256_store_ps(acc + d, _mm256_mul_ps(_mm256_load_ps(acc + d), av));
+  }
+  return alpha;
 }
 
 // s8 P.V weights of one row's block (keys [b0, b1) of the tile, b1 - b0 <= 32): the 7-bit
@@ -886,13 +975,21 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
   }
   // Softmax per row; s8 multiplies the probabilities by the value scales.
   alignas(32) float vs[kMaxTile + 8];
+  constexpr int64_t kMaxAlpha = 512;  // rows H * g whose alpha can be deferred to the P.V passes
+  alignas(32) float alpha[kMaxAlpha];
+  const bool fold_alpha = !s8 && H * g <= kMaxAlpha;
   for (int64_t h = 0; h < H; ++h) {
     if (s8) {
       for (int64_t j = 0; j < n; ++j) vs[j] = t.vsp[j][h];
       for (int64_t j = n; j < n + 8; ++j) vs[j] = 0.0f;
     }
-    for (int64_t r = 0; r < g; ++r)
-      dec_softmax(s + (h * g + r) * Tk, n, s8 ? vs : nullptr, m + h * RH + r, l + h * RH + r, acc + (h * RH + r) * Dp, Dp);
+    for (int64_t r = 0; r < g; ++r) {
+      const int64_t row = h * RH + r;
+      // Float caches: alpha goes to the P.V passes, which rescale acc as they load it.
+      const float a = dec_softmax(s + (h * g + r) * Tk, n, s8 ? vs : nullptr, m + row, l + row,
+                                  fold_alpha ? nullptr : acc + row * Dp, Dp);
+      if (fold_alpha) alpha[h * g + r] = a;
+    }
   }
   if constexpr (s8) {  // integer P.V, block by block (kernels/attention.h)
     // Rows per pass: 2 x 4 int32 accumulators in AVX2's 16 registers; 4 x 4 with AVX-512's 32.
@@ -940,6 +1037,7 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
     const int64_t Df = D / 8 * 8;
     const uint8_t* vr[kMaxTile];
     const uint8_t* pf[kMaxTile];
+    const float ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};  // acc already rescaled (x * 1 = x)
     for (int64_t h = 0; h < H; ++h) {
       for (int64_t j = 0; j < n; ++j) {
         vr[j] = t.vp[j] + h * hs;
@@ -948,10 +1046,12 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
       for_groups(g, [&]<int R>(int64_t r) {
         const float* wp = s + (h * g + r) * Tk;
         float* ap = acc + (h * RH + r) * Dp;
+        const float* al = fold_alpha ? alpha + h * g + r : ones;
         const uint8_t* const* p = r == 0 ? pf : nullptr;  // the first row group prefetches
         int64_t d = 0;
-        for (; d + 8 * C <= Df; d += 8 * C) dec_pv_pass<R, L, C>(wp, Tk, vr, n, d, D, Dp, ap, p, hs);
-        for (; d < Dp; d += 8) dec_pv_pass<R, L, 1>(wp, Tk, vr, n, d, D, Dp, ap, p, hs);
+        for (; d + 8 * C <= Df; d += 8 * C) dec_pv_pass<R, L, C, false>(wp, Tk, vr, n, d, D, Dp, al, ap, p, hs);
+        for (; d + 8 <= Df; d += 8) dec_pv_pass<R, L, 1, false>(wp, Tk, vr, n, d, D, Dp, al, ap, p, hs);
+        if (d < Dp) dec_pv_pass<R, L, 1, true>(wp, Tk, vr, n, d, D, Dp, al, ap, p, hs);
       });
     }
   }
