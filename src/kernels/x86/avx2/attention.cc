@@ -613,29 +613,6 @@ template <int R, class L, int C, bool Tail>
     for (int i = 0; i < C; ++i) _mm256_store_ps(acc + r * Dp + d + 8 * i, a[r][i]);
 }
 
-#if QLLM_ATTN_VNNI
-// exp8 on 16 lanes: the same operations, element by element, so the same bits as exp8/exp_qllm.
-inline __m512 exp16(__m512 x) {
-  using namespace avx2;
-  x = _mm512_min_ps(x, _mm512_set1_ps(kExpHi));
-  x = _mm512_max_ps(x, _mm512_set1_ps(kExpLo));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(kExpC6);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC5));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC4));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
-  const __m512 r2 = _mm512_mul_ps(r, r);
-  p = _mm512_fmadd_ps(p, r2, r);
-  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-#endif
-
 // Online-softmax step of one row over all n keys of the tile (the arithmetic of attend with
 // a = 0, b = n); s8 caches fold the value scale into the stored P.V weight. Returns alpha; with
 // acc non-null it also does acc *= alpha (the float caches' P.V applies alpha as it loads acc).
