@@ -147,8 +147,8 @@ void fmm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t 
 // of group h is row 4h + i of the block, i * 256 bytes (64 f32) past the group.
 // vals: the pair's f32 values in the chunk's first step (vstride floats per step); meta: its
 // meta byte for channel c in the first step (mstride bytes per step).
-void frows_channel(const float* xp, const float* vals, int64_t vstride, const uint8_t* meta, int64_t mstride, int c,
-                   int64_t kb0, int64_t kb1, float* acc) {
+[[gnu::always_inline]] inline void frows_channel(const float* xp, const float* vals, int64_t vstride, const uint8_t* meta,
+                                                 int64_t mstride, int c, int64_t kb0, int64_t kb1, float* acc) {
   __m256 a[8];
   for (int q = 0; q < 8; ++q) a[q] = _mm256_loadu_ps(acc + 8 * q);
   for (int64_t kb = kb0; kb < kb1; kb += 2, vals += vstride, meta += mstride) {
