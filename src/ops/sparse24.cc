@@ -553,9 +553,22 @@ void run_float_rows(Context& ctx, const Plan& pl, const Sparse24MatmulArgs& a, c
       for (int64_t k0 = 0; k0 < pl.kb; k0 += kRowsChunkKb)
         sk.float_rows(xpan, panels, p0, p1, k0, std::min(pl.kb, k0 + kRowsChunkKb), acc);
       const int64_t c1 = std::min(pl.n, 2 * p1);
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t col = 2 * p0; col < c1; ++col)
-          store(odt, yout, (r0 + r) * pl.n + col, acc[(col - 2 * p0) * kRowPanel + r]);
+      if (odt == DType::f32) {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t col = 2 * p0; col < c1; ++col)
+            static_cast<float*>(yout)[(r0 + r) * pl.n + col] = acc[(col - 2 * p0) * kRowPanel + r];
+      } else {
+        // f16/bf16 out: gather the row's channels into the thread's row buffer and convert them
+        // with the vector converter (same RNE bits as store(); the scalar converter per element
+        // cost ~2-4 % of an m = 512 call).
+        static_assert(kRowsPairBlock * 2 <= kRowsTransK, "the row buffer holds an item's channels");
+        float* buf = rowbuf + static_cast<int64_t>(tid) * kRowsTransK;
+        const int64_t oes = dtype_size(odt);
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t col = 2 * p0; col < c1; ++col) buf[col - 2 * p0] = acc[(col - 2 * p0) * kRowPanel + r];
+          kt.from_f32(buf, c1 - 2 * p0, odt, static_cast<uint8_t*>(yout) + ((r0 + r) * pl.n + 2 * p0) * oes);
+        }
+      }
     }
   });
 }
