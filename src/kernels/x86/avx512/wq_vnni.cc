@@ -73,7 +73,8 @@ template <int BITS, int MR, int S, int NP>
 inline void int_chunk(const uint8_t* const* bp0, int64_t nkb, const int8_t* const* dg, const int32_t* const* inf,
                       __m512 (*t)[4]) {
   constexpr int SB = BITS == 8 ? 4 : 8;
-  // One row: two accumulator chains per digit hide vpdpbusd's latency (5 cycles).
+  // One row: two accumulator chains per digit hide vpdpbusd's latency (5 cycles); with 4 panels
+  // the panels are the independent chains (and 2 x 4 x S accumulators would not fit 32 zmm).
   constexpr int CH = MR == 1 && NP <= 2 ? 2 : 1;
   __m512i acc[NP][CH][MR][S];
   for (int q = 0; q < NP; ++q)
