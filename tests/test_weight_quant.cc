@@ -290,6 +290,55 @@ TEST(WeightQuant, GemvAvx2MatchesVnniBits) {
     }
 }
 
+// The matrix-vector kernels stream several panels at once (AVX-512: 4 panels at m = 1, 2 at
+// m = 2, from each thread's run of 4 panels): a column's result must not depend on which panels
+// streamed beside it. Columns 0-47 of an n = 149 call (10 panels: groups of 4, 4, 2, the last
+// panel partial) must equal, bit for bit, the n = 48 call on the same columns (3 panels: 2 + 1),
+// every chunk kind of x included (digits, float path, zero chunk), and both must pass the
+// ref bound.
+TEST(WeightQuant, GemvPanelStreamsIndependent) {
+  for (Isa isa : test::fast_isas())
+    for (int bits : {4, 8})
+      for (int64_t gs : {int64_t{0}, int64_t{32}, int64_t{128}})
+        for (int64_t m : {1, 2}) {
+          SCOPED_TRACE(testing::Message() << isa_name(isa) << " bits " << bits << " gs " << gs << " m " << m);
+          const int64_t k = 520, n = 149, ns = 48;
+          const QW w = make_qw(bits, k, n, gs, true, gs != 32);
+          QW ws = w;  // columns [0, ns) of w
+          ws.n = ns;
+          const int64_t rb = bits == 8 ? k : k / 2;
+          ws.q.assign(w.q.begin(), w.q.begin() + ns * rb);
+          ws.scale.assign(w.groups * ns, 0.0f);
+          if (!w.sym) ws.offset.assign(w.groups * ns, 0.0f);
+          for (int64_t g = 0; g < w.groups; ++g)
+            for (int64_t c = 0; c < ns; ++c) {
+              ws.scale[g * ns + c] = w.scale[g * n + c];
+              if (!w.sym) ws.offset[g * ns + c] = w.offset[g * n + c];
+            }
+          std::vector<float> xs(m * k);
+          auto u = test::rand_f32(m * k, -1.0f, 1.0f);
+          for (int64_t r = 0; r < m; ++r)
+            for (int64_t kk = 0; kk < k; ++kk) {
+              const float f = u[r * k + kk];
+              switch ((r + kk / 128) % 4) {
+                case 0: xs[r * k + kk] = f16_to_f32(f32_to_f16(f)); break;                          // digits
+                case 1: xs[r * k + kk] = f * std::ldexp(1.0f, static_cast<int>(kk % 13) - 6); break;  // float path
+                case 2: xs[r * k + kk] = 0.0f; break;                                                 // zero chunk
+                default: xs[r * k + kk] = std::ldexp(1.0f, static_cast<int>(kk % 5)); break;          // 1 digit
+              }
+            }
+          std::vector<uint8_t> x(m * k * 4);
+          std::memcpy(x.data(), xs.data(), x.size());
+          std::vector<uint8_t> yf, yn;
+          Context c(ContextOptions{2, false, isa});
+          run_op(c, w, x, DType::f32, m, nullptr, DType::f32, yf, DType::f32, true);
+          run_op(c, ws, x, DType::f32, m, nullptr, DType::f32, yn, DType::f32, true);
+          for (int64_t r = 0; r < m; ++r)
+            EXPECT_EQ(0, std::memcmp(yf.data() + r * n * 4, yn.data() + r * ns * 4, ns * 4)) << "row " << r;
+          check(bits, m, k, n, gs, true, gs != 32, DType::f32, DType::f32, false, false, &xs);
+        }
+}
+
 // A real model size (Mixtral/DeepSeek hidden 7168) on a slice of columns, decode and prefill.
 TEST(WeightQuant, ModelSize) {
   check(4, 1, 7168, 48, 128, true, true, DType::bf16, DType::bf16, false);

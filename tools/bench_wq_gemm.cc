@@ -55,12 +55,12 @@ int bench_wq_gemm(const Options& o) {
     for (int64_t i = 0; i < n * k; ++i) wh[i] = f32_to_f16(wf[i]);
     const double f32_bytes = 4.0 * n * k, f16_bytes = 2.0 * n * k;
     std::vector<PackedWeight> pf32, pf16;
-    for (int c = 0; c < copies_for(f32_bytes); ++c)
+    for (int c = 0; c < (o.wants_format("f32") ? copies_for(f32_bytes) : 0); ++c)
       pf32.push_back(PackedWeight::pack(TensorView(wf.data(), DType::f32, {1, n, k}), true));
-    for (int c = 0; c < copies_for(f16_bytes); ++c)
+    for (int c = 0; c < (o.wants_format("f16") ? copies_for(f16_bytes) : 0); ++c)
       pf16.push_back(PackedWeight::pack(TensorView(wh.data(), DType::f16, {1, n, k}), true));
     std::vector<std::vector<float>> blas_w;  // OpenBLAS reads the raw matrix
-    if (!o.no_peers)
+    if (!o.no_peers && o.wants_format("openblas_f32"))
       for (int c = 0; c < copies_for(f32_bytes); ++c) blas_w.push_back(wf);
 
     // Quantised weights: random codes and O(1/sqrt(k)) scales, packed (copies for rotation).
@@ -104,11 +104,13 @@ int bench_wq_gemm(const Options& o) {
           grouped_matmul(ctx, a, yv, p);
         });
       };
-      const double t_f16 = o.no_peers ? 0 : dense(pf16, DType::f16);
-      const double t_f32 = o.no_peers ? 0 : dense(pf32, DType::f32);
+      // --formats picks the rows to run (f32 / f16 / openblas_f32 / w8 / w4); a skipped dense
+      // peer leaves its speedup column out.
+      const double t_f16 = o.no_peers || !o.wants_format("f16") ? 0 : dense(pf16, DType::f16);
+      const double t_f32 = o.no_peers || !o.wants_format("f32") ? 0 : dense(pf32, DType::f32);
       double t_blas = 0;
 #if QLLM_HAVE_OPENBLAS
-      if (!o.no_peers)
+      if (!o.no_peers && o.wants_format("openblas_f32"))
         t_blas = median_seconds(o, [&] {
           const float* w = blas_w[it++ % blas_w.size()].data();
           if (m == 1)
@@ -146,15 +148,15 @@ int bench_wq_gemm(const Options& o) {
         j["gflops"] = flops / t / 1e9;
         j["fma_peak_ratio"] = flops / t / 1e9 / peak.fma_gflops;
         if (!o.no_peers) {
-          j["speedup_vs_dense"] = t_f16 / t;      // qllm dense f16 (the A16 baseline)
-          j["speedup_vs_dense_f32"] = t_f32 / t;  // qllm dense f32
+          if (t_f16 > 0) j["speedup_vs_dense"] = t_f16 / t;      // qllm dense f16 (the A16 baseline)
+          if (t_f32 > 0) j["speedup_vs_dense_f32"] = t_f32 / t;  // qllm dense f32
           if (t_blas > 0) j["speedup_vs_openblas"] = t_blas / t;
         }
         rep.row(j);
       };
       if (!o.no_peers) {
-        report("f32", 0, t_f32, f32_bytes, 4.0 * m * k, own_stream(dense_spans(pf32)));
-        report("f16", 0, t_f16, f16_bytes, 2.0 * m * k, own_stream(dense_spans(pf16)));
+        if (t_f32 > 0) report("f32", 0, t_f32, f32_bytes, 4.0 * m * k, own_stream(dense_spans(pf32)));
+        if (t_f16 > 0) report("f16", 0, t_f16, f16_bytes, 2.0 * m * k, own_stream(dense_spans(pf16)));
         if (t_blas > 0) {
           nlohmann::ordered_json j;
           j["bench"] = "wq-gemm";
@@ -172,6 +174,7 @@ int bench_wq_gemm(const Options& o) {
         }
       }
       for (size_t f = 0; f < formats.size(); ++f) {
+        if (!o.wants_format(formats[f].name)) continue;
         WeightQuantMatmulArgs a;
         a.x = TensorView(xh.data(), DType::f16, {m, k});
         const TensorView yv(yh.data(), DType::f16, {m, n});
