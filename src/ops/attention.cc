@@ -169,9 +169,15 @@ struct Problem {
   int64_t Dp() const { return (D + 7) / 8 * 8; }  // the kernels' 8-lane chunks; padding is zero
   // Keys per tile: K + V tiles of 2 * Tk * Dp f32 = 32 KB (L1) for D = 128.
   int64_t Tk() const { return std::clamp<int64_t>(4096 / Dp() / 8 * 8, 16, 128); }
-  // Query positions per task: ~64 rows (positions x head group) share each K/V tile load.
-  int64_t Mq() const { return std::max<int64_t>(1, 64 / g()); }
+  // Query positions per prefill task: ~128 rows (positions x head group) share each K/V tile
+  // load. load_kv converts every tile once per task, so the row block sets how often a head's
+  // K/V are converted: 64 rows spent ~9% of a D = 64 task in load_kv, 128 rows ~5% (2 threads,
+  // f16, 4096 keys: 14.9 -> 14.4 ms per 16 tasks' worth of work; D = 128 27.4 -> 26.3 ms).
+  int64_t Mq() const { return std::max<int64_t>(1, 128 / g()); }
   int64_t R() const { return Mq() * g(); }
+  // Sequences of at most this many queries are done by all-heads tasks (below); it stays at
+  // ~64 rows per head, since such a task holds the state of every KV head's rows at once.
+  int64_t Mq_all() const { return std::max<int64_t>(1, 64 / g()); }
 
   Seq seq(int64_t b) const {
     Seq s;
@@ -198,7 +204,7 @@ struct Problem {
   // 2 KB strides. Flash-decoding: its keys are split into up to ceil(Lk / 512) ranges so that at
   // least ~16 tasks exist (both cores stream KV even for one sequence), merged at the end. Fixed
   // by the shapes, not the thread count, so results do not depend on it.
-  bool all_heads(const Seq& s) const { return s.Lq <= Mq(); }
+  bool all_heads(const Seq& s) const { return s.Lq <= Mq_all(); }
   int64_t nsplit(const Seq& s) const {
     if (!all_heads(s) || s.Lk <= 512) return 1;
     return std::clamp<int64_t>((16 + B - 1) / B, 1, (s.Lk + 511) / 512);
@@ -271,8 +277,11 @@ PlanSizes plan(const Problem& P, Seq* seqs, Task* tasks) {
 struct ThreadLayout {
   int64_t q, acc, s, kt, vt, m, l, lo, hi, q16, qs, q8, total, rows_per_head;
   explicit ThreadLayout(const Problem& P) {
-    const int64_t R = P.R() * P.heads_per_task(), Dp = P.Dp(), Tk = P.Tk(), Dq = kernels::decode_q16_width(P.D);
-    rows_per_head = P.R();
+    // Rows of one task: a prefill block (R) or, for all-heads tasks, every KV head's rows of
+    // a sequence of <= Mq_all queries (head h's state at row h * rows_per_head).
+    const int64_t H = P.heads_per_task(), Dp = P.Dp(), Tk = P.Tk(), Dq = kernels::decode_q16_width(P.D);
+    rows_per_head = H > 1 ? P.Mq_all() * P.g() : P.R();
+    const int64_t R = std::max(P.R(), H * rows_per_head);
     int64_t off = 0;
     auto take = [&](int64_t n) { const int64_t o = off; off += floats_aligned(n); return o; };
     q = take(R * Dp);
