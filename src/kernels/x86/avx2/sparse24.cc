@@ -23,6 +23,7 @@
 
 #include "kernels/sparse24.h"
 #include "kernels/x86/avx2/simd.h"
+#include "kernels/x86/s24_rows_walk.h"
 
 namespace qllm::kernels::avx2 {
 
@@ -173,49 +174,15 @@ void fmm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t 
   for (int q = 0; q < 8; ++q) _mm256_storeu_ps(acc + 8 * q, a[q]);
 }
 
-// Software prefetch: a chunk of a super-panel is only (kb1 - kb0) / 2 steps (~1 KB), too short
-// for the hardware prefetcher, and the weights come from DRAM (each 64-row panel re-reads them),
-// so on entering a super-panel the next one's chunk (or, at the end, the first one's next chunk)
-// is requested, ~8 channel passes (~2 K cycles) ahead. The next x chunk is requested spread over
-// the pairs (x is read from L2/L3 once per chunk and then reused by every pair from L1).
-// f16/bf16 values: on entering a super-panel its chunk of values is converted to f32 once into a
-// 1 KB stack buffer (converting per block and broadcasting from a just-stored vector stalled on
-// store forwarding: ~1.1x dense against f32's ~1.4x).
+// The chunk walk (prefetches, f16/bf16 widening) is x86/s24_rows_walk.h; per pair, its two
+// channels one after the other (16 accumulators for both would spill).
 template <DType DT>
 void frows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1, int64_t kb0, int64_t kb1, float* acc) {
-  constexpr int64_t es = dtype_size(DT);
-  constexpr int64_t step = s24_step_bytes(es);
-  constexpr int64_t kMaxSteps = 8;  // chunk (kb1 - kb0) / 2 <= kMaxSteps (ops/sparse24.cc: 4)
-  alignas(32) float buf[kMaxSteps * kFP * 16];
-  const int64_t nsteps = (kb1 - kb0) / 2;
-  const int64_t wbytes = nsteps * step;
-  const int64_t xbytes = (kb1 - kb0) * 8 * kRowPanel * 4, npairs = p1 - p0;
-  const uint8_t* xnext = reinterpret_cast<const uint8_t*>(xp + kb1 * 8 * kRowPanel);
-  for (int64_t p = p0; p < p1; ++p) {
-    const uint8_t* st = w.step(p, kb0 / 2);
-    const int64_t pj = p % kFP;
-    if (pj == 0 || p == p0) {
-      const uint8_t* nx = p - pj + kFP < p1 ? w.step(p - pj + kFP, kb0 / 2) : w.step(p0, kb1 / 2);
-      for (int64_t l = 0; l < wbytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(nx + l), _MM_HINT_T0);
-      if constexpr (DT != DType::f32)
-        for (int64_t s = 0; s < nsteps && s < kMaxSteps; ++s)
-          for (int i = 0; i < kFP * 2; ++i) _mm256_store_ps(buf + s * kFP * 16 + i * 8, load8(DT, st + s * step + i * 8 * es));
-    }
-    const int64_t xl0 = xbytes * (p - p0) / npairs, xl1 = xbytes * (p - p0 + 1) / npairs;
-    for (int64_t l = xl0 & ~int64_t{63}; l < xl1; l += 64) _mm_prefetch(reinterpret_cast<const char*>(xnext + l), _MM_HINT_T1);
-    const float* vals;
-    int64_t vstride;
-    if constexpr (DT == DType::f32) {
-      vals = reinterpret_cast<const float*>(st + pj * 16 * es);
-      vstride = step / 4;
-    } else {
-      vals = buf + pj * 16;
-      vstride = kFP * 16;
-    }
-    for (int c = 0; c < 2; ++c)
-      frows_channel(xp, vals, vstride, st + kFP * 16 * es + pj * 4 + c, step, c, kb0, kb1,
-                    acc + (2 * (p - p0) + c) * kRowPanel);
-  }
+  x86::s24_rows_walk<DT>(xp, w, p0, p1, kb0, kb1, acc,
+                         [&](const float* vals, int64_t vstride, const uint8_t* meta, int64_t mstride, float* a) {
+                           for (int c = 0; c < 2; ++c)
+                             frows_channel(xp, vals, vstride, meta + c, mstride, c, kb0, kb1, a + c * kRowPanel);
+                         });
 }
 
 // Software prefetch distance of the s8 kernels (bytes ahead in a super-panel's stream), issued as

@@ -12,6 +12,7 @@
 
 #include "kernels/sparse24.h"
 #include "kernels/x86/avx2/simd.h"
+#include "kernels/x86/s24_rows_walk.h"
 
 // g++ 12 warns about the undefined upper half inside its own _mm512 permute intrinsics.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -19,8 +20,6 @@
 namespace qllm::kernels::avx512 {
 
 namespace {
-
-constexpr int kPairsAtOnce = 1;  // see frows
 
 // NP pairs of one super-panel (vals: the first pair's 16 values of the chunk's first step,
 // vstride floats per step, pair j at + 16 j; meta: the first pair's meta u32 of the first step,
@@ -57,49 +56,15 @@ void rows_pairs(const float* xp, const float* vals, int64_t vstride, const uint8
     for (int q = 0; q < 4; ++q) _mm512_storeu_ps(acc + ch * kRowPanel + 16 * q, a[ch][q]);
 }
 
-// The chunk walk, prefetches and f16/bf16 widening buffer of avx2::frows (see there), with pairs
-// taken two at a time inside a super-panel.
+// The chunk walk (prefetches, f16/bf16 widening) is x86/s24_rows_walk.h, shared with the AVX2
+// kernel; one pair (8 zmm accumulators) at a time: two pairs (16 accumulators) measured slower
+// (123-150 ms against 101 ms, f32 k = 7168), so the chain slack is not what limits.
 template <DType DT>
 void frows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1, int64_t kb0, int64_t kb1, float* acc) {
-  constexpr int64_t es = dtype_size(DT);
-  constexpr int64_t step = s24_step_bytes(es);
-  constexpr int64_t kMaxSteps = 8;
-  alignas(64) float buf[kMaxSteps * kFP * 16];
-  const int64_t nsteps = (kb1 - kb0) / 2;
-  const int64_t wbytes = nsteps * step;
-  const int64_t xbytes = (kb1 - kb0) * 8 * kRowPanel * 4, npairs = p1 - p0;
-  const uint8_t* xnext = reinterpret_cast<const uint8_t*>(xp + kb1 * 8 * kRowPanel);
-  for (int64_t p = p0; p < p1;) {
-    const uint8_t* st = w.step(p, kb0 / 2);
-    const int64_t pj = p % kFP;
-    if (pj == 0 || p == p0) {
-      const uint8_t* nx = p - pj + kFP < p1 ? w.step(p - pj + kFP, kb0 / 2) : w.step(p0, kb1 / 2);
-      for (int64_t l = 0; l < wbytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(nx + l), _MM_HINT_T0);
-      if constexpr (DT != DType::f32)
-        for (int64_t s = 0; s < nsteps && s < kMaxSteps; ++s)
-          for (int i = 0; i < kFP * 2; ++i)
-            _mm256_store_ps(buf + s * kFP * 16 + i * 8, avx2::load8(DT, st + s * step + i * 8 * es));
-    }
-    // One pair (8 zmm accumulators) at a time: two pairs (16 accumulators, 4 x streams) measured
-    // slower (123-150 ms against 101 ms, f32 k = 7168), so the chain slack is not what limits.
-    const int np = kPairsAtOnce == 2 && pj % 2 == 0 && p + 1 < p1 ? 2 : 1;
-    const int64_t xl0 = xbytes * (p - p0) / npairs, xl1 = xbytes * (p - p0 + np) / npairs;
-    for (int64_t l = xl0 & ~int64_t{63}; l < xl1; l += 64) _mm_prefetch(reinterpret_cast<const char*>(xnext + l), _MM_HINT_T1);
-    const float* vals;
-    int64_t vstride;
-    if constexpr (DT == DType::f32) {
-      vals = reinterpret_cast<const float*>(st + pj * 16 * es);
-      vstride = step / 4;
-    } else {
-      vals = buf + pj * 16;
-      vstride = kFP * 16;
-    }
-    const uint8_t* meta = st + kFP * 16 * es + pj * 4;
-    float* a = acc + 2 * (p - p0) * kRowPanel;
-    if (np == 2) rows_pairs<2>(xp, vals, vstride, meta, step, kb0, kb1, a);
-    else rows_pairs<1>(xp, vals, vstride, meta, step, kb0, kb1, a);
-    p += np;
-  }
+  x86::s24_rows_walk<DT>(xp, w, p0, p1, kb0, kb1, acc,
+                         [&](const float* vals, int64_t vstride, const uint8_t* meta, int64_t mstride, float* a) {
+                           rows_pairs<1>(xp, vals, vstride, meta, mstride, kb0, kb1, a);
+                         });
 }
 
 }  // namespace
