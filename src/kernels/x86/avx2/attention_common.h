@@ -1,0 +1,76 @@
+// Pieces shared by the AVX2 attention kernel files (attention.cc: the tile kernels of flash and
+// prefill; attention_decode.cc: the decode kernel). Each file is compiled twice, as the avx2 ISA
+// and, with QLLM_ATTN_VNNI = 1, as the avx512 ISA (x86/avx512/attention*.cc include them);
+// these helpers sit in an anonymous namespace so each compilation keeps its own copy.
+#pragma once
+
+#include <immintrin.h>
+
+// 1 when compiled as the avx512 ISA's kernels (x86/avx512/attention*.cc include the sources).
+#ifndef QLLM_ATTN_VNNI
+#define QLLM_ATTN_VNNI 0
+#endif
+#if QLLM_ATTN_VNNI
+#define QLLM_ATTN_ISA avx512
+#else
+#define QLLM_ATTN_ISA avx2
+#endif
+
+#include <cstdint>
+
+#include "kernels/attention.h"
+#include "kernels/x86/avx2/simd.h"
+
+namespace qllm::kernels {
+
+namespace QLLM_ATTN_ISA {
+// The decode kernel (AttnKernels::decode) of this ISA, defined in attention_decode.cc.
+void attn_decode(const float* q, const int16_t* q16, const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH,
+                 int64_t D, int64_t Dp, const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* tmp,
+                 float* m, float* l, float* acc);
+}  // namespace QLLM_ATTN_ISA
+
+namespace {
+
+using avx2::exp8;
+
+// Sums of 4 vectors, each in the lane_tree8 order: ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)).
+inline __m128 tree4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 ab = _mm256_hadd_ps(a, b);   // a01 a23 b01 b23 | a45 a67 b45 b67
+  const __m256 cd = _mm256_hadd_ps(c, d);
+  const __m256 t = _mm256_hadd_ps(ab, cd);  // a0123 b0123 c0123 d0123 | a4567 ...
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+inline __m256i lane_mask(int64_t lo, int64_t hi) {  // lanes i with lo <= i < hi
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i ge = _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(static_cast<int>(lo) - 1));
+  const __m256i lt = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), idx);
+  return _mm256_and_si256(ge, lt);
+}
+
+#if QLLM_ATTN_VNNI
+// exp8 on 16 lanes: the same operations in the same order, so the same bits as exp8 / exp_qllm.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(x, _mm512_set1_ps(kExpHi));
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpLo));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpC6);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC5));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  p = _mm512_fmadd_ps(p, r2, r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#endif
+
+}  // namespace
+
+}  // namespace qllm::kernels

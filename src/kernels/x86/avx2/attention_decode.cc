@@ -1,0 +1,694 @@
+// AVX2 decode kernel of paged attention (AttnKernels::decode; the arithmetic of
+// kernels/attention.h, bit-identical to ref and to the flash path's tile kernels in
+// attention.cc). Compiled again as the avx512 ISA with QLLM_ATTN_VNNI (x86/avx512/
+// attention_decode.cc), where the s8 q.k and P.V use VNNI and the float passes zmm.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "kernels/attention.h"
+#include "kernels/norm.h"
+#include "kernels/x86/avx2/attention_common.h"
+#include "kernels/x86/avx2/simd.h"
+
+namespace qllm::kernels {
+
+namespace {
+
+// ---- decode path -------------------------------------------------------------------------
+//
+// One query position: the GQA group's rows (4 for 32/8 heads) all see every key of the tile, so
+// nothing is masked and K/V are read straight from the cache rows: each K/V chunk is loaded and
+// converted once in registers (F16C / widening) and used by the 4 rows, with no f32 tile stored
+// and reloaded. All KV heads of the tile are done in one call, token-major (key pair j, j + 1,
+// then heads 0 .. H-1), so the [block, token, head, D] cache streams sequentially. Scores keep
+// 4 rows x 2 keys = 8 accumulators (one tree4 per key gives the 4 rows' lane_tree8 sums; s8:
+// int32 vpmaddwd sums); P.V keeps the pair's 4 x 2 probabilities broadcast in registers while
+// V streams by, the accumulators (H x 4 rows x Dp f32 = 16 KB at D = 128) staying in L1.
+
+// Loaders of 8 cache elements as f32 (exactly the values load_row produces).
+struct LoadF32 {
+  static constexpr int64_t es = 4;
+  static __m256 load(const uint8_t* p) { return _mm256_loadu_ps(reinterpret_cast<const float*>(p)); }
+};
+struct LoadF16 {
+  static constexpr int64_t es = 2;
+  static __m256 load(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+};
+struct LoadBF16 {
+  static constexpr int64_t es = 2;
+  static __m256 load(const uint8_t* p) { return avx2::load8(DType::bf16, p); }
+};
+struct LoadS8 {  // V of an s8 cache: f32(v8), the scale is in the P.V weight
+  static constexpr int64_t es = 1;
+  static __m256 load(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+};
+
+// Elements [d, D) (< 8 of them) zero padded to 8: the tail chunk of a head size that is not a
+// multiple of 8, without reading past the row.
+template <class L>
+__m256 load_tail(const uint8_t* row, int64_t d, int64_t D) {
+  alignas(32) uint8_t buf[32] = {};
+  std::memcpy(buf, row + d * L::es, (D - d) * L::es);
+  return L::load(buf);
+}
+
+// Sums of 4 int32 vectors (any order: integer sums are exact).
+inline __m128i tree4_epi32(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+  return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+}
+
+// Tile geometry of one decode call: row addresses of head 0 (head h is h * D elements further),
+// and for s8 the scales of every (key, head).
+constexpr int64_t kMaxTile = 128;  // Problem::Tk() <= 128
+struct DecTile {
+  const uint8_t* kp[kMaxTile];
+  const uint8_t* vp[kMaxTile];
+  const float* ksp[kMaxTile];  // s8: scale of (key j, head 0); head h at + h
+  const float* vsp[kMaxTile];
+  const uint8_t* kn[kMaxTile];  // the next tile's rows (prefetch), nullptr past the keys
+  const uint8_t* vn[kMaxTile];
+};
+
+// Prefetch distance: one tile ahead, spread over this tile's work (a few lines per head and key
+// pair) so the requests overlap the arithmetic instead of stalling it in one burst, into L2
+// (prefetcht1): measured, T0 into the 32 KB L1 (and bursts of a whole tile, and no software
+// prefetch) stay at ~11 GB/s from DRAM on 2 cores, T1 reaches ~20 GB/s (B8 16k f16).
+inline void prefetch_head(const uint8_t* p, int64_t bytes) {
+  if (!p) return;
+  // asm volatile: g++ 12 -O2 deleted these _mm_prefetch calls (and the address walk feeding
+  // them) as dead code; the inline asm keeps them.
+  for (int64_t b = 0; b < bytes; b += 64) asm volatile("prefetcht1 %0" : : "m"(p[b]));
+}
+
+// One prefetcht1 of the line holding p. A register operand: with a memory operand ("m") g++
+// kept the P.V accumulators in memory across the asm (a store of all 16 per key).
+inline void prefetch_line_t1(const void* p) { asm volatile("prefetcht1 (%0)" : : "r"(p)); }
+
+// Rows r < R of the scores f0 (key j) and f1 (key j + 1): s[r * Tk] = f0[r], s[r * Tk + 1] = f1[r].
+template <int R>
+inline void store_pairs(__m128 f0, __m128 f1, float* s, int64_t Tk) {
+  const __m128 lo = _mm_unpacklo_ps(f0, f1), hi = _mm_unpackhi_ps(f0, f1);  // r0k0 r0k1 r1k0 r1k1 | r2.. r3..
+  _mm_storel_pi(reinterpret_cast<__m64*>(s), lo);
+  if (R > 1) _mm_storeh_pi(reinterpret_cast<__m64*>(s + Tk), lo);
+  if (R > 2) _mm_storel_pi(reinterpret_cast<__m64*>(s + 2 * Tk), hi);
+  if (R > 3) _mm_storeh_pi(reinterpret_cast<__m64*>(s + 3 * Tk), hi);
+}
+
+// Stores the scores of NK keys for R rows: f[k] holds key k's scores of rows 0..3 (lanes);
+// s[r * Tk + k] = f[k][r]. NK = 4 transposes them in registers so each row is one 16-byte store
+// (scalar or 8-byte stores per key pair cost as much as the dot products at D = 64).
+template <int R, int NK>
+inline void store_scores(__m128* f, float* s, int64_t Tk) {
+  if constexpr (NK == 4) {
+    _MM_TRANSPOSE4_PS(f[0], f[1], f[2], f[3]);  // f[r] = row r's 4 keys
+    for (int r = 0; r < R; ++r) _mm_storeu_ps(s + r * Tk, f[r]);
+  } else if constexpr (NK == 2) {
+    store_pairs<R>(f[0], f[1], s, Tk);
+  } else {
+    alignas(16) float t0[4];
+    _mm_store_ps(t0, f[0]);
+    for (int r = 0; r < R; ++r) s[r * Tk] = t0[r];
+  }
+}
+
+// Scores of R rows of one head for NK (1, 2 or 4) consecutive keys (K rows k[0..NK)), 8-lane
+// FMA chains over Dp reduced in the lane_tree8 order: each converted K chunk serves the R rows,
+// each q chunk the NK keys. NK = 4 only in the AVX-512 build (16 accumulators + 4 K chunks
+// need its 32 registers; AVX2 would spill). NK = 4 reduces row by row: three hadds of the row's
+// 4 key vectors leave [k0 k1 k2 k3](lanes 0-3) | [k0 k1 k2 k3](lanes 4-7) partial sums, whose
+// halves add to the row's 4 scores in lane_tree8 order, stored as one 16-byte store (no 4 x 4
+// transpose of per-key tree4 results: 24 instead of 32 vector ops per 4 keys and 4 rows).
+template <int R, class L, int NK>
+inline void dec_scores_f(const float* q, int64_t D, int64_t Dp, const uint8_t* const* k, float* s, int64_t Tk) {
+  const int64_t Df = D / 8 * 8;
+  __m256 c[4][NK];
+  for (int r = 0; r < 4; ++r)
+    for (int i = 0; i < NK; ++i) c[r][i] = _mm256_setzero_ps();
+  auto step = [&](int64_t d, const __m256* kv) {
+    for (int r = 0; r < R; ++r) {
+      const __m256 qv = _mm256_load_ps(q + r * Dp + d);
+      for (int i = 0; i < NK; ++i) c[r][i] = _mm256_fmadd_ps(qv, kv[i], c[r][i]);
+    }
+  };
+  int64_t d = 0;
+  for (; d < Df; d += 8) {  // full chunks: no tail test per chunk
+    __m256 kv[NK];
+    for (int i = 0; i < NK; ++i) kv[i] = L::load(k[i] + d * L::es);
+    step(d, kv);
+  }
+  if (d < Dp) {
+    __m256 kv[NK];
+    for (int i = 0; i < NK; ++i) kv[i] = load_tail<L>(k[i], d, D);
+    step(d, kv);
+  }
+  if constexpr (NK == 4) {
+    for (int r = 0; r < R; ++r) {
+      const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(c[r][0], c[r][1]), _mm256_hadd_ps(c[r][2], c[r][3]));
+      _mm_storeu_ps(s + r * Tk, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+    }
+  } else {
+    __m128 f[NK];
+    for (int i = 0; i < NK; ++i) f[i] = tree4(c[0][i], c[1][i], c[2][i], c[3][i]);
+    store_scores<R, NK>(f, s, Tk);
+  }
+}
+
+// 16 int8 of a K row as int16 (zero padded past D).
+inline __m256i load_k16(const uint8_t* row, int64_t d, int64_t D) {
+  if (d + 16 <= D) return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)));
+  alignas(16) uint8_t buf[16] = {};
+  std::memcpy(buf, row + d, D - d);
+  return _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+}
+
+// s8 scores of R rows for NK (1, 2 or 4) consecutive keys (K rows k[i], scales ks[i]): exact
+// int32 q16.k8 dot products (vpmaddwd: 16 products per instruction, pairs summed in int32,
+// |pair| <= 2 * 127 * 128, no saturation).
+template <int R, int NK>
+inline void dec_scores_s8(const int16_t* q16, __m128 qsv, int64_t D, const uint8_t* const* k, const float* ks, float* s,
+                          int64_t Tk) {
+  const int64_t Dq = decode_q16_width(D);
+  __m256i c[4][NK];
+  for (int r = 0; r < 4; ++r)
+    for (int i = 0; i < NK; ++i) c[r][i] = _mm256_setzero_si256();
+  int64_t d0 = 0;
+#if QLLM_ATTN_VNNI
+  // 32 dims per vpdpwssd on zmm, folded to the ymm accumulators (exact int32 either way).
+  if (D >= 32) {
+    __m512i z[4][NK];
+    for (int r = 0; r < 4; ++r)
+      for (int i = 0; i < NK; ++i) z[r][i] = _mm512_setzero_si512();
+    for (; d0 + 32 <= D; d0 += 32) {
+      __m512i kv[NK];
+      for (int i = 0; i < NK; ++i) kv[i] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k[i] + d0)));
+      for (int r = 0; r < R; ++r) {
+        const __m512i qv = _mm512_loadu_si512(q16 + r * Dq + d0);
+        for (int i = 0; i < NK; ++i) z[r][i] = _mm512_dpwssd_epi32(z[r][i], qv, kv[i]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < NK; ++i) c[r][i] = _mm256_add_epi32(_mm512_castsi512_si256(z[r][i]), _mm512_extracti64x4_epi64(z[r][i], 1));
+  }
+#endif
+  for (int64_t d = d0; d < Dq; d += 16) {
+    __m256i kv[NK];
+    for (int i = 0; i < NK; ++i) kv[i] = load_k16(k[i], d, D);
+    for (int r = 0; r < R; ++r) {
+      const __m256i qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(q16 + r * Dq + d));
+      for (int i = 0; i < NK; ++i) {
+#if QLLM_ATTN_VNNI  // vpdpwssd: the same exact int32 sums, multiply and add fused
+        c[r][i] = _mm256_dpwssd_epi32(c[r][i], qv, kv[i]);
+#else
+        c[r][i] = _mm256_add_epi32(c[r][i], _mm256_madd_epi16(qv, kv[i]));
+#endif
+      }
+    }
+  }
+  __m128 f[NK];
+  for (int i = 0; i < NK; ++i)
+    f[i] = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(tree4_epi32(c[0][i], c[1][i], c[2][i], c[3][i])), _mm_set1_ps(ks[i])), qsv);
+  store_scores<R, NK>(f, s, Tk);
+}
+
+// P.V of R rows of one head over all n keys of the tile for C 8-dim chunks from dim d, the
+// accumulators in registers across the keys: acc = fma(w_j, v_j, acc * alpha) for j = 0 .. n-1,
+// the FMA chains of attend in the same key order (bit-identical), with no load + store of acc
+// per key; the online-softmax rescale acc * alpha (al[r]) is applied here as acc is loaded (the
+// same product, one pass over acc fewer). Tail: the chunk is the zero-padded last one (D % 8).
+// pf (nullable): rows of pfb bytes to prefetch, one per key (the next tile's V of this head);
+// each pass prefetches the 64-byte lines that start in its own byte range, so the requests
+// spread over the passes, one instruction per line.
+template <int R, class L, int C, bool Tail>
+[[gnu::always_inline]] inline void dec_pv_pass(const float* w, int64_t Tk, const uint8_t* const* vr, int64_t n, int64_t d, int64_t D, int64_t Dp,
+                        const float* al, float* acc, const uint8_t* const* pf, int64_t pfb) {
+  __m256 a[R][C];
+  for (int r = 0; r < R; ++r) {
+    const __m256 av = _mm256_set1_ps(al[r]);
+    for (int i = 0; i < C; ++i) a[r][i] = _mm256_mul_ps(_mm256_load_ps(acc + r * Dp + d + 8 * i), av);
+  }
+  const int64_t b0 = d * L::es, b1 = std::min<int64_t>((d + 8 * C) * L::es, pfb);
+  const int64_t o0 = (b0 + 63) / 64 * 64;  // lines starting in [b0, b1)
+  const bool pfo = pf != nullptr && o0 < b1, pf2 = o0 + 64 < b1;  // at most 2 lines (f32, C = 4)
+  for (int64_t j = 0; j < n; ++j) {
+    if (pfo && pf[j]) {
+      prefetch_line_t1(pf[j] + o0);
+      if (pf2) prefetch_line_t1(pf[j] + o0 + 64);
+    }
+    __m256 v[C];
+    for (int i = 0; i < C; ++i) v[i] = Tail ? load_tail<L>(vr[j], d + 8 * i, D) : L::load(vr[j] + (d + 8 * i) * L::es);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wr = _mm256_broadcast_ss(w + r * Tk + j);
+      for (int i = 0; i < C; ++i) a[r][i] = _mm256_fmadd_ps(wr, v[i], a[r][i]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < C; ++i) _mm256_store_ps(acc + r * Dp + d + 8 * i, a[r][i]);
+}
+
+// Online-softmax step of one row over all n keys of the tile (the arithmetic of attend with
+// a = 0, b = n); s8 caches fold the value scale into the stored P.V weight. Returns alpha; with
+// acc non-null it also does acc *= alpha (the float caches' P.V applies alpha as it loads acc).
+// Only the tile's last partial chunk is masked. The AVX-512 build takes 16 keys per exp (the
+// same element-wise arithmetic) and adds each 16-key vector's halves to the 8 lane sums in key
+// order (lane i sums the keys j % 8 == i in order, as the definition requires).
+inline float dec_softmax(float* sr, int64_t n, const float* vs, float* m, float* l, float* acc, int64_t Dp) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  float mt;
+#if QLLM_ATTN_VNNI
+  const __m512 ninf16 = _mm512_set1_ps(kNegInf);
+  __m512 mx16 = ninf16;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mk = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    mx16 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf16, mk, sr + j), mx16);
+  }
+  mt = _mm512_reduce_max_ps(mx16);  // max is exact: any order gives the same value
+#else
+  const __m256 ninf = _mm256_set1_ps(kNegInf);
+  __m256 mx = ninf;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) mx = _mm256_max_ps(_mm256_loadu_ps(sr + j), mx);
+  if (j < n) {
+    const __m256i mk = lane_mask(0, n - j);
+    mx = _mm256_max_ps(_mm256_blendv_ps(ninf, _mm256_loadu_ps(sr + j), _mm256_castsi256_ps(mk)), mx);
+  }
+  alignas(32) float mxl[8];
+  _mm256_store_ps(mxl, mx);
+  mt = kNegInf;
+  for (int i = 0; i < 8; ++i) mt = max_ps(mxl[i], mt);
+#endif
+  const float mn = max_ps(mt, *m);
+  const float alpha = *m == kNegInf ? 0.0f : exp_qllm(*m - mn);
+  __m256 sum = _mm256_setzero_ps();
+#if QLLM_ATTN_VNNI
+  const __m512 mv16 = _mm512_set1_ps(mn);
+  for (int64_t j = 0; j < n; j += 16) {  // lanes past n: 0 (added to the lane sums: exact)
+    const __mmask16 mk = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sr + j), mv16)));
+    sum = _mm256_add_ps(sum, _mm512_castps512_ps256(e));
+    sum = _mm256_add_ps(sum, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+    _mm512_mask_storeu_ps(sr + j, mk, vs ? _mm512_mul_ps(e, _mm512_maskz_loadu_ps(mk, vs + j)) : e);
+  }
+#else
+  const __m256 mv = _mm256_set1_ps(mn);
+  for (j = 0; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
+    sum = _mm256_add_ps(sum, e);
+    _mm256_storeu_ps(sr + j, vs ? _mm256_mul_ps(e, _mm256_loadu_ps(vs + j)) : e);
+  }
+  if (j < n) {  // s has Tk >= round_up(n, 8) slots: lanes past n get 0
+    const __m256 mk = _mm256_castsi256_ps(lane_mask(0, n - j));
+    const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv)), mk);
+    sum = _mm256_add_ps(sum, e);
+    _mm256_storeu_ps(sr + j, vs ? _mm256_mul_ps(e, _mm256_loadu_ps(vs + j)) : e);
+  }
+#endif
+  alignas(32) float sl[8];
+  _mm256_store_ps(sl, sum);
+  *l = *l * alpha + lane_tree8(sl);
+  *m = mn;
+  if (acc) {
+    const __m256 av = _mm256_set1_ps(alpha);
+    for (int64_t d = 0; d < Dp; d += 8) _mm256_store_ps(acc + d, _mm256_mul_ps(_mm256_load_ps(acc + d), av));
+  }
+  return alpha;
+}
+
+// s8 P.V weights of one row's block (keys [b0, b1) of the tile, b1 - b0 <= 32): the 7-bit
+// quantisation of kernels/attention.h, stored as 32 bytes (4-key groups = one dword each, keys
+// past b1 zero). Returns the block's scale wmax / 127, or 0 for a block that adds nothing.
+inline float dec_quant_block(const float* sr, int64_t b0, int64_t b1, uint8_t* wq) {
+  static_assert(kDecPvBlock == 32);
+  __m256 w[4];
+  __m256 mx = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {  // masked: lanes past b1 read nothing and hold 0
+    w[i] = _mm256_maskload_ps(sr + b0 + 8 * i, lane_mask(0, b1 - b0 - 8 * i));
+    mx = _mm256_max_ps(mx, w[i]);
+  }
+  alignas(32) float ml[8];
+  _mm256_store_ps(ml, mx);
+  float wmax = 0.0f;
+  for (int i = 0; i < 8; ++i) wmax = max_ps(ml[i], wmax);
+  if (!(wmax >= kDecPvMinWeight)) return 0.0f;
+  const __m256 inv = _mm256_set1_ps(127.0f / wmax);
+  const __m256i top = _mm256_set1_epi32(127);
+  __m256i q[4];  // cvtps rounds to nearest even (MXCSR default), like nearbyint
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(w[i], inv)), top);
+  // packs interleave 128-bit lanes: dwords come out as groups 0 2 4 6 1 3 5 7 (of 4 keys).
+  const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(wq), _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  return wmax / 127.0f;
+}
+
+// 32 bytes of a V row from dim d (zero past D).
+inline __m256i load_v32(const uint8_t* row, int64_t d, int64_t D) {
+  if (d + 32 <= D) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d));
+  alignas(32) uint8_t buf[32] = {};
+  std::memcpy(buf, row + d, D - d);
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+}
+
+// Integer P.V of R (<= 2) rows over one block: 4 keys at a time, their V rows interleaved
+// byte-wise so that each dword lane holds (v_j[d], v_j+1[d], v_j+2[d], v_j+3[d]); vpmaddubsw
+// with the broadcast 4 weights then vpmaddwd by 1 gives sum_j wq_j v_j[d] in int32, exact. The
+// int32 sums stay in registers over the block's keys (32 dims x 2 rows at a time); the in-lane
+// unpacks permute the dims (X0 holds d 0-3 | 16-19, X1 4-7 | 20-23, ...), undone before the
+// one fma per dim and block into acc.
+template <int R>
+inline void dec_pv_s8(const uint8_t* const* wq, const float* sw, const uint8_t* const* vr, int64_t groups, int64_t D,
+                      int64_t Dp, float* const* acc) {
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t d = 0; d < Dp; d += 32) {
+    __m256i A[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) A[r][i] = _mm256_setzero_si256();
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const uint8_t* const* p = vr + 4 * gi;
+      const __m256i v0 = load_v32(p[0], d, D), v1 = load_v32(p[1], d, D);
+      const __m256i v2 = load_v32(p[2], d, D), v3 = load_v32(p[3], d, D);
+      const __m256i a = _mm256_unpacklo_epi8(v0, v1), b = _mm256_unpackhi_epi8(v0, v1);
+      const __m256i c = _mm256_unpacklo_epi8(v2, v3), e = _mm256_unpackhi_epi8(v2, v3);
+      const __m256i X[4] = {_mm256_unpacklo_epi16(a, c), _mm256_unpackhi_epi16(a, c), _mm256_unpacklo_epi16(b, e),
+                            _mm256_unpackhi_epi16(b, e)};
+      for (int r = 0; r < R; ++r) {
+        int32_t wd;
+        std::memcpy(&wd, wq[r] + 4 * gi, 4);
+        const __m256i W = _mm256_set1_epi32(wd);
+#if QLLM_ATTN_VNNI  // vpdpbusd sums the 4 u8 x s8 products of a dword lane into int32 directly
+        for (int i = 0; i < 4; ++i) A[r][i] = _mm256_dpbusd_epi32(A[r][i], W, X[i]);
+#else
+        for (int i = 0; i < 4; ++i) A[r][i] = _mm256_add_epi32(A[r][i], _mm256_madd_epi16(_mm256_maddubs_epi16(W, X[i]), ones));
+#endif
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256i N[4] = {_mm256_permute2x128_si256(A[r][0], A[r][1], 0x20), _mm256_permute2x128_si256(A[r][2], A[r][3], 0x20),
+                            _mm256_permute2x128_si256(A[r][0], A[r][1], 0x31), _mm256_permute2x128_si256(A[r][2], A[r][3], 0x31)};
+      const __m256 s = _mm256_set1_ps(sw[r]);
+      for (int i = 0; i < 4 && d + 8 * i < Dp; ++i) {
+        float* ap = acc[r] + d + 8 * i;
+        _mm256_store_ps(ap, _mm256_fmadd_ps(_mm256_cvtepi32_ps(N[i]), s, _mm256_load_ps(ap)));
+      }
+    }
+  }
+}
+
+#if QLLM_ATTN_VNNI
+// In-register transpose of 16 x 16 dwords: r[i] lane j becomes r[j] lane i.
+inline void transpose16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// s8 scores of R rows of one head for 16 keys at once, one key per dword lane: each 64-byte
+// chunk of the 16 K rows is biased to unsigned (k ^ 0x80 = k + 128) and transposed in
+// registers, so T[c] lane i holds bytes 4c .. 4c+3 of key i, and vpdpbusd(T[c], broadcast q8
+// dword c) adds 4 products per lane. The sums start at -128 * sum(q8) (qc), which cancels the
+// bias exactly: sum (k + 128) q - 128 sum q = sum k q, the int32 q16.k8 sum of the definition.
+// No horizontal reduction: the 16 sums are one vector, converted, scaled by the keys' scales
+// (ksv) and the row's, and stored as 16 scores per row (lanes >= nk masked off). Bytes past D
+// load as 0 (biased: 128) and meet q8's zero padding.
+template <int R>
+inline void dec_scores_s8_t16(const int8_t* q8, int64_t Dq8, const int32_t* qc, const float* qs, int64_t D,
+                              const uint8_t* const* k, __m512 ksv, __mmask16 keep, float* s, int64_t Tk) {
+  __m512i acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_set1_epi32(qc[r]);
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t d = 0; d < D; d += 64) {
+    __m512i T[16];
+    if (d + 64 <= D) {
+      for (int i = 0; i < 16; ++i) T[i] = _mm512_xor_si512(_mm512_loadu_si512(k[i] + d), bias);
+    } else {
+      const __mmask64 mk = (uint64_t{1} << (D - d)) - 1;
+      for (int i = 0; i < 16; ++i) T[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, k[i] + d), bias);
+    }
+    transpose16(T);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* qd = q8 + r * Dq8 + d;
+      for (int c = 0; c < 16; ++c) {
+        int32_t w;
+        std::memcpy(&w, qd + 4 * c, 4);
+        acc[r] = _mm512_dpbusd_epi32(acc[r], T[c], _mm512_set1_epi32(w));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), ksv), _mm512_set1_ps(qs[r]));
+    _mm512_mask_storeu_ps(s + r * Tk, keep, f);
+  }
+}
+#endif
+
+// Calls f.template operator()<R>(r) for the row groups of g rows: 4 at a time, then the rest.
+template <class F>
+inline void for_groups(int64_t g, F&& f) {
+  int64_t r = 0;
+  for (; r + 4 <= g; r += 4) f.template operator()<4>(r);
+  switch (g - r) {
+    case 3: f.template operator()<3>(r); break;
+    case 2: f.template operator()<2>(r); break;
+    case 1: f.template operator()<1>(r); break;
+    default: break;
+  }
+}
+
+template <class L>
+void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
+              const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* m, float* l, float* acc) {
+  constexpr bool s8 = std::is_same_v<L, LoadS8>;
+  DecTile t;
+  const int64_t es = L::es, hs = D * es;  // bytes between the heads of a token
+  const uint8_t* kb = static_cast<const uint8_t*>(src.k);
+  const uint8_t* vb = static_cast<const uint8_t*>(src.v);
+  int64_t blk = j0 / src.block_size, off = j0 % src.block_size;
+  for (int64_t j = 0; j < n; ++j) {  // walk the block table once per tile
+    const int64_t phys = src.block_table ? src.block_table[blk] : blk;
+    const int64_t e = (phys * src.block_stride + off * src.token_stride) * es;
+    t.kp[j] = kb + e;
+    t.vp[j] = vb + e;
+    if (s8) {
+      const int64_t so = phys * src.scale_block_stride + off * src.scale_token_stride;
+      t.ksp[j] = src.k_scale + so;
+      t.vsp[j] = src.v_scale + so;
+    }
+    if (++off == src.block_size) off = 0, ++blk;
+  }
+  const char* last_sl = nullptr;  // s8: the last scale line prefetched
+  for (int64_t j = 0; j < n; ++j) {  // continues the walk: keys j0 + n + j
+    const bool ok = j0 + n + j < src.tokens;
+    const int64_t phys = !ok ? 0 : src.block_table ? src.block_table[blk] : blk;
+    const int64_t e = (phys * src.block_stride + off * src.token_stride) * es;
+    t.kn[j] = ok ? kb + e : nullptr;
+    t.vn[j] = ok ? vb + e : nullptr;
+    if (s8 && ok) {
+      // The next tile's K/V scales (a separate [block, token, head] f32 array, 32 B per token
+      // at 8 KV heads): without this prefetch every block's scale lines missed to DRAM, stalling
+      // the score and softmax loops (~8% of the s8 decode time in perf).
+      const int64_t so = phys * src.scale_block_stride + off * src.scale_token_stride;
+      const char* sl = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(src.k_scale + so) & ~uintptr_t{63});
+      if (sl != last_sl) {
+        last_sl = sl;
+        asm volatile("prefetcht0 %0" : : "m"(*sl));
+        asm volatile("prefetcht0 %0" : : "m"(*(reinterpret_cast<const char*>(src.v_scale + so))));
+      }
+    }
+    if (ok && ++off == src.block_size) off = 0, ++blk;
+  }
+  const int64_t Dq = decode_q16_width(D);
+  // Scores, token-major: for each group of KS keys (KS = 4 in the AVX-512 build, 2 with AVX2's
+  // 16 registers), every head's rows (the group's K rows of all heads are KS contiguous runs of
+  // H * D elements, read once). A tile's tail takes groups of 2 and 1.
+  constexpr int64_t KS = QLLM_ATTN_VNNI ? 4 : 2;
+#if QLLM_ATTN_VNNI
+  constexpr int64_t kMaxRows = 1024;  // H * g: query heads of the task (qc below)
+  if (s8 && H * g <= kMaxRows) {
+    // 16 keys per pass, transposed (dec_scores_s8_t16); -128 * sum(q8) per row first.
+    const int64_t Dq8 = decode_q8_width(D);
+    alignas(64) int32_t qc[kMaxRows];
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t r = 0; r < g; ++r) {
+        const int8_t* qr = q8 + (h * RH + r) * Dq8;
+        __m512i sum = _mm512_setzero_si512();
+        for (int64_t d = 0; d < Dq8; d += 64)
+          sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), _mm512_load_si512(qr + d));
+        qc[h * g + r] = -128 * _mm512_reduce_add_epi32(sum);
+      }
+    for (int64_t j = 0; j < n; j += 16) {
+      const int64_t nk = std::min<int64_t>(16, n - j);
+      const __mmask16 keep = static_cast<__mmask16>((1u << nk) - 1);
+      // Scale offsets (floats from k_scale) of the 16 keys, head 0; lanes past nk repeat key j.
+      alignas(64) int32_t so[16];
+      for (int64_t i = 0; i < 16; ++i) so[i] = static_cast<int32_t>(t.ksp[j + (i < nk ? i : 0)] - src.k_scale);
+      const __m512i sov = _mm512_load_si512(so);
+      for (int64_t h = 0; h < H; ++h) {
+        const uint8_t* kr[16];
+        for (int64_t i = 0; i < 16; ++i) kr[i] = t.kp[j + (i < nk ? i : 0)] + h * hs;
+        for (int64_t i = 0; i < nk; ++i)
+          if (t.kn[j + i]) prefetch_head(t.kn[j + i] + h * hs, hs);
+        const __m512 ksv = _mm512_i32gather_ps(_mm512_add_epi32(sov, _mm512_set1_epi32(static_cast<int>(h))), src.k_scale, 4);
+        for_groups(g, [&]<int R>(int64_t r) {
+          const int64_t row = h * RH + r;
+          dec_scores_s8_t16<R>(q8 + row * Dq8, Dq8, qc + h * g + r, qs + row, D, kr, ksv, keep, s + (h * g + r) * Tk + j, Tk);
+        });
+      }
+    }
+  } else
+#endif
+  for (int64_t j = 0; j < n;) {
+    const int64_t nk = n - j >= KS ? KS : n - j >= 2 ? 2 : 1;
+    for (int64_t h = 0; h < H; ++h) {
+      const uint8_t* kr[4];
+      float ksc[4] = {};
+      for (int64_t i = 0; i < nk; ++i) {
+        kr[i] = t.kp[j + i] + h * hs;
+        if (t.kn[j + i]) prefetch_head(t.kn[j + i] + h * hs, hs);
+        if (s8) ksc[i] = t.ksp[j + i][h];
+      }
+      for_groups(g, [&]<int R>(int64_t r) {
+        const int64_t row = h * RH + r;
+        float* sp = s + (h * g + r) * Tk + j;
+        if constexpr (s8) {
+          // Built in registers: 4 scalar stores then a vector load of them stalled store forwarding.
+          const __m128 qsv = _mm_setr_ps(qs[row], R > 1 ? qs[row + 1] : 0.0f, R > 2 ? qs[row + 2] : 0.0f, R > 3 ? qs[row + 3] : 0.0f);
+          const int16_t* qr = q16 + row * Dq;
+          if (KS == 4 && nk == 4) dec_scores_s8<R, (KS == 4 ? 4 : 2)>(qr, qsv, D, kr, ksc, sp, Tk);
+          else if (nk == 2) dec_scores_s8<R, 2>(qr, qsv, D, kr, ksc, sp, Tk);
+          else dec_scores_s8<R, 1>(qr, qsv, D, kr, ksc, sp, Tk);
+        } else {
+          const float* qr = q + row * Dp;
+          if (KS == 4 && nk == 4) dec_scores_f<R, L, (KS == 4 ? 4 : 2)>(qr, D, Dp, kr, sp, Tk);
+          else if (nk == 2) dec_scores_f<R, L, 2>(qr, D, Dp, kr, sp, Tk);
+          else dec_scores_f<R, L, 1>(qr, D, Dp, kr, sp, Tk);
+        }
+      });
+    }
+    j += nk;
+  }
+  // Softmax per row; s8 multiplies the probabilities by the value scales.
+  alignas(32) float vs[kMaxTile + 8];
+  constexpr int64_t kMaxAlpha = 512;  // rows H * g whose alpha can be deferred to the P.V passes
+  alignas(32) float alpha[kMaxAlpha];
+  const bool fold_alpha = !s8 && H * g <= kMaxAlpha;
+  for (int64_t h = 0; h < H; ++h) {
+    if (s8) {
+      for (int64_t j = 0; j < n; ++j) vs[j] = t.vsp[j][h];
+      for (int64_t j = n; j < n + 8; ++j) vs[j] = 0.0f;
+    }
+    for (int64_t r = 0; r < g; ++r) {
+      const int64_t row = h * RH + r;
+      // Float caches: alpha goes to the P.V passes, which rescale acc as they load it.
+      const float a = dec_softmax(s + (h * g + r) * Tk, n, s8 ? vs : nullptr, m + row, l + row,
+                                  fold_alpha ? nullptr : acc + row * Dp, Dp);
+      if (fold_alpha) alpha[h * g + r] = a;
+    }
+  }
+  if constexpr (s8) {  // integer P.V, block by block (kernels/attention.h)
+    // Rows per pass: 2 x 4 int32 accumulators in AVX2's 16 registers; 4 x 4 with AVX-512's 32.
+    constexpr int kRows = QLLM_ATTN_VNNI ? 4 : 2;
+    alignas(32) uint8_t wq[kRows][kDecPvBlock];
+    const uint8_t* vr[kDecPvBlock];
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t b0 = 0; b0 < n; b0 += kDecPvBlock) {
+        const int64_t b1 = std::min(n, b0 + kDecPvBlock), groups = (b1 - b0 + 3) / 4;
+        for (int64_t k = 0; k < 4 * groups; ++k) vr[k] = t.vp[b0 + k < b1 ? b0 + k : b0] + h * hs;  // padding: weight 0
+        for (int64_t j = b0; j < b1; ++j)
+          if (t.vn[j]) prefetch_head(t.vn[j] + h * hs, hs);
+        // Rows kRows at a time, skipping those whose block adds nothing (as the reference does).
+        int64_t np = 0;
+        float sw[kRows];
+        float* ap[kRows];
+        const uint8_t* wp[kRows];
+        for (int64_t i = 0; i < kRows; ++i) wp[i] = wq[i];
+        auto flush = [&] {
+          switch (np) {
+            case 4: if constexpr (kRows >= 4) dec_pv_s8<4>(wp, sw, vr, groups, D, Dp, ap); break;
+            case 3: if constexpr (kRows >= 3) dec_pv_s8<3>(wp, sw, vr, groups, D, Dp, ap); break;
+            case 2: dec_pv_s8<2>(wp, sw, vr, groups, D, Dp, ap); break;
+            case 1: dec_pv_s8<1>(wp, sw, vr, groups, D, Dp, ap); break;
+            default: break;
+          }
+          np = 0;
+        };
+        for (int64_t r = 0; r < g; ++r) {
+          const float w = dec_quant_block(s + (h * g + r) * Tk, b0, b1, wq[np]);
+          if (w == 0.0f) continue;
+          sw[np] = w;
+          ap[np] = acc + (h * RH + r) * Dp;
+          if (++np == kRows) flush();
+        }
+        flush();
+      }
+    return;
+  }
+  // P.V head by head, 4 rows x (4 chunks with AVX-512's 32 registers, 2 with AVX2's 16) of
+  // accumulators held in registers over the tile's keys; the tile's V rows of a head (n x D)
+  // stay in L1 across the passes.
+  {
+    constexpr int C = QLLM_ATTN_VNNI ? 4 : 2;
+    const int64_t Df = D / 8 * 8;
+    const uint8_t* vr[kMaxTile];
+    const uint8_t* pf[kMaxTile];
+    const float ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};  // acc already rescaled (x * 1 = x)
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t j = 0; j < n; ++j) {
+        vr[j] = t.vp[j] + h * hs;
+        pf[j] = t.vn[j] ? t.vn[j] + h * hs : nullptr;
+      }
+      for_groups(g, [&]<int R>(int64_t r) {
+        const float* wp = s + (h * g + r) * Tk;
+        float* ap = acc + (h * RH + r) * Dp;
+        const float* al = fold_alpha ? alpha + h * g + r : ones;
+        const uint8_t* const* p = r == 0 ? pf : nullptr;  // the first row group prefetches
+        int64_t d = 0;
+        for (; d + 8 * C <= Df; d += 8 * C) dec_pv_pass<R, L, C, false>(wp, Tk, vr, n, d, D, Dp, al, ap, p, hs);
+        for (; d + 8 <= Df; d += 8) dec_pv_pass<R, L, 1, false>(wp, Tk, vr, n, d, D, Dp, al, ap, p, hs);
+        if (d < Dp) dec_pv_pass<R, L, 1, true>(wp, Tk, vr, n, d, D, Dp, al, ap, p, hs);
+      });
+    }
+  }
+}
+
+}  // namespace
+
+namespace QLLM_ATTN_ISA {
+
+void attn_decode(const float* q, const int16_t* q16, const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
+            const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* /*tmp*/, float* m, float* l,
+            float* acc) {
+  switch (src.dtype) {
+    case DType::f16: decode_t<LoadF16>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
+    case DType::bf16: decode_t<LoadBF16>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
+    case DType::s8: decode_t<LoadS8>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
+    default: decode_t<LoadF32>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
+  }
+}
+
+}  // namespace QLLM_ATTN_ISA
+
+}  // namespace qllm::kernels
