@@ -35,6 +35,7 @@ CpuFeatures detect() {
     f.avx512bw = os_avx512 && ((b >> 30) & 1);
     f.avx512vl = os_avx512 && ((b >> 31) & 1);
     f.avx512vnni = os_avx512 && ((c >> 11) & 1);
+    f.avx512vbmi = os_avx512 && ((c >> 1) & 1);
     f.amx_int8 = (d >> 25) & 1;
     __cpuid_count(7, 1, a, b, c, d);
     f.avx_vnni = os_avx && ((a >> 4) & 1);

@@ -114,7 +114,22 @@ using S24S8Fn = void (*)(const int32_t* tab, int64_t ldt, int64_t rows, const S2
 // whole depth (overwritten; rows past `rows` are 0); scratch: kS8RowsScratchBytes, 64-aligned.
 constexpr int kS8RowsChunkGroups = 4;
 constexpr int64_t kS8RowsGroupBytes = 6 * kRowPanel * 4;
-constexpr int64_t kS8RowsScratchBytes = kS8RowsChunkGroups * kS8RowsGroupBytes;
+// ---- avx512 twin (x86/avx512/sparse24_s8.cc, AVX-512 VNNI + VBMI): u8 x s8 vpdpbusd ----------
+// Same contract and chunks of 4 groups, but per group PAIR (8 k) the table holds all 36
+// combinations c = 6 t0 + t1 of the two groups' pair codes: per row 4 bytes
+//   (x[4g + i0(t0)], x[4g + i1(t0)], x[4g + 4 + i0(t1)], x[4g + 4 + i1(t1)]) + 128   (u8)
+// so one vpdpbusd with the channel's 4 kept s8 values (broadcast dword) does 64 useful
+// multiply-adds for 16 rows: 2 x 36 x 256 bytes = 18 KB per chunk (64 rows). The sums end as
+// sum((x + 128) w) - 128 * sum(w), the channel's kept weights summed per item (exact mod 2^32).
+// Scratch: the table, a chunk's decoded super-panel (dwords + offsets) and the weight sums of at
+// most kS8RowsMaxPanels super-panels (the op's work item: ops/sparse24.cc kS8RowsPanelBlock).
+constexpr int kS8RowsMaxPanels = 16;
+constexpr int64_t kS8Rows512TableBytes = 2 * 36 * kRowPanel * 4;
+constexpr int64_t kS8Rows512ScratchBytes = kS8Rows512TableBytes + 2 * kS8Channels * 8 + kS8RowsMaxPanels * kS8Channels * 4;
+constexpr int64_t kS8RowsScratchBytes = kS8Rows512ScratchBytes > kS8RowsChunkGroups * kS8RowsGroupBytes
+                                            ? kS8Rows512ScratchBytes
+                                            : kS8RowsChunkGroups * kS8RowsGroupBytes;
+static_assert(kS8RowsScratchBytes % 64 == 0, "per-thread scratch pieces stay 64-byte aligned");
 using S24S8RowsFn = void (*)(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S24S8Panels& w,
                              int64_t sp0, int64_t sp1, int32_t* acc, void* scratch);
 
@@ -152,6 +167,10 @@ void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S2
 namespace avx512 {
 // zmm rows kernel (x86/avx512/sparse24.cc): two pairs' accumulators at once, same bits as ref.
 void s24_float_rows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1, int64_t kb0, int64_t kb1, float* acc);
+// s8 rows kernel on vpdpbusd (x86/avx512/sparse24_s8.cc; needs AVX-512 VBMI too: the table
+// picks it only where cpu_features().avx512vbmi). sp1 - sp0 <= kS8RowsMaxPanels.
+void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S24S8Panels& w, int64_t sp0, int64_t sp1,
+                 int32_t* acc, void* scratch);
 }  // namespace avx512
 
 }  // namespace qllm::kernels

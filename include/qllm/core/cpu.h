@@ -16,6 +16,7 @@ enum class Isa { ref, avx2, avx512 };
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512vnni = false, avx_vnni = false, amx_int8 = false;
+  bool avx512vbmi = false;  // vpermb / vpmultishiftqb (the avx512 s8 2:4 rows kernel)
   std::string brand;
 };
 

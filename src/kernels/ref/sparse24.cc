@@ -142,7 +142,9 @@ const Sparse24Kernels& sparse24_kernels(Isa isa) {
                                       avx2::s24_s8_rows};
   static const Sparse24Kernels avx512_k{Isa::avx512, avx2::s24_float_mm,
                                         isa_supported(Isa::avx512) ? avx512::s24_float_rows : avx2::s24_float_rows,
-                                        avx2::s24_s8_xtable, avx2::s24_s8_mm, avx2::s24_s8_rows};
+                                        avx2::s24_s8_xtable, avx2::s24_s8_mm,
+                                        isa_supported(Isa::avx512) && cpu_features().avx512vbmi ? avx512::s24_s8_rows
+                                                                                                : avx2::s24_s8_rows};
 #endif
   switch (isa) {
     case Isa::ref: return ref_k;
