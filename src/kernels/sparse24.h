@@ -115,17 +115,16 @@ using S24S8Fn = void (*)(const int32_t* tab, int64_t ldt, int64_t rows, const S2
 constexpr int kS8RowsChunkGroups = 4;
 constexpr int64_t kS8RowsGroupBytes = 6 * kRowPanel * 4;
 // ---- avx512 twin (x86/avx512/sparse24_s8.cc, AVX-512 VNNI + VBMI): u8 x s8 vpdpbusd ----------
-// Same contract and chunks of 4 groups, but per group PAIR (8 k) the table holds all 36
-// combinations c = 6 t0 + t1 of the two groups' pair codes: per row 4 bytes
-//   (x[4g + i0(t0)], x[4g + i1(t0)], x[4g + 4 + i0(t1)], x[4g + 4 + i1(t1)]) + 128   (u8)
-// so one vpdpbusd with the channel's 4 kept s8 values (broadcast dword) does 64 useful
-// multiply-adds for 16 rows: 2 x 36 x 256 bytes = 18 KB per chunk (64 rows). The sums end as
-// sum((x + 128) w) - 128 * sum(w), the channel's kept weights summed per item (exact mod 2^32).
-// Scratch: the table, a chunk's decoded super-panel (dwords + offsets) and the weight sums of at
-// most kS8RowsMaxPanels super-panels (the op's work item: ops/sparse24.cc kS8RowsPanelBlock).
-constexpr int kS8RowsMaxPanels = 16;
-constexpr int64_t kS8Rows512TableBytes = 2 * 36 * kRowPanel * 4;
-constexpr int64_t kS8Rows512ScratchBytes = kS8Rows512TableBytes + 2 * kS8Channels * 8 + kS8RowsMaxPanels * kS8Channels * 4;
+// Same contract, channels in the lanes: per super-panel, chunks of kS8Rows512ChunkBlocks blocks
+// are decoded into per group pair index / value vectors (256 bytes: 8 KB per chunk), then every
+// 8-row tile of the panel runs one vpermb (gathering each channel's 4 kept x of the pair from the
+// row's 64 x bytes) + one vpdpbusd (its 4 kept s8 weights) per 16 channels; the tile's sums live in
+// acc itself (row-major per super-panel) between chunks, so the panel's x chunk (16 KB) is reused
+// by every super-panel of the call.
+constexpr int kS8Rows512ChunkBlocks = 4;
+constexpr int kS8RowsMaxPanels = 16;  // super-panels per call (sp1 - sp0) the avx512 kernel's scratch holds sums of
+constexpr int64_t kS8Rows512ScratchBytes =
+    kS8Rows512ChunkBlocks * 8 * 256 + kRowPanel * kS8Channels * 4 + kS8RowsMaxPanels * kS8Channels * 4;
 constexpr int64_t kS8RowsScratchBytes = kS8Rows512ScratchBytes > kS8RowsChunkGroups * kS8RowsGroupBytes
                                             ? kS8Rows512ScratchBytes
                                             : kS8RowsChunkGroups * kS8RowsGroupBytes;

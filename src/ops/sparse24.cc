@@ -436,7 +436,7 @@ int64_t s8_slab_rows(int64_t m, int64_t k) {
 constexpr int64_t kS24S8RowsMinM = 40;
 constexpr int64_t kS8RowsPanelBlock = 16;
 bool use_s8_rows(int64_t m) { return m >= kS24S8RowsMinM; }
-static_assert(kS8RowsPanelBlock <= kernels::kS8RowsMaxPanels, "the avx512 s8 rows kernel sums weights of at most 16 super-panels");
+static_assert(kS8RowsPanelBlock <= kernels::kS8RowsMaxPanels, "the avx512 s8 rows kernel's scratch holds the weight sums of 16 super-panels");
 
 }  // namespace
 
