@@ -3,7 +3,10 @@
 // ISA against ref bit for bit on one packed weight, and the rejected inputs.
 #include <cmath>
 #include <cstring>
+#include <memory>
 
+#include "kernels/sparse24.h"
+#include "qllm/core/arena.h"
 #include "test_util.h"
 
 namespace qllm {
@@ -500,6 +503,55 @@ TEST(Sparse24, RejectsBadInput) {
   a.packed = &pk;
   expect_error([&] { sparse24_matmul(ctx, a, yv); }, {"sparse24_matmul", "either values/meta or packed"});
   for (float v : y) EXPECT_EQ(v, -7.0f);
+}
+
+
+// The s8 rows kernels themselves (kernels/sparse24.h: avx2 and, where AVX-512 VBMI is present, the
+// avx512 vpermb + vpdpbusd kernel) against ref::s24_s8_rows on one 64-row panel: rows 1, 3, 17,
+// 40, 64 (tiles of 8 rows cut partway for the avx512 kernel), k = 4, 12 (less than one 64-deep
+// block), 260 (a 4-block chunk plus one partial block) and 7172 (the real depth plus one odd group:
+// a partial last chunk and block), n = 70 (super-panels of 32: the last one 6 real channels) and a
+// super-panel range that starts at 1. x row 2 is all zero, row 0 all -128 and the kept weights of
+// channel 32 all -128 (full s8 range against the +128 bias of the avx512 kernel); rows past `rows`
+// must come out 0. Integer sums: the bits must be equal.
+TEST(Sparse24, Int8RowsKernelsMatchRef) {
+  const int64_t n = 70;
+  for (int64_t k : {4, 12, 260, 7172}) {
+    Compressed c = prune(DType::s8, n, k, make_weight(DType::s8, n, k, static_cast<uint32_t>(k + 11)));
+    for (int64_t i = 0; i < k / 2; ++i) reinterpret_cast<int8_t*>(c.values.data())[32 * (k / 2) + i] = -128;
+    decompress_24(TensorView(c.values.data(), DType::s8, {n, k / 2}), TensorView(c.meta.data(), DType::u8, {n, sparse24_meta_cols(k)}),
+                  TensorView(c.dense.data(), DType::s8, {n, k}));
+    const PackedSparse24 pk = PackedSparse24::pack(TensorView(c.values.data(), DType::s8, {n, k / 2}),
+                                                   TensorView(c.meta.data(), DType::u8, {n, sparse24_meta_cols(k)}));
+    const kernels::S24S8Panels panels{pk.data(), pk.kblocks(), pk.panel_bytes()};
+    auto x = make_x(DType::s8, kernels::kRowPanel, k, static_cast<uint32_t>(k * 3));
+    std::memset(x.data(), 0x80, static_cast<size_t>(k));
+    std::memset(x.data() + 2 * k, 0, static_cast<size_t>(k));
+    const int8_t* xs = reinterpret_cast<const int8_t*>(x.data());
+    const int64_t sp0 = 1, sp1 = pk.panels(), words = (sp1 - sp0) * kernels::kS8Channels * kernels::kRowPanel;
+    std::vector<int32_t> want(words);
+    std::unique_ptr<void, void (*)(void*)> acc(aligned_malloc(words * 4), aligned_free);
+    std::unique_ptr<void, void (*)(void*)> scratch(aligned_malloc(kernels::kS8RowsScratchBytes), aligned_free);
+    for (int64_t rows : {1, 3, 17, 40, 64}) {
+      kernels::ref::s24_s8_rows(xs, k, rows, k, panels, sp0, sp1, want.data(), nullptr);
+      for (Isa isa : test::fast_isas()) {
+        int32_t* got = static_cast<int32_t*>(acc.get());
+        std::fill(got, got + words, 0x7eadbeef);
+        kernels::sparse24_kernels(isa).s8_rows(xs, k, rows, k, panels, sp0, sp1, got, scratch.get());
+        for (int64_t i = 0; i < words; ++i)
+          ASSERT_EQ(got[i], want[i]) << isa_name(isa) << " k " << k << " rows " << rows << " channel "
+                                     << sp0 * kernels::kS8Channels + i / kernels::kRowPanel << " row " << i % kernels::kRowPanel;
+      }
+      // ref itself against the int64 dense product (spot check: channels 32..37 of every row).
+      const int8_t* ws = reinterpret_cast<const int8_t*>(c.dense.data());
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t col = 32; col < 38; ++col) {
+          int64_t sum = 0;
+          for (int64_t kk = 0; kk < k; ++kk) sum += static_cast<int64_t>(ws[col * k + kk]) * xs[r * k + kk];
+          ASSERT_EQ(want[(col - sp0 * kernels::kS8Channels) * kernels::kRowPanel + r], sum) << "k " << k << " row " << r;
+        }
+    }
+  }
 }
 
 }  // namespace
