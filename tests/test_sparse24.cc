@@ -537,10 +537,15 @@ TEST(Sparse24, Int8RowsKernelsMatchRef) {
       for (Isa isa : test::fast_isas()) {
         int32_t* got = static_cast<int32_t*>(acc.get());
         std::fill(got, got + words, 0x7eadbeef);
-        kernels::sparse24_kernels(isa).s8_rows(xs, k, rows, k, panels, sp0, sp1, got, scratch.get());
-        for (int64_t i = 0; i < words; ++i)
-          ASSERT_EQ(got[i], want[i]) << isa_name(isa) << " k " << k << " rows " << rows << " channel "
-                                     << sp0 * kernels::kS8Channels + i / kernels::kRowPanel << " row " << i % kernels::kRowPanel;
+        const kernels::Sparse24Kernels& sk = kernels::sparse24_kernels(isa);
+        sk.s8_rows(xs, k, rows, k, panels, sp0, sp1, got, scratch.get());
+        // want is channel-major (acc[c][64]); a row-major kernel writes [super-panel][64][32].
+        for (int64_t i = 0; i < words; ++i) {
+          const int64_t c = i / kernels::kRowPanel, r = i % kernels::kRowPanel;
+          const int64_t gi = sk.s8_rows_row_major ? (c / 32) * 32 * kernels::kRowPanel + r * 32 + c % 32 : i;
+          ASSERT_EQ(got[gi], want[i]) << isa_name(isa) << " k " << k << " rows " << rows << " channel "
+                                      << sp0 * kernels::kS8Channels + c << " row " << r;
+        }
       }
       // ref itself against the int64 dense product (spot check: channels 32..37 of every row).
       const int8_t* ws = reinterpret_cast<const int8_t*>(c.dense.data());

@@ -123,8 +123,7 @@ constexpr int64_t kS8RowsGroupBytes = 6 * kRowPanel * 4;
 // by every super-panel of the call.
 constexpr int kS8Rows512ChunkBlocks = 4;
 constexpr int kS8RowsMaxPanels = 16;  // super-panels per call (sp1 - sp0) the avx512 kernel's scratch holds sums of
-constexpr int64_t kS8Rows512ScratchBytes =
-    kS8Rows512ChunkBlocks * 8 * 256 + kRowPanel * kS8Channels * 4 + kS8RowsMaxPanels * kS8Channels * 4;
+constexpr int64_t kS8Rows512ScratchBytes = kS8Rows512ChunkBlocks * 8 * 256 + kS8RowsMaxPanels * kS8Channels * 4;
 constexpr int64_t kS8RowsScratchBytes = kS8Rows512ScratchBytes > kS8RowsChunkGroups * kS8RowsGroupBytes
                                             ? kS8Rows512ScratchBytes
                                             : kS8RowsChunkGroups * kS8RowsGroupBytes;
@@ -139,6 +138,10 @@ struct Sparse24Kernels {
   S24XTableFn s8_xtable;
   S24S8Fn s8_mm;
   S24S8RowsFn s8_rows;  // large m (ops/sparse24.cc: kS24S8RowsMinM)
+  // Layout of s8_rows's acc: false = channel-major acc[c][64] (the contract above); true = row-major
+  // per super-panel, acc[(sp - sp0) * 32 * 64 + r * 32 + c] (the avx512 kernel's natural layout:
+  // channels in the lanes; saves a transpose there and in the op's epilogue).
+  bool s8_rows_row_major = false;
 };
 
 const Sparse24Kernels& sparse24_kernels(Isa isa);

@@ -642,10 +642,13 @@ void run_s8_rows(Context& ctx, const Plan& pl, const Sparse24MatmulArgs& a, cons
       sk.s8_rows(x + r0 * pl.k, pl.k, rows, pl.k, panels, sp0, sp1, acc,
                  scratch + static_cast<int64_t>(tid) * kernels::kS8RowsScratchBytes);
       const int64_t c0 = sp0 * kS8Channels, c1 = std::min(pl.n, sp1 * kS8Channels);
+      // Channel-major (acc[c][64]) or, for the avx512 kernel, row-major per super-panel.
+      const int64_t cs = sk.s8_rows_row_major ? 1 : kRowPanel, rs = sk.s8_rows_row_major ? kS8Channels : 1;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = r0 + r;
         for (int64_t col = c0; col < c1; ++col) {
-          const int32_t v = acc[(col - c0) * kRowPanel + r];
+          const int64_t cc = col - c0;
+          const int32_t v = acc[(cc / kS8Channels) * kS8Channels * kRowPanel + (cc % kS8Channels) * cs + r * rs];
           const int64_t yi = row * pl.n + col;
           if (odt == DType::s32) static_cast<int32_t*>(yout)[yi] = v;
           else store(odt, yout, yi, (static_cast<float>(v) * scale[col]) * (pts ? pts[row] : 1.0f));

@@ -133,6 +133,13 @@ void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S2
 
 }  // namespace ref
 
+#if QLLM_HAVE_AVX2
+namespace {
+// The avx512 s8 rows kernel needs AVX-512 VBMI (vpermb, vpmultishiftqb) besides the avx512 set.
+bool avx512_s8_rows() { return isa_supported(Isa::avx512) && cpu_features().avx512vbmi; }
+}  // namespace
+#endif
+
 const Sparse24Kernels& sparse24_kernels(Isa isa) {
   static const Sparse24Kernels ref_k{Isa::ref, ref::s24_float_mm, ref::s24_float_rows, ref::s24_s8_xtable, ref::s24_s8_mm,
                                      ref::s24_s8_rows};
@@ -143,8 +150,7 @@ const Sparse24Kernels& sparse24_kernels(Isa isa) {
   static const Sparse24Kernels avx512_k{Isa::avx512, avx2::s24_float_mm,
                                         isa_supported(Isa::avx512) ? avx512::s24_float_rows : avx2::s24_float_rows,
                                         avx2::s24_s8_xtable, avx2::s24_s8_mm,
-                                        isa_supported(Isa::avx512) && cpu_features().avx512vbmi ? avx512::s24_s8_rows
-                                                                                                : avx2::s24_s8_rows};
+                                        avx512_s8_rows() ? avx512::s24_s8_rows : avx2::s24_s8_rows, avx512_s8_rows()};
 #endif
   switch (isa) {
     case Isa::ref: return ref_k;

@@ -55,9 +55,8 @@ constexpr int slot_channel(int s) { return s < 16 ? 8 * (s / 4) + s % 4 : 8 * ((
 struct Pair {
   __m512i ilo, wlo, ihi, whi;
 };
-static_assert(sizeof(Pair) == 256 && kS8Rows512ScratchBytes >= kChunkBlocks * 8 * 256 + kRowPanel * kS8Channels * 4 +
-                                                                     kS8RowsMaxPanels * kS8Channels * 4,
-              "scratch: the decoded chunk, a transpose buffer and the weight sums");
+static_assert(sizeof(Pair) == 256 && kS8Rows512ScratchBytes >= kChunkBlocks * 8 * 256 + kS8RowsMaxPanels * kS8Channels * 4,
+              "scratch: the decoded chunk and the weight sums");
 
 struct Consts {
   __m512i cperm;       // vpermb: the 24 code bytes of two groups -> per-qword (g's 3 bytes, g+1's 3 bytes)
@@ -154,13 +153,13 @@ void tile(const int8_t* x, int64_t ldx, int nr, int64_t kvalid, const Pair* dec,
 // every super-panel uses it; a super-panel-outer order re-streamed the whole x panel per
 // super-panel, 0.9 MB at k = 14336, from L3), per super-panel: decode its chunk, then the panel's
 // 8-row tiles. Between chunks the sums live in acc itself, row-major per super-panel ([r][slot],
-// 8 KB each); at the end the bias correction and the transpose into acc's channel-major layout.
+// 8 KB each); at the end the bias correction and the slots put in channel order (the acc layout
+// is row-major per super-panel: Sparse24Kernels::s8_rows_row_major).
 void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S24S8Panels& w, int64_t sp0, int64_t sp1,
                  int32_t* acc, void* scratch) {
   static const Consts kc;
   Pair* dec = static_cast<Pair*>(scratch);
-  int32_t* tmp = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(scratch) + kChunkBlocks * 8 * sizeof(Pair));
-  int32_t* wsum = tmp + kRowPanel * kS8Channels;
+  int32_t* wsum = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(scratch) + kChunkBlocks * 8 * sizeof(Pair));
   const int64_t kb = (k / 4 + kS8BlockGroups - 1) / kS8BlockGroups;  // blocks holding k
   const int64_t nsp = sp1 - sp0;
   constexpr int64_t kSp = kS8Channels * kRowPanel;  // s32 per super-panel in acc
@@ -194,19 +193,24 @@ void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S2
       }
     }
   }
-  // Bias correction and transpose: acc[channel][r] = sums[r][slot] - 128 * wsum[slot]; rows past
-  // `rows` are 0.
+  // Bias correction, and the slots put back in channel order: acc[(sp - sp0) * 2048 + r * 32 + c]
+  // (row-major per super-panel: Sparse24Kernels::s8_rows_row_major); rows past `rows` are 0.
+  alignas(64) static constexpr int32_t kToSlot[32] = {0,  1,  2,  3,  16, 17, 18, 19, 4,  5,  6,  7,  20, 21, 22, 23,
+                                                      8,  9,  10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+  static_assert(slot_channel(4) == 8 && slot_channel(16) == 4 && slot_channel(31) == 31, "kToSlot inverts slot_channel");
+  const __m512i plo = _mm512_load_si512(kToSlot), phi = _mm512_load_si512(kToSlot + 16);
+  const int64_t nr = std::min<int64_t>(rows, kRowPanel);
   for (int64_t sp = sp0; sp < sp1; ++sp) {
     int32_t* a = acc + (sp - sp0) * kSp;
-    const int64_t nr = std::min<int64_t>(rows, kRowPanel);
-    std::memcpy(tmp, a, static_cast<size_t>(nr * kS8Channels) * sizeof(int32_t));
     const int32_t* ws = wsum + (sp - sp0) * kS8Channels;
-    for (int s = 0; s < 32; ++s) {
-      int32_t* o = a + slot_channel(s) * kRowPanel;
-      const uint32_t corr = static_cast<uint32_t>(ws[s]) << 7;
-      for (int64_t r = 0; r < kRowPanel; ++r)
-        o[r] = r < nr ? static_cast<int32_t>(static_cast<uint32_t>(tmp[r * 32 + s]) - corr) : 0;
+    const __m512i clo = _mm512_slli_epi32(_mm512_load_si512(ws), 7), chi = _mm512_slli_epi32(_mm512_load_si512(ws + 16), 7);
+    for (int64_t r = 0; r < nr; ++r) {
+      const __m512i lo = _mm512_sub_epi32(_mm512_load_si512(a + r * 32), clo);
+      const __m512i hi = _mm512_sub_epi32(_mm512_load_si512(a + r * 32 + 16), chi);
+      _mm512_store_si512(a + r * 32, _mm512_permutex2var_epi32(lo, plo, hi));
+      _mm512_store_si512(a + r * 32 + 16, _mm512_permutex2var_epi32(lo, phi, hi));
     }
+    std::memset(a + nr * 32, 0, static_cast<size_t>((kRowPanel - nr) * 32) * sizeof(int32_t));
   }
 }
 
