@@ -559,5 +559,42 @@ TEST(Sparse24, Int8RowsKernelsMatchRef) {
   }
 }
 
+
+// The op's s8 schedules around both rows-kernel switches (kernels/sparse24.h s8_rows_min_m: 40
+// for ref / avx2, 6 for the avx512 vpermb kernel): m = 1, 3, 5 | 6, 17, 39 | 40, 65 (a second,
+// 1-row panel), k = 12 and 7172 (odd group count), n = 70; s32 out against the int64 dense
+// product, every ISA.
+TEST(Sparse24, Int8SwitchPointsExact) {
+  const int64_t n = 70;
+  for (int64_t k : {12, 7172}) {
+    const Compressed c = prune(DType::s8, n, k, make_weight(DType::s8, n, k, static_cast<uint32_t>(k + 5)));
+    const PackedSparse24 pk = PackedSparse24::pack(TensorView(c.values.data(), DType::s8, {n, k / 2}),
+                                                   TensorView(c.meta.data(), DType::u8, {n, sparse24_meta_cols(k)}));
+    for (int64_t m : {1, 3, 5, 6, 17, 39, 40, 65}) {
+      auto x = make_x(DType::s8, m, k, static_cast<uint32_t>(m * 13 + k));
+      if (m > 2) std::memset(x.data() + 2 * k, 0, static_cast<size_t>(k));
+      const int8_t* xs = reinterpret_cast<const int8_t*>(x.data());
+      const int8_t* ws = reinterpret_cast<const int8_t*>(c.dense.data());
+      std::vector<int32_t> want(m * n);
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t col = 0; col < n; ++col) {
+          int64_t sum = 0;
+          for (int64_t kk = 0; kk < k; ++kk) sum += static_cast<int64_t>(ws[col * k + kk]) * xs[r * k + kk];
+          want[r * n + col] = static_cast<int32_t>(sum);
+        }
+      Sparse24MatmulArgs a;
+      a.x = TensorView(x.data(), DType::s8, {m, k});
+      a.packed = &pk;
+      std::vector<Isa> isas = test::fast_isas();
+      isas.push_back(Isa::ref);
+      for (Isa isa : isas) {
+        std::vector<int32_t> got(m * n, 0x7eadbeef);
+        sparse24_matmul(context(isa), a, TensorView(got.data(), DType::s32, {m, n}), {DType::s32});
+        EXPECT_TRUE(got == want) << isa_name(isa) << " m " << m << " k " << k;
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace qllm

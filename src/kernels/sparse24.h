@@ -142,6 +142,8 @@ struct Sparse24Kernels {
   // per super-panel, acc[(sp - sp0) * 32 * 64 + r * 32 + c] (the avx512 kernel's natural layout:
   // channels in the lanes; saves a transpose there and in the op's epilogue).
   bool s8_rows_row_major = false;
+  // Smallest m for which ops/ runs s8_rows instead of the tiled s8_mm (the op caps it at 40).
+  int64_t s8_rows_min_m = 40;
 };
 
 const Sparse24Kernels& sparse24_kernels(Isa isa);

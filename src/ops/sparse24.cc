@@ -435,7 +435,13 @@ int64_t s8_slab_rows(int64_t m, int64_t k) {
 // (once per item) small against the weight stream (once per panel).
 constexpr int64_t kS24S8RowsMinM = 40;
 constexpr int64_t kS8RowsPanelBlock = 16;
-bool use_s8_rows(int64_t m) { return m >= kS24S8RowsMinM; }
+// The avx512 rows kernel (vpermb + vpdpbusd) costs ~3 ms per full 64-row panel at k = 7168 and
+// skips the 8-row tiles past m, so it wins from m ~ 6 (m = 6: 1.34-1.41 ms against the tiled
+// kernel's 1.79-2.16; m = 4: 1.35-1.43 against 1.66-2.35 at k = 7168 but 2.63-2.92 against
+// 2.85-2.86 at k = 14336; docs/design.md): its table says so in s8_rows_min_m.
+bool use_s8_rows(const Context& ctx, int64_t m) {
+  return m >= std::min<int64_t>(kS24S8RowsMinM, kernels::sparse24_kernels(ctx.isa()).s8_rows_min_m);
+}
 static_assert(kS8RowsPanelBlock <= kernels::kS8RowsMaxPanels, "the avx512 s8 rows kernel's scratch holds the weight sums of 16 super-panels");
 
 }  // namespace
@@ -444,7 +450,7 @@ size_t sparse24_matmul_workspace_size(const Context& ctx, const Sparse24MatmulAr
   const Plan pl = validate(a, p);
   WorkspacePlan w;
   if (!pl.packed) w.add<uint8_t>(PackedSparse24::packed_bytes(pl.wdt, pl.n, pl.k));
-  if (pl.quant && use_s8_rows(pl.m)) {
+  if (pl.quant && use_s8_rows(ctx, pl.m)) {
     w.add<uint8_t>(ctx.threads() * kernels::kS8RowsScratchBytes);                                     // chunk tables
     w.add<int32_t>(ctx.threads() * kS8RowsPanelBlock * kernels::kS8Channels * kernels::kRowPanel);  // accumulators
   } else if (pl.quant) {
@@ -679,7 +685,7 @@ void sparse24_matmul(Context& ctx, const Sparse24MatmulArgs& a, const TensorView
     local = detail::PackedSparse24Access::wrap(pl.wdt, pl.n, pl.k, mem);
     pw = &local;
   }
-  if (pl.quant && use_s8_rows(pl.m)) run_s8_rows(ctx, pl, a, *pw, y.mutable_data<void>(), p.out_dtype, ws);
+  if (pl.quant && use_s8_rows(ctx, pl.m)) run_s8_rows(ctx, pl, a, *pw, y.mutable_data<void>(), p.out_dtype, ws);
   else if (pl.quant) run_s8(ctx, pl, a, *pw, y.mutable_data<void>(), p.out_dtype, ws);
   else if (use_rows(pl.m)) run_float_rows(ctx, pl, a, *pw, y.mutable_data<void>(), p.out_dtype, ws);
   else run_float(ctx, pl, a, *pw, y.mutable_data<void>(), p.out_dtype, ws);

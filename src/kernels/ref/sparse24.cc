@@ -150,7 +150,8 @@ const Sparse24Kernels& sparse24_kernels(Isa isa) {
   static const Sparse24Kernels avx512_k{Isa::avx512, avx2::s24_float_mm,
                                         isa_supported(Isa::avx512) ? avx512::s24_float_rows : avx2::s24_float_rows,
                                         avx2::s24_s8_xtable, avx2::s24_s8_mm,
-                                        avx512_s8_rows() ? avx512::s24_s8_rows : avx2::s24_s8_rows, avx512_s8_rows()};
+                                        avx512_s8_rows() ? avx512::s24_s8_rows : avx2::s24_s8_rows, avx512_s8_rows(),
+                                        avx512_s8_rows() ? 6 : 40};
 #endif
   switch (isa) {
     case Isa::ref: return ref_k;
