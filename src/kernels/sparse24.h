@@ -115,7 +115,8 @@ using S24S8Fn = void (*)(const int32_t* tab, int64_t ldt, int64_t rows, const S2
 constexpr int kS8RowsChunkGroups = 4;
 constexpr int64_t kS8RowsGroupBytes = 6 * kRowPanel * 4;
 // ---- avx512 twin (x86/avx512/sparse24_s8.cc, AVX-512 VNNI + VBMI): u8 x s8 vpdpbusd ----------
-// Same contract, channels in the lanes: per super-panel, chunks of kS8Rows512ChunkBlocks blocks
+// Same contract except acc's layout (row-major per super-panel: Sparse24Kernels::s8_rows_row_major);
+// channels in the lanes: per super-panel, chunks of kS8Rows512ChunkBlocks blocks
 // are decoded into per group pair index / value vectors (256 bytes: 8 KB per chunk), then every
 // 8-row tile of the panel runs one vpermb (gathering each channel's 4 kept x of the pair from the
 // row's 64 x bytes) + one vpdpbusd (its 4 kept s8 weights) per 16 channels; the tile's sums live in
