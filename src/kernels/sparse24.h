@@ -124,7 +124,8 @@ constexpr int64_t kS8RowsGroupBytes = 6 * kRowPanel * 4;
 // by every super-panel of the call.
 constexpr int kS8Rows512ChunkBlocks = 4;
 constexpr int kS8RowsMaxPanels = 16;  // super-panels per call (sp1 - sp0) the avx512 kernel's scratch holds sums of
-constexpr int64_t kS8Rows512ScratchBytes = kS8Rows512ChunkBlocks * 8 * 256 + kS8RowsMaxPanels * kS8Channels * 4;
+constexpr int64_t kS8Rows512ScratchBytes =  // decoded chunk, the panel's x chunk biased to u8, weight sums
+    kS8Rows512ChunkBlocks * 8 * 256 + kRowPanel * kS8Rows512ChunkBlocks * 64 + kS8RowsMaxPanels * kS8Channels * 4;
 constexpr int64_t kS8RowsScratchBytes = kS8Rows512ScratchBytes > kS8RowsChunkGroups * kS8RowsGroupBytes
                                             ? kS8Rows512ScratchBytes
                                             : kS8RowsChunkGroups * kS8RowsGroupBytes;

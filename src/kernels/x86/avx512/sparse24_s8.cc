@@ -55,8 +55,9 @@ constexpr int slot_channel(int s) { return s < 16 ? 8 * (s / 4) + s % 4 : 8 * ((
 struct Pair {
   __m512i ilo, wlo, ihi, whi;
 };
-static_assert(sizeof(Pair) == 256 && kS8Rows512ScratchBytes >= kChunkBlocks * 8 * 256 + kS8RowsMaxPanels * kS8Channels * 4,
-              "scratch: the decoded chunk and the weight sums");
+static_assert(sizeof(Pair) == 256 &&
+                  kS8Rows512ScratchBytes >= kChunkBlocks * 8 * 256 + kRowPanel * kChunkBlocks * 64 + kS8RowsMaxPanels * kS8Channels * 4,
+              "scratch: the decoded chunk, the biased x chunk and the weight sums");
 
 struct Consts {
   __m512i cperm;       // vpermb: the 24 code bytes of two groups -> per-qword (g's 3 bytes, g+1's 3 bytes)
@@ -117,21 +118,31 @@ void decode(const uint8_t* panel, int64_t b0, int64_t nb, Pair* dec, __m512i (&w
   }
 }
 
-// One 8-row tile over the decoded blocks: acc (row-major [r][32] s32, slot order) += the
-// products. x rows past `nr` read as x = 0; bytes past k (kvalid bytes from the chunk's start)
-// too (their weights are the packing's zero groups).
-template <bool First>
-void tile(const int8_t* x, int64_t ldx, int nr, int64_t kvalid, const Pair* dec, int64_t nb, int32_t* acc) {
+// The chunk's x for the panel, biased to u8 once (x + 128, i.e. x ^ 0x80) into xb [64][256]: rows
+// past `rows` and bytes past k read as x = 0 (their weights are the packing's zero groups). Done
+// per chunk, not per super-panel and tile: the bias and the tail masks in the tile loop cost
+// ~10 % (bare kernel 0.48-0.49 -> 0.44 ns per 64 products).
+void bias_chunk(const int8_t* x, int64_t ldx, int64_t rows, int64_t kvalid, int64_t nb, uint8_t* xb) {
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t r = 0; r < kRowPanel; ++r)
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t left = kvalid - 64 * b;
+      const __mmask64 km = r >= rows ? 0 : left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+      _mm512_store_si512(xb + r * kChunkBlocks * 64 + 64 * b,
+                         _mm512_xor_si512(_mm512_maskz_loadu_epi8(km, x + r * ldx + 64 * b), bias));
+    }
+}
+
+// One 8-row tile over the decoded blocks: acc (row-major [r][32] s32, slot order) += the
+// products; xb: the tile's first row of the biased chunk.
+template <bool First>
+void tile(const uint8_t* xb, const Pair* dec, int64_t nb, int32_t* acc) {
   __m512i a[kRT][2];
   for (int r = 0; r < kRT; ++r)
     for (int h = 0; h < 2; ++h) a[r][h] = First ? _mm512_setzero_si512() : _mm512_load_si512(acc + r * 32 + 16 * h);
   for (int64_t b = 0; b < nb; ++b) {
     __m512i xr[kRT];
-    const int64_t left = kvalid - 64 * b;
-    const __mmask64 km = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
-    for (int r = 0; r < kRT; ++r)
-      xr[r] = _mm512_xor_si512(r < nr ? _mm512_maskz_loadu_epi8(km, x + r * ldx + 64 * b) : _mm512_setzero_si512(), bias);
+    for (int r = 0; r < kRT; ++r) xr[r] = _mm512_load_si512(xb + r * kChunkBlocks * 64 + 64 * b);
     const Pair* d = dec + 8 * b;
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
@@ -159,7 +170,8 @@ void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S2
                  int32_t* acc, void* scratch) {
   static const Consts kc;
   Pair* dec = static_cast<Pair*>(scratch);
-  int32_t* wsum = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(scratch) + kChunkBlocks * 8 * sizeof(Pair));
+  uint8_t* xb = static_cast<uint8_t*>(scratch) + kChunkBlocks * 8 * sizeof(Pair);
+  int32_t* wsum = reinterpret_cast<int32_t*>(xb + kRowPanel * kChunkBlocks * 64);
   const int64_t kb = (k / 4 + kS8BlockGroups - 1) / kS8BlockGroups;  // blocks holding k
   const int64_t nsp = sp1 - sp0;
   constexpr int64_t kSp = kS8Channels * kRowPanel;  // s32 per super-panel in acc
@@ -169,6 +181,7 @@ void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S2
   }
   for (int64_t b0 = 0; b0 < kb; b0 += kChunkBlocks) {
     const int64_t nb = std::min<int64_t>(kChunkBlocks, kb - b0);
+    bias_chunk(x + 64 * b0, ldx, rows, k - 64 * b0, nb, xb);
     for (int64_t sp = sp0; sp < sp1; ++sp) {
       __m512i ws[2];
       int32_t* wsp = wsum + (sp - sp0) * kS8Channels;
@@ -186,10 +199,9 @@ void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S2
         if (nxt)
           for (int64_t l = r0 / kRT; l < nxt_lines; l += kRowPanel / kRT)
             _mm_prefetch(reinterpret_cast<const char*>(nxt + 64 * l), _MM_HINT_T0);
-        const int nr = static_cast<int>(std::min<int64_t>(kRT, rows - r0));
-        const int8_t* xt = x + r0 * ldx + 64 * b0;
-        if (b0 == 0) tile<true>(xt, ldx, nr, k - 64 * b0, dec, nb, a + r0 * kS8Channels);
-        else tile<false>(xt, ldx, nr, k - 64 * b0, dec, nb, a + r0 * kS8Channels);
+        const uint8_t* xt = xb + r0 * kChunkBlocks * 64;
+        if (b0 == 0) tile<true>(xt, dec, nb, a + r0 * kS8Channels);
+        else tile<false>(xt, dec, nb, a + r0 * kS8Channels);
       }
     }
   }
