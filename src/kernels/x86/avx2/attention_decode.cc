@@ -31,17 +31,29 @@ namespace {
 // V streams by, the accumulators (H x 4 rows x Dp f32 = 16 KB at D = 128) staying in L1.
 
 // Loaders of 8 cache elements as f32 (exactly the values load_row produces).
+// The AVX-512 build's load16: 16 elements as one zmm (the P.V passes on zmm).
 struct LoadF32 {
   static constexpr int64_t es = 4;
   static __m256 load(const uint8_t* p) { return _mm256_loadu_ps(reinterpret_cast<const float*>(p)); }
+#if QLLM_ATTN_VNNI
+  static __m512 load16(const uint8_t* p) { return _mm512_loadu_ps(p); }
+#endif
 };
 struct LoadF16 {
   static constexpr int64_t es = 2;
   static __m256 load(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#if QLLM_ATTN_VNNI
+  static __m512 load16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+#endif
 };
 struct LoadBF16 {
   static constexpr int64_t es = 2;
   static __m256 load(const uint8_t* p) { return avx2::load8(DType::bf16, p); }
+#if QLLM_ATTN_VNNI
+  static __m512 load16(const uint8_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  }
+#endif
 };
 struct LoadS8 {  // V of an s8 cache: f32(v8), the scale is in the P.V weight
   static constexpr int64_t es = 1;
@@ -238,7 +250,7 @@ template <int R, class L, int C, bool Tail>
   const int64_t o0 = (b0 + 63) / 64 * 64;  // lines starting in [b0, b1)
   const bool pfo = pf != nullptr && o0 < b1, pf2 = o0 + 64 < b1;  // at most 2 lines (f32, C = 4)
   for (int64_t j = 0; j < n; ++j) {
-    if (pfo && pf[j]) {
+    if (pfo) {
       prefetch_line_t1(pf[j] + o0);
       if (pf2) prefetch_line_t1(pf[j] + o0 + 64);
     }
@@ -252,6 +264,44 @@ template <int R, class L, int C, bool Tail>
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < C; ++i) _mm256_store_ps(acc + r * Dp + d + 8 * i, a[r][i]);
 }
+
+#if QLLM_ATTN_VNNI
+// dec_pv_pass on zmm (AVX-512 build): R rows x CZ 16-dim chunks from dim d (d + 16 CZ <= D).
+// Each zmm lane runs the same FMA chain as the ymm pass's lane for that dim (acc * alpha, then
+// fma(w_j, v_j, .) for j = 0 .. n-1), so the bits are the same; a zmm op does the work of two ymm
+// ops in one instruction, so 4 rows x 64 dims = 16 zmm accumulators cover all of D = 64 in one
+// pass over the keys (the ymm pass needs two, each with its own per-key overhead: row pointer,
+// broadcasts, prefetch), and D = 128 in two passes instead of four.
+template <int R, class L, int CZ>
+[[gnu::always_inline]] inline void dec_pv_pass_z(const float* w, int64_t Tk, const uint8_t* const* vr, int64_t n, int64_t d,
+                                                 const float* al, float* acc, int64_t Dp, const uint8_t* const* pf, int64_t pfb) {
+  __m512 a[R][CZ];
+  for (int r = 0; r < R; ++r) {
+    const __m512 av = _mm512_set1_ps(al[r]);
+    for (int i = 0; i < CZ; ++i) a[r][i] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * Dp + d + 16 * i), av);
+  }
+  const int64_t b0 = d * L::es, b1 = std::min<int64_t>((d + 16 * CZ) * L::es, pfb);
+  const int64_t o0 = (b0 + 63) / 64 * 64;  // lines starting in [b0, b1): at most 4 (f32, CZ = 4)
+  const int npf = pf != nullptr && o0 < b1 ? static_cast<int>((b1 - o0 + 63) / 64) : 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (npf > 0) {
+      const uint8_t* p = pf[j] + o0;
+      prefetch_line_t1(p);
+      if (npf > 1) prefetch_line_t1(p + 64);
+      if (npf > 2) prefetch_line_t1(p + 128);
+      if (npf > 3) prefetch_line_t1(p + 192);
+    }
+    __m512 v[CZ];
+    for (int i = 0; i < CZ; ++i) v[i] = L::load16(vr[j] + (d + 16 * i) * L::es);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wr = _mm512_set1_ps(w[r * Tk + j]);
+      for (int i = 0; i < CZ; ++i) a[r][i] = _mm512_fmadd_ps(wr, v[i], a[r][i]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < CZ; ++i) _mm512_storeu_ps(acc + r * Dp + d + 16 * i, a[r][i]);
+}
+#endif
 
 // Online-softmax step of one row over all n keys of the tile (the arithmetic of attend with
 // a = 0, b = n); s8 caches fold the value scale into the stored P.V weight. Returns alpha; with
@@ -648,8 +698,8 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
   }
   // P.V head by head, 4 rows x (4 chunks with AVX-512's 32 registers, 2 with AVX2's 16) of
   // accumulators held in registers over the tile's keys; the tile's V rows of a head (n x D)
-  // stay in L1 across the passes.
-  {
+  // stay in L1 across the passes. (AVX-512: zmm passes of 64, 32, 16 dims first.)
+  if constexpr (!s8) {
     constexpr int C = QLLM_ATTN_VNNI ? 4 : 2;
     const int64_t Df = D / 8 * 8;
     const uint8_t* vr[kMaxTile];
@@ -658,7 +708,8 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
     for (int64_t h = 0; h < H; ++h) {
       for (int64_t j = 0; j < n; ++j) {
         vr[j] = t.vp[j] + h * hs;
-        pf[j] = t.vn[j] ? t.vn[j] + h * hs : nullptr;
+        // Past the last key: this tile's row (in cache), so the passes need no null test.
+        pf[j] = t.vn[j] ? t.vn[j] + h * hs : vr[j];
       }
       for_groups(g, [&]<int R>(int64_t r) {
         const float* wp = s + (h * g + r) * Tk;
@@ -666,6 +717,11 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
         const float* al = fold_alpha ? alpha + h * g + r : ones;
         const uint8_t* const* p = r == 0 ? pf : nullptr;  // the first row group prefetches
         int64_t d = 0;
+#if QLLM_ATTN_VNNI
+        for (; d + 64 <= Df; d += 64) dec_pv_pass_z<R, L, 4>(wp, Tk, vr, n, d, al, ap, Dp, p, hs);
+        if (d + 32 <= Df) dec_pv_pass_z<R, L, 2>(wp, Tk, vr, n, d, al, ap, Dp, p, hs), d += 32;
+        if (d + 16 <= Df) dec_pv_pass_z<R, L, 1>(wp, Tk, vr, n, d, al, ap, Dp, p, hs), d += 16;
+#endif
         for (; d + 8 * C <= Df; d += 8 * C) dec_pv_pass<R, L, C, false>(wp, Tk, vr, n, d, D, Dp, al, ap, p, hs);
         for (; d + 8 <= Df; d += 8) dec_pv_pass<R, L, 1, false>(wp, Tk, vr, n, d, D, Dp, al, ap, p, hs);
         if (d < Dp) dec_pv_pass<R, L, 1, true>(wp, Tk, vr, n, d, D, Dp, al, ap, p, hs);
@@ -686,6 +742,39 @@ void attn_decode(const float* q, const int16_t* q16, const int8_t* q8, const flo
     case DType::bf16: decode_t<LoadBF16>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
     case DType::s8: decode_t<LoadS8>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
     default: decode_t<LoadF32>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
+  }
+}
+
+// The split merge of kernels/attention.h, 8 dims per FMA (element-wise the same arithmetic as
+// merge_ref: scalar w and L, fma per dim in split order, IEEE division). Was scalar code in the
+// driver, where std::fma is a libm call (the driver is compiled for baseline x86-64): ~8% of a
+// 1-thread batch-1 decode over 4k keys (8 splits).
+void attn_merge(const float* part, int64_t nsplit, int64_t stride, int64_t D, float* o) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  float M = kNegInf;
+  for (int64_t sp = 0; sp < nsplit; ++sp) M = max_ps(part[sp * stride], M);
+  float L = 0.0f;
+  const int64_t Df = D / 8 * 8;
+  for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+  if (M != kNegInf) {
+    for (int64_t sp = 0; sp < nsplit; ++sp) {
+      const float* src = part + sp * stride;
+      if (src[0] == kNegInf) continue;
+      const float w = exp_qllm(src[0] - M);
+      L = std::fma(src[1], w, L);
+      const __m256 wv = _mm256_set1_ps(w);
+      int64_t d = 0;
+      for (; d < Df; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(_mm256_loadu_ps(src + 2 + d), wv, _mm256_loadu_ps(o + d)));
+      for (; d < D; ++d) o[d] = std::fma(src[2 + d], w, o[d]);
+    }
+  }
+  if (L > 0.0f) {
+    const __m256 lv = _mm256_set1_ps(L);
+    int64_t d = 0;
+    for (; d < Df; d += 8) _mm256_storeu_ps(o + d, _mm256_div_ps(_mm256_loadu_ps(o + d), lv));
+    for (; d < D; ++d) o[d] = o[d] / L;
+  } else {
+    for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
   }
 }
 
