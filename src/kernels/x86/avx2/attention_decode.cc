@@ -371,6 +371,112 @@ inline float dec_softmax(float* sr, int64_t n, const float* vs, float* m, float*
   return alpha;
 }
 
+// Maxima of 4 vectors' lanes (max is exact: any order gives the same value): lane r of the
+// result is the max over the 8 lanes of x[r].
+inline __m128 max4x8(__m256 x0, __m256 x1, __m256 x2, __m256 x3) {
+  const __m256 a = _mm256_max_ps(_mm256_shuffle_ps(x0, x1, 0x88), _mm256_shuffle_ps(x0, x1, 0xdd));
+  const __m256 b = _mm256_max_ps(_mm256_shuffle_ps(x2, x3, 0x88), _mm256_shuffle_ps(x2, x3, 0xdd));
+  const __m256 c = _mm256_max_ps(_mm256_shuffle_ps(a, b, 0x88), _mm256_shuffle_ps(a, b, 0xdd));
+  return _mm_max_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
+}
+
+// dec_softmax for the R (<= 4) rows of one head of a float cache, the rows interleaved: one row
+// at a time is a chain of dependent steps (max, its reduction, alpha = exp, the exps, lane sums,
+// l) that the core did not overlap across rows (perf: ~12% of an avx512 f16 D = 64 decode, more
+// than its exps' arithmetic); here each loop runs R independent chains. Per row the arithmetic
+// is dec_softmax's (vs = nullptr, acc = nullptr): the same max, alpha (exp8's lanes are
+// exp_qllm), exps, 8 lane sums in key order, their lane_tree8 (tree4 is 4 of them) and
+// l * alpha + sum, so the bits are the same. Writes alpha[0 .. R).
+template <int R>
+inline void dec_softmax_f(float* s, int64_t Tk, int64_t n, float* m, float* l, float* alpha) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  __m256 mx[4];
+#if QLLM_ATTN_VNNI
+  {
+    const __m512 ninf16 = _mm512_set1_ps(kNegInf);
+    __m512 z[R];
+    for (int r = 0; r < R; ++r) z[r] = ninf16;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 mk = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+      for (int r = 0; r < R; ++r) z[r] = _mm512_max_ps(_mm512_mask_loadu_ps(ninf16, mk, s + r * Tk + j), z[r]);
+    }
+    for (int r = 0; r < 4; ++r)
+      mx[r] = r < R ? _mm256_max_ps(_mm512_castps512_ps256(z[r]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z[r]), 1)))
+                    : _mm256_set1_ps(kNegInf);
+  }
+#else
+  {
+    const __m256 ninf = _mm256_set1_ps(kNegInf);
+    for (int r = 0; r < 4; ++r) mx[r] = ninf;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+      for (int r = 0; r < R; ++r) mx[r] = _mm256_max_ps(_mm256_loadu_ps(s + r * Tk + j), mx[r]);
+    if (j < n) {
+      const __m256 mk = _mm256_castsi256_ps(lane_mask(0, n - j));
+      for (int r = 0; r < R; ++r) mx[r] = _mm256_max_ps(_mm256_blendv_ps(ninf, _mm256_loadu_ps(s + r * Tk + j), mk), mx[r]);
+    }
+  }
+#endif
+  const __m128 mt = max4x8(mx[0], mx[1], mx[2], mx[3]);
+  alignas(16) float mo[4] = {kNegInf, kNegInf, kNegInf, kNegInf}, lo[4] = {};
+  for (int r = 0; r < R; ++r) mo[r] = m[r], lo[r] = l[r];
+  const __m128 mold = _mm_load_ps(mo);
+  const __m128 mnew = _mm_max_ps(mt, mold);  // max_ps(mt, m) lane-wise
+  // alpha = m == -inf ? 0 : exp_qllm(m - m'), 4 rows in one exp8 (upper lanes unused).
+  const __m128 e4 = _mm256_castps256_ps128(exp8(_mm256_zextps128_ps256(_mm_sub_ps(mold, mnew))));
+  const __m128 al = _mm_andnot_ps(_mm_cmpeq_ps(mold, _mm_set1_ps(kNegInf)), e4);
+  alignas(16) float mn[4];
+  _mm_store_ps(mn, mnew);
+  __m256 sum[4];
+  for (int r = 0; r < 4; ++r) sum[r] = _mm256_setzero_ps();
+#if QLLM_ATTN_VNNI
+  {
+    __m512 mv[R];
+    for (int r = 0; r < R; ++r) mv[r] = _mm512_set1_ps(mn[r]);
+    for (int64_t j = 0; j < n; j += 16) {  // lanes past n: 0 (added to the lane sums: exact)
+      const __mmask16 mk = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+      for (int r = 0; r < R; ++r) {
+        float* sr = s + r * Tk + j;
+        const __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sr), mv[r])));
+        sum[r] = _mm256_add_ps(sum[r], _mm512_castps512_ps256(e));
+        sum[r] = _mm256_add_ps(sum[r], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+        _mm512_mask_storeu_ps(sr, mk, e);
+      }
+    }
+  }
+#else
+  {
+    __m256 mv[R];
+    for (int r = 0; r < R; ++r) mv[r] = _mm256_set1_ps(mn[r]);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+      for (int r = 0; r < R; ++r) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + r * Tk + j), mv[r]));
+        sum[r] = _mm256_add_ps(sum[r], e);
+        _mm256_storeu_ps(s + r * Tk + j, e);
+      }
+    if (j < n) {  // s has Tk >= round_up(n, 8) slots: lanes past n get 0
+      const __m256 mk = _mm256_castsi256_ps(lane_mask(0, n - j));
+      for (int r = 0; r < R; ++r) {
+        const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(s + r * Tk + j), mv[r])), mk);
+        sum[r] = _mm256_add_ps(sum[r], e);
+        _mm256_storeu_ps(s + r * Tk + j, e);
+      }
+    }
+  }
+#endif
+  // l = l * alpha + lane_tree8(sum): tree4 gives the 4 rows' lane_tree8 sums.
+  const __m128 lnew = _mm_add_ps(_mm_mul_ps(_mm_load_ps(lo), al), tree4(sum[0], sum[1], sum[2], sum[3]));
+  alignas(16) float ln[4], a4[4];
+  _mm_store_ps(ln, lnew);
+  _mm_store_ps(a4, al);
+  for (int r = 0; r < R; ++r) {
+    l[r] = ln[r];
+    m[r] = mn[r];
+    alpha[r] = a4[r];
+  }
+}
+
 // s8 P.V weights of one row's block (keys [b0, b1) of the tile, b1 - b0 <= 32): the 7-bit
 // quantisation of kernels/attention.h, stored as 32 bytes (4-key groups = one dword each, keys
 // past b1 zero). Returns the block's scale wmax / 127, or 0 for a block that adds nothing.
@@ -645,6 +751,13 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
   constexpr int64_t kMaxAlpha = 512;  // rows H * g whose alpha can be deferred to the P.V passes
   alignas(32) float alpha[kMaxAlpha];
   const bool fold_alpha = !s8 && H * g <= kMaxAlpha;
+  if (fold_alpha) {  // float caches: a head's rows at once, alpha to the P.V passes
+    for (int64_t h = 0; h < H; ++h)
+      for_groups(g, [&]<int R>(int64_t r) {
+        const int64_t row = h * RH + r;
+        dec_softmax_f<R>(s + (h * g + r) * Tk, Tk, n, m + row, l + row, alpha + h * g + r);
+      });
+  } else
   for (int64_t h = 0; h < H; ++h) {
     if (s8) {
       for (int64_t j = 0; j < n; ++j) vs[j] = t.vsp[j][h];
