@@ -356,6 +356,40 @@ TEST(PagedAttention, DecodeEqualsFlashOnGatheredKeysAllCacheDtypes) {
         }
 }
 
+TEST(PagedAttention, FloatDecodeOddGroupsAllIsasIdentical) {
+  // The float decode kernel's row groups of R = 1, 2, 3 (GQA groups g = 3, 5, 6, 7: a group of 4
+  // plus the rest) in the interleaved softmax and the P.V passes, head sizes with zmm / ymm /
+  // tail passes (D = 40: 32 + 8; D = 100: 64 + 32 + 4 tail; D = 64), and the split merge
+  // (1100 keys: several splits). Every ISA bit for bit, and equal to flash on the gathered keys.
+  for (auto [Hq, Hkv] : {std::pair<int64_t, int64_t>{6, 2}, {5, 1}, {12, 2}, {14, 2}})
+    for (int64_t D : {40, 100, 64}) {
+      const std::vector<int32_t> lens = {1, 77, 1100};
+      PagedSetup s = make_paged(lens, 16, Hkv, D, DType::f16);
+      const int64_t B = lens.size();
+      const auto q = test::rand_f32(B * Hq * D);
+      std::vector<int32_t> cu_q(B + 1);
+      std::iota(cu_q.begin(), cu_q.end(), 0);
+      PagedAttentionArgs a;
+      a.q = TensorView(q.data(), DType::f32, {B, Hq, D});
+      a.cache = s.cache.view();
+      a.block_tables = TensorView(s.tables.data(), DType::s32, {B, s.maxb});
+      a.context_lens = TensorView(s.lens.data(), DType::s32, {B});
+      std::vector<float> first;
+      for (Isa isa : test::isas()) {
+        std::vector<float> o(B * Hq * D, 123.0f);
+        paged_attention(context(isa), a, TensorView(o.data(), DType::f32, {B, Hq, D}));
+        ASSERT_EQ(o, flash_on_gathered(context(isa), s, q, cu_q, Hq, 0)) << isa_name(isa) << " Hq " << Hq << " D " << D;
+        if (first.empty()) first = o;
+        ASSERT_EQ(o, first) << "ref vs " << isa_name(isa) << " Hq " << Hq << " D " << D;
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        const Oracle want = naive(q.data() + b * Hq * D, 1, Hq, s.kc.data() + s.cu_k[b] * Hkv * D, s.vc.data() + s.cu_k[b] * Hkv * D,
+                                  lens[b], Hkv, D, 1.0f / std::sqrt(float(D)), true, 0, DType::f32);
+        for (int64_t i = 0; i < Hq * D; ++i) ASSERT_NEAR(first[b * Hq * D + i], want.o[i], want.tol[i]);
+      }
+    }
+}
+
 TEST(PagedPrefill, EqualsFlashOnGatheredKeys) {
   const int64_t Hq = 4, Hkv = 1, D = 32;
   for (DType cdt : {DType::f16, DType::s8}) {

@@ -92,6 +92,12 @@ struct AttnKernels {
   void (*decode)(const float* q, const int16_t* q16, const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D,
                  int64_t Dp, const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* tmp, float* m, float* l,
                  float* acc);
+  // Merge of one query row's key splits (flash-decoding): split sp's state is part + sp * stride
+  // = [m, l, acc[0 .. D)]. In split order, skipping splits with m = -inf (they saw no key):
+  //   M = max m; w = exp_qllm(m - M); L = fma(l, w, L); o[d] = fma(acc[d], w, o[d]) (from 0);
+  // then o[d] = L > 0 ? o[d] / L : 0 (all zeros when no split saw a key). Element-wise, so
+  // every ISA gives the same bits.
+  void (*merge)(const float* part, int64_t nsplit, int64_t stride, int64_t D, float* o);
 };
 
 // Keys per quantisation block of the s8 decode path's P.V weights, and the smallest block max

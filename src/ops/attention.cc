@@ -349,7 +349,10 @@ void run(Context& ctx, const Problem& P, Workspace* ws_in) {
       const Task& T = tasks[ti];
       const Seq& S = seqs[T.b];
       const int64_t rows = (T.p1 - T.p0) * g;
-      const int64_t RH = TL.rows_per_head;  // state of head h0 + i starts at row i * RH
+      // State of head h0 + i starts at row i * RH. Packed (RH = this task's rows, at most
+      // TL.rows_per_head, for which the scratch is sized): at the full stride a decode task's
+      // q / acc rows of the 8 KV heads sat 16-32 KB apart, all in the same few L1 sets.
+      const int64_t RH = rows;
       int64_t kmin = S.Lk, kmax = 0;
       for (int64_t h = T.h0; h < T.h1; ++h)
         for (int64_t pi = T.p0; pi < T.p1; ++pi) {
@@ -423,7 +426,7 @@ void run(Context& ctx, const Problem& P, Workspace* ws_in) {
   });
 
   // Merge the key splits: o = sum_s acc_s w_s / sum_s l_s w_s with w_s = exp(m_s - max m).
-  // Scalar and in split order, the same for every ISA.
+  // AttnKernels::merge per row: in split order, element-wise, the same bits for every ISA.
   if (z.partial_floats == 0) return;
   ctx.pool().parallel_for(P.B * P.Hkv, 1, [&](int64_t i0, int64_t i1, int tid) {
     float* o = scratch + tid * TL.total + TL.q;  // a free row of this thread's scratch
@@ -432,21 +435,7 @@ void run(Context& ctx, const Problem& P, Workspace* ws_in) {
       const int64_t h = i % P.Hkv;
       if (S.nsplit == 1) continue;
       for (int64_t r = 0; r < S.Lq * g; ++r) {
-        auto at = [&](int64_t sp) { return part + S.part_off + ((h * S.nsplit + sp) * S.Lq * g + r) * (Dp + 2); };
-        float M = kNegInf;
-        for (int64_t sp = 0; sp < S.nsplit; ++sp) M = kernels::max_ps(at(sp)[0], M);
-        float L = 0.0f;
-        for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
-        if (M != kNegInf) {
-          for (int64_t sp = 0; sp < S.nsplit; ++sp) {
-            const float* src = at(sp);
-            if (src[0] == kNegInf) continue;
-            const float w = kernels::exp_qllm(src[0] - M);
-            L = std::fma(src[1], w, L);
-            for (int64_t d = 0; d < D; ++d) o[d] = std::fma(src[2 + d], w, o[d]);
-          }
-        }
-        for (int64_t d = 0; d < D; ++d) o[d] = L > 0.0f ? o[d] / L : 0.0f;
+        ak.merge(part + S.part_off + (h * S.nsplit * S.Lq * g + r) * (Dp + 2), S.nsplit, S.Lq * g * (Dp + 2), D, o);
         const int64_t pi = r / g, hq = h * g + r % g;
         kt.from_f32(o, D, odt, P.out.mutable_data<uint8_t>() + ((S.q0 + pi) * Hq + hq) * D * oes);
       }

@@ -165,10 +165,28 @@ void decode_ref(const float* q, const int16_t* q16, const int8_t* /*q8: the same
   }
 }
 
+void merge_ref(const float* part, int64_t nsplit, int64_t stride, int64_t D, float* o) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  float M = kNegInf;
+  for (int64_t sp = 0; sp < nsplit; ++sp) M = max_ps(part[sp * stride], M);
+  float L = 0.0f;
+  for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+  if (M != kNegInf) {
+    for (int64_t sp = 0; sp < nsplit; ++sp) {
+      const float* src = part + sp * stride;
+      if (src[0] == kNegInf) continue;
+      const float w = exp_qllm(src[0] - M);
+      L = std::fma(src[1], w, L);
+      for (int64_t d = 0; d < D; ++d) o[d] = std::fma(src[2 + d], w, o[d]);
+    }
+  }
+  for (int64_t d = 0; d < D; ++d) o[d] = L > 0.0f ? o[d] / L : 0.0f;
+}
+
 }  // namespace
 
 const AttnKernels& attn_kernels_ref() {
-  static const AttnKernels t{load_kv_ref, attend_ref, decode_ref};
+  static const AttnKernels t{load_kv_ref, attend_ref, decode_ref, merge_ref};
   return t;
 }
 

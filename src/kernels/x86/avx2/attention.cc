@@ -347,7 +347,7 @@ const AttnKernels& attn_kernels_avx512() {
 #else
 const AttnKernels& attn_kernels_avx2() {
 #endif
-  static const AttnKernels t{load_kv, attend, QLLM_ATTN_ISA::attn_decode};
+  static const AttnKernels t{load_kv, attend, QLLM_ATTN_ISA::attn_decode, QLLM_ATTN_ISA::attn_merge};
   return t;
 }
 

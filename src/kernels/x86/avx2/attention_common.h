@@ -28,6 +28,8 @@ namespace QLLM_ATTN_ISA {
 void attn_decode(const float* q, const int16_t* q16, const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH,
                  int64_t D, int64_t Dp, const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* tmp,
                  float* m, float* l, float* acc);
+// AttnKernels::merge of this ISA (attention_decode.cc).
+void attn_merge(const float* part, int64_t nsplit, int64_t stride, int64_t D, float* o);
 }  // namespace QLLM_ATTN_ISA
 
 namespace {

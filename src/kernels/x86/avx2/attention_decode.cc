@@ -31,17 +31,29 @@ namespace {
 // V streams by, the accumulators (H x 4 rows x Dp f32 = 16 KB at D = 128) staying in L1.
 
 // Loaders of 8 cache elements as f32 (exactly the values load_row produces).
+// The AVX-512 build's load16: 16 elements as one zmm (the P.V passes on zmm).
 struct LoadF32 {
   static constexpr int64_t es = 4;
   static __m256 load(const uint8_t* p) { return _mm256_loadu_ps(reinterpret_cast<const float*>(p)); }
+#if QLLM_ATTN_VNNI
+  static __m512 load16(const uint8_t* p) { return _mm512_loadu_ps(p); }
+#endif
 };
 struct LoadF16 {
   static constexpr int64_t es = 2;
   static __m256 load(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#if QLLM_ATTN_VNNI
+  static __m512 load16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+#endif
 };
 struct LoadBF16 {
   static constexpr int64_t es = 2;
   static __m256 load(const uint8_t* p) { return avx2::load8(DType::bf16, p); }
+#if QLLM_ATTN_VNNI
+  static __m512 load16(const uint8_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  }
+#endif
 };
 struct LoadS8 {  // V of an s8 cache: f32(v8), the scale is in the P.V weight
   static constexpr int64_t es = 1;
@@ -238,7 +250,7 @@ template <int R, class L, int C, bool Tail>
   const int64_t o0 = (b0 + 63) / 64 * 64;  // lines starting in [b0, b1)
   const bool pfo = pf != nullptr && o0 < b1, pf2 = o0 + 64 < b1;  // at most 2 lines (f32, C = 4)
   for (int64_t j = 0; j < n; ++j) {
-    if (pfo && pf[j]) {
+    if (pfo) {
       prefetch_line_t1(pf[j] + o0);
       if (pf2) prefetch_line_t1(pf[j] + o0 + 64);
     }
@@ -252,6 +264,44 @@ template <int R, class L, int C, bool Tail>
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < C; ++i) _mm256_store_ps(acc + r * Dp + d + 8 * i, a[r][i]);
 }
+
+#if QLLM_ATTN_VNNI
+// dec_pv_pass on zmm (AVX-512 build): R rows x CZ 16-dim chunks from dim d (d + 16 CZ <= D).
+// Each zmm lane runs the same FMA chain as the ymm pass's lane for that dim (acc * alpha, then
+// fma(w_j, v_j, .) for j = 0 .. n-1), so the bits are the same; a zmm op does the work of two ymm
+// ops in one instruction, so 4 rows x 64 dims = 16 zmm accumulators cover all of D = 64 in one
+// pass over the keys (the ymm pass needs two, each with its own per-key overhead: row pointer,
+// broadcasts, prefetch), and D = 128 in two passes instead of four.
+template <int R, class L, int CZ>
+[[gnu::always_inline]] inline void dec_pv_pass_z(const float* w, int64_t Tk, const uint8_t* const* vr, int64_t n, int64_t d,
+                                                 const float* al, float* acc, int64_t Dp, const uint8_t* const* pf, int64_t pfb) {
+  __m512 a[R][CZ];
+  for (int r = 0; r < R; ++r) {
+    const __m512 av = _mm512_set1_ps(al[r]);
+    for (int i = 0; i < CZ; ++i) a[r][i] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * Dp + d + 16 * i), av);
+  }
+  const int64_t b0 = d * L::es, b1 = std::min<int64_t>((d + 16 * CZ) * L::es, pfb);
+  const int64_t o0 = (b0 + 63) / 64 * 64;  // lines starting in [b0, b1): at most 4 (f32, CZ = 4)
+  const int npf = pf != nullptr && o0 < b1 ? static_cast<int>((b1 - o0 + 63) / 64) : 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (npf > 0) {
+      const uint8_t* p = pf[j] + o0;
+      prefetch_line_t1(p);
+      if (npf > 1) prefetch_line_t1(p + 64);
+      if (npf > 2) prefetch_line_t1(p + 128);
+      if (npf > 3) prefetch_line_t1(p + 192);
+    }
+    __m512 v[CZ];
+    for (int i = 0; i < CZ; ++i) v[i] = L::load16(vr[j] + (d + 16 * i) * L::es);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wr = _mm512_set1_ps(w[r * Tk + j]);
+      for (int i = 0; i < CZ; ++i) a[r][i] = _mm512_fmadd_ps(wr, v[i], a[r][i]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < CZ; ++i) _mm512_storeu_ps(acc + r * Dp + d + 16 * i, a[r][i]);
+}
+#endif
 
 // Online-softmax step of one row over all n keys of the tile (the arithmetic of attend with
 // a = 0, b = n); s8 caches fold the value scale into the stored P.V weight. Returns alpha; with
@@ -319,6 +369,112 @@ inline float dec_softmax(float* sr, int64_t n, const float* vs, float* m, float*
     for (int64_t d = 0; d < Dp; d += 8) _mm256_store_ps(acc + d, _mm256_mul_ps(_mm256_load_ps(acc + d), av));
   }
   return alpha;
+}
+
+// Maxima of 4 vectors' lanes (max is exact: any order gives the same value): lane r of the
+// result is the max over the 8 lanes of x[r].
+inline __m128 max4x8(__m256 x0, __m256 x1, __m256 x2, __m256 x3) {
+  const __m256 a = _mm256_max_ps(_mm256_shuffle_ps(x0, x1, 0x88), _mm256_shuffle_ps(x0, x1, 0xdd));
+  const __m256 b = _mm256_max_ps(_mm256_shuffle_ps(x2, x3, 0x88), _mm256_shuffle_ps(x2, x3, 0xdd));
+  const __m256 c = _mm256_max_ps(_mm256_shuffle_ps(a, b, 0x88), _mm256_shuffle_ps(a, b, 0xdd));
+  return _mm_max_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
+}
+
+// dec_softmax for the R (<= 4) rows of one head of a float cache, the rows interleaved: one row
+// at a time is a chain of dependent steps (max, its reduction, alpha = exp, the exps, lane sums,
+// l) that the core did not overlap across rows (perf: ~12% of an avx512 f16 D = 64 decode, more
+// than its exps' arithmetic); here each loop runs R independent chains. Per row the arithmetic
+// is dec_softmax's (vs = nullptr, acc = nullptr): the same max, alpha (exp8's lanes are
+// exp_qllm), exps, 8 lane sums in key order, their lane_tree8 (tree4 is 4 of them) and
+// l * alpha + sum, so the bits are the same. Writes alpha[0 .. R).
+template <int R>
+inline void dec_softmax_f(float* s, int64_t Tk, int64_t n, float* m, float* l, float* alpha) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  __m256 mx[4];
+#if QLLM_ATTN_VNNI
+  {
+    const __m512 ninf16 = _mm512_set1_ps(kNegInf);
+    __m512 z[R];
+    for (int r = 0; r < R; ++r) z[r] = ninf16;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 mk = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+      for (int r = 0; r < R; ++r) z[r] = _mm512_max_ps(_mm512_mask_loadu_ps(ninf16, mk, s + r * Tk + j), z[r]);
+    }
+    for (int r = 0; r < 4; ++r)
+      mx[r] = r < R ? _mm256_max_ps(_mm512_castps512_ps256(z[r]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z[r]), 1)))
+                    : _mm256_set1_ps(kNegInf);
+  }
+#else
+  {
+    const __m256 ninf = _mm256_set1_ps(kNegInf);
+    for (int r = 0; r < 4; ++r) mx[r] = ninf;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+      for (int r = 0; r < R; ++r) mx[r] = _mm256_max_ps(_mm256_loadu_ps(s + r * Tk + j), mx[r]);
+    if (j < n) {
+      const __m256 mk = _mm256_castsi256_ps(lane_mask(0, n - j));
+      for (int r = 0; r < R; ++r) mx[r] = _mm256_max_ps(_mm256_blendv_ps(ninf, _mm256_loadu_ps(s + r * Tk + j), mk), mx[r]);
+    }
+  }
+#endif
+  const __m128 mt = max4x8(mx[0], mx[1], mx[2], mx[3]);
+  alignas(16) float mo[4] = {kNegInf, kNegInf, kNegInf, kNegInf}, lo[4] = {};
+  for (int r = 0; r < R; ++r) mo[r] = m[r], lo[r] = l[r];
+  const __m128 mold = _mm_load_ps(mo);
+  const __m128 mnew = _mm_max_ps(mt, mold);  // max_ps(mt, m) lane-wise
+  // alpha = m == -inf ? 0 : exp_qllm(m - m'), 4 rows in one exp8 (upper lanes unused).
+  const __m128 e4 = _mm256_castps256_ps128(exp8(_mm256_zextps128_ps256(_mm_sub_ps(mold, mnew))));
+  const __m128 al = _mm_andnot_ps(_mm_cmpeq_ps(mold, _mm_set1_ps(kNegInf)), e4);
+  alignas(16) float mn[4];
+  _mm_store_ps(mn, mnew);
+  __m256 sum[4];
+  for (int r = 0; r < 4; ++r) sum[r] = _mm256_setzero_ps();
+#if QLLM_ATTN_VNNI
+  {
+    __m512 mv[R];
+    for (int r = 0; r < R; ++r) mv[r] = _mm512_set1_ps(mn[r]);
+    for (int64_t j = 0; j < n; j += 16) {  // lanes past n: 0 (added to the lane sums: exact)
+      const __mmask16 mk = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+      for (int r = 0; r < R; ++r) {
+        float* sr = s + r * Tk + j;
+        const __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sr), mv[r])));
+        sum[r] = _mm256_add_ps(sum[r], _mm512_castps512_ps256(e));
+        sum[r] = _mm256_add_ps(sum[r], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+        _mm512_mask_storeu_ps(sr, mk, e);
+      }
+    }
+  }
+#else
+  {
+    __m256 mv[R];
+    for (int r = 0; r < R; ++r) mv[r] = _mm256_set1_ps(mn[r]);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+      for (int r = 0; r < R; ++r) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + r * Tk + j), mv[r]));
+        sum[r] = _mm256_add_ps(sum[r], e);
+        _mm256_storeu_ps(s + r * Tk + j, e);
+      }
+    if (j < n) {  // s has Tk >= round_up(n, 8) slots: lanes past n get 0
+      const __m256 mk = _mm256_castsi256_ps(lane_mask(0, n - j));
+      for (int r = 0; r < R; ++r) {
+        const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(s + r * Tk + j), mv[r])), mk);
+        sum[r] = _mm256_add_ps(sum[r], e);
+        _mm256_storeu_ps(s + r * Tk + j, e);
+      }
+    }
+  }
+#endif
+  // l = l * alpha + lane_tree8(sum): tree4 gives the 4 rows' lane_tree8 sums.
+  const __m128 lnew = _mm_add_ps(_mm_mul_ps(_mm_load_ps(lo), al), tree4(sum[0], sum[1], sum[2], sum[3]));
+  alignas(16) float ln[4], a4[4];
+  _mm_store_ps(ln, lnew);
+  _mm_store_ps(a4, al);
+  for (int r = 0; r < R; ++r) {
+    l[r] = ln[r];
+    m[r] = mn[r];
+    alpha[r] = a4[r];
+  }
 }
 
 // s8 P.V weights of one row's block (keys [b0, b1) of the tile, b1 - b0 <= 32): the 7-bit
@@ -595,6 +751,13 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
   constexpr int64_t kMaxAlpha = 512;  // rows H * g whose alpha can be deferred to the P.V passes
   alignas(32) float alpha[kMaxAlpha];
   const bool fold_alpha = !s8 && H * g <= kMaxAlpha;
+  if (fold_alpha) {  // float caches: a head's rows at once, alpha to the P.V passes
+    for (int64_t h = 0; h < H; ++h)
+      for_groups(g, [&]<int R>(int64_t r) {
+        const int64_t row = h * RH + r;
+        dec_softmax_f<R>(s + (h * g + r) * Tk, Tk, n, m + row, l + row, alpha + h * g + r);
+      });
+  } else
   for (int64_t h = 0; h < H; ++h) {
     if (s8) {
       for (int64_t j = 0; j < n; ++j) vs[j] = t.vsp[j][h];
@@ -648,8 +811,8 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
   }
   // P.V head by head, 4 rows x (4 chunks with AVX-512's 32 registers, 2 with AVX2's 16) of
   // accumulators held in registers over the tile's keys; the tile's V rows of a head (n x D)
-  // stay in L1 across the passes.
-  {
+  // stay in L1 across the passes. (AVX-512: zmm passes of 64, 32, 16 dims first.)
+  if constexpr (!s8) {
     constexpr int C = QLLM_ATTN_VNNI ? 4 : 2;
     const int64_t Df = D / 8 * 8;
     const uint8_t* vr[kMaxTile];
@@ -658,7 +821,8 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
     for (int64_t h = 0; h < H; ++h) {
       for (int64_t j = 0; j < n; ++j) {
         vr[j] = t.vp[j] + h * hs;
-        pf[j] = t.vn[j] ? t.vn[j] + h * hs : nullptr;
+        // Past the last key: this tile's row (in cache), so the passes need no null test.
+        pf[j] = t.vn[j] ? t.vn[j] + h * hs : vr[j];
       }
       for_groups(g, [&]<int R>(int64_t r) {
         const float* wp = s + (h * g + r) * Tk;
@@ -666,6 +830,11 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
         const float* al = fold_alpha ? alpha + h * g + r : ones;
         const uint8_t* const* p = r == 0 ? pf : nullptr;  // the first row group prefetches
         int64_t d = 0;
+#if QLLM_ATTN_VNNI
+        for (; d + 64 <= Df; d += 64) dec_pv_pass_z<R, L, 4>(wp, Tk, vr, n, d, al, ap, Dp, p, hs);
+        if (d + 32 <= Df) dec_pv_pass_z<R, L, 2>(wp, Tk, vr, n, d, al, ap, Dp, p, hs), d += 32;
+        if (d + 16 <= Df) dec_pv_pass_z<R, L, 1>(wp, Tk, vr, n, d, al, ap, Dp, p, hs), d += 16;
+#endif
         for (; d + 8 * C <= Df; d += 8 * C) dec_pv_pass<R, L, C, false>(wp, Tk, vr, n, d, D, Dp, al, ap, p, hs);
         for (; d + 8 <= Df; d += 8) dec_pv_pass<R, L, 1, false>(wp, Tk, vr, n, d, D, Dp, al, ap, p, hs);
         if (d < Dp) dec_pv_pass<R, L, 1, true>(wp, Tk, vr, n, d, D, Dp, al, ap, p, hs);
@@ -686,6 +855,39 @@ void attn_decode(const float* q, const int16_t* q16, const int8_t* q8, const flo
     case DType::bf16: decode_t<LoadBF16>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
     case DType::s8: decode_t<LoadS8>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
     default: decode_t<LoadF32>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
+  }
+}
+
+// The split merge of kernels/attention.h, 8 dims per FMA (element-wise the same arithmetic as
+// merge_ref: scalar w and L, fma per dim in split order, IEEE division). Was scalar code in the
+// driver, where std::fma is a libm call (the driver is compiled for baseline x86-64): ~8% of a
+// 1-thread batch-1 decode over 4k keys (8 splits).
+void attn_merge(const float* part, int64_t nsplit, int64_t stride, int64_t D, float* o) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  float M = kNegInf;
+  for (int64_t sp = 0; sp < nsplit; ++sp) M = max_ps(part[sp * stride], M);
+  float L = 0.0f;
+  const int64_t Df = D / 8 * 8;
+  for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+  if (M != kNegInf) {
+    for (int64_t sp = 0; sp < nsplit; ++sp) {
+      const float* src = part + sp * stride;
+      if (src[0] == kNegInf) continue;
+      const float w = exp_qllm(src[0] - M);
+      L = std::fma(src[1], w, L);
+      const __m256 wv = _mm256_set1_ps(w);
+      int64_t d = 0;
+      for (; d < Df; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(_mm256_loadu_ps(src + 2 + d), wv, _mm256_loadu_ps(o + d)));
+      for (; d < D; ++d) o[d] = std::fma(src[2 + d], w, o[d]);
+    }
+  }
+  if (L > 0.0f) {
+    const __m256 lv = _mm256_set1_ps(L);
+    int64_t d = 0;
+    for (; d < Df; d += 8) _mm256_storeu_ps(o + d, _mm256_div_ps(_mm256_loadu_ps(o + d), lv));
+    for (; d < D; ++d) o[d] = o[d] / L;
+  } else {
+    for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
   }
 }
 
