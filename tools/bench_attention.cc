@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -156,7 +157,7 @@ int bench_attention(const Options& o) {
     // weights, each timed call reads the next of enough copies (>= 128 MiB in all). A 4k-token
     // int8 cache is 8 MiB and would otherwise stay in L3 between repetitions.
     std::vector<BenchCache> copies;
-    if (decode && !o.quick)
+    if (decode && !o.quick && !std::getenv("QLLM_BENCH_HOT"))
       for (int i = 1; i < copies_for(2.0 * cache.pool_bytes()); ++i) copies.push_back(cache.clone());
     const int64_t Tq = c.batch * c.queries;
     std::vector<float> qf(Tq * Hq * c.D);
