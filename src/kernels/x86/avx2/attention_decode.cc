@@ -400,71 +400,6 @@ inline void dec_pv_s8(const uint8_t* const* wq, const float* sw, const uint8_t* 
   }
 }
 
-#if QLLM_ATTN_VNNI
-// In-register transpose of 16 x 16 dwords: r[i] lane j becomes r[j] lane i.
-inline void transpose16(__m512i* r) {
-  __m512i t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
-    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
-  }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-  }
-}
-
-// s8 scores of R rows of one head for 16 keys at once, one key per dword lane: each 64-byte
-// chunk of the 16 K rows is biased to unsigned (k ^ 0x80 = k + 128) and transposed in
-// registers, so T[c] lane i holds bytes 4c .. 4c+3 of key i, and vpdpbusd(T[c], broadcast q8
-// dword c) adds 4 products per lane. The sums start at -128 * sum(q8) (qc), which cancels the
-// bias exactly: sum (k + 128) q - 128 sum q = sum k q, the int32 q16.k8 sum of the definition.
-// No horizontal reduction: the 16 sums are one vector, converted, scaled by the keys' scales
-// (ksv) and the row's, and stored as 16 scores per row (lanes >= nk masked off). Bytes past D
-// load as 0 (biased: 128) and meet q8's zero padding.
-template <int R>
-inline void dec_scores_s8_t16(const int8_t* q8, int64_t Dq8, const int32_t* qc, const float* qs, int64_t D,
-                              const uint8_t* const* k, __m512 ksv, __mmask16 keep, float* s, int64_t Tk) {
-  __m512i acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_set1_epi32(qc[r]);
-  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t d = 0; d < D; d += 64) {
-    __m512i T[16];
-    if (d + 64 <= D) {
-      for (int i = 0; i < 16; ++i) T[i] = _mm512_xor_si512(_mm512_loadu_si512(k[i] + d), bias);
-    } else {
-      const __mmask64 mk = (uint64_t{1} << (D - d)) - 1;
-      for (int i = 0; i < 16; ++i) T[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, k[i] + d), bias);
-    }
-    transpose16(T);
-    for (int r = 0; r < R; ++r) {
-      const int8_t* qd = q8 + r * Dq8 + d;
-      for (int c = 0; c < 16; ++c) {
-        int32_t w;
-        std::memcpy(&w, qd + 4 * c, 4);
-        acc[r] = _mm512_dpbusd_epi32(acc[r], T[c], _mm512_set1_epi32(w));
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    const __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), ksv), _mm512_set1_ps(qs[r]));
-    _mm512_mask_storeu_ps(s + r * Tk, keep, f);
-  }
-}
-#endif
-
 // Calls f.template operator()<R>(r) for the row groups of g rows: 4 at a time, then the rest.
 template <class F>
 inline void for_groups(int64_t g, F&& f) {
@@ -477,6 +412,287 @@ inline void for_groups(int64_t g, F&& f) {
     default: break;
   }
 }
+
+#if QLLM_ATTN_VNNI
+// ---- s8 decode, AVX-512 VNNI build --------------------------------------------------------
+//
+// Per KV head of the tile, per group of (up to) 4 query rows: scores of 16 keys per pass on
+// transposed K bytes (s8_scores16), then softmax and the 7-bit P.V weights of the rows
+// (s8_softmax_quant), then the integer P.V of all the rows' weights at once (s8_pv), all in zmm.
+// Each pass keeps its working set in the 32 registers (the session-4 version transposed through
+// an out-of-line function and spilled its 16 + 16 vectors: stack stores and reloads per key).
+
+// acc + vpdpbusd(u8 a, s8 of the dword at p broadcast): the sums of _mm512_dpbusd_epi32(acc, a,
+// set1(*p)) in one instruction with an embedded broadcast. Inline asm: g++ 12 copies the
+// accumulator of the intrinsic to a scratch register and back around every vpdpbusd (and then
+// kept the P.V's 16 accumulators in memory as well, a store of each per 4 keys).
+inline __m512i dpbusd_b(__m512i acc, __m512i a, const void* p) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(a), "m"(*static_cast<const int32_t*>(p)));
+  return acc;
+}
+// acc + vpdpbusd(u8 a, s8 b), as _mm512_dpbusd_epi32 (see dpbusd_b for the inline asm).
+inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+// In-lane 4 x 4 dword transpose of 4 vectors (levels 1-2 of a 16 x 16 transpose): afterwards
+// vector m, 128-bit lane L holds dword 4L + m of the inputs a, b, c, d (in that lane order).
+inline void tr4x4(__m512i& a, __m512i& b, __m512i& c, __m512i& d) {
+  const __m512i t0 = _mm512_unpacklo_epi32(a, b), t1 = _mm512_unpackhi_epi32(a, b);
+  const __m512i t2 = _mm512_unpacklo_epi32(c, d), t3 = _mm512_unpackhi_epi32(c, d);
+  a = _mm512_unpacklo_epi64(t0, t2);
+  b = _mm512_unpackhi_epi64(t0, t2);
+  c = _mm512_unpacklo_epi64(t1, t3);
+  d = _mm512_unpackhi_epi64(t1, t3);
+}
+
+// s8 scores of R rows of one head for 16 keys at once, one key per dword lane: each 64-byte
+// chunk of the 16 K rows is biased to unsigned (k ^ 0x80 = k + 128) and transposed in
+// registers, so T[c] lane i holds bytes 4c .. 4c+3 of key i, and vpdpbusd(T[c], broadcast q8
+// dword c) adds 4 products per lane. The sums start at -128 * sum(q8) (qc), which cancels the
+// bias exactly: sum (k + 128) q - 128 sum q = sum k q, the int32 q16.k8 sum of the definition.
+// No horizontal reduction: the 16 sums are one vector, converted, scaled by the keys' scales
+// (ksv) and the row's, and stored as 16 scores per row (lanes >= nk masked off). Bytes past D
+// load as 0 (biased: 128) and meet q8's zero padding. The transpose runs per group of 4 keys
+// (in-lane 4 x 4) and then per quad of its outputs (the two 128-bit-lane levels), each quad's
+// 4 T vectors going straight into the R rows' vpdpbusd: 16 + 4 + R + 2 registers live, no spill.
+template <int R>
+[[gnu::always_inline]] inline void s8_scores16(const int8_t* q8, int64_t Dq8, const int32_t* qc, const float* qs, int64_t D,
+                                               const uint8_t* const* k, __m512 ksv, __mmask16 keep, float* s, int64_t Tk) {
+  __m512i acc[R];
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_set1_epi32(qc[r]);
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t d = 0; d < D; d += 64) {
+    const __mmask64 mk = d + 64 <= D ? ~uint64_t{0} : (uint64_t{1} << (D - d)) - 1;
+    __m512i u[16];
+    #pragma GCC unroll 16
+    for (int grp = 0; grp < 4; ++grp) {
+      #pragma GCC unroll 16
+      for (int i = 0; i < 4; ++i) u[4 * grp + i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, k[4 * grp + i] + d), bias);
+      tr4x4(u[4 * grp], u[4 * grp + 1], u[4 * grp + 2], u[4 * grp + 3]);
+    }
+    // u[4 grp + m] lane (L, kk) = key 4 grp + kk, dword 4L + m. Per m, two vshufi32x4 levels over
+    // the 4 groups give T[m], T[4 + m], T[8 + m], T[12 + m] (lanes = keys 0 .. 15 in order).
+    #pragma GCC unroll 16
+    for (int m = 0; m < 4; ++m) {
+      const __m512i x0 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x88), x1 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xdd);
+      const __m512i x2 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x88), x3 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xdd);
+      const __m512i T0 = _mm512_shuffle_i32x4(x0, x2, 0x88), T8 = _mm512_shuffle_i32x4(x0, x2, 0xdd);
+      const __m512i T4 = _mm512_shuffle_i32x4(x1, x3, 0x88), T12 = _mm512_shuffle_i32x4(x1, x3, 0xdd);
+      #pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const int8_t* qd = q8 + r * Dq8 + d + 4 * m;
+        acc[r] = dpbusd_b(acc[r], T0, qd);
+        acc[r] = dpbusd_b(acc[r], T4, qd + 16);
+        acc[r] = dpbusd_b(acc[r], T8, qd + 32);
+        acc[r] = dpbusd_b(acc[r], T12, qd + 48);
+      }
+    }
+  }
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), ksv), _mm512_set1_ps(qs[r]));
+    _mm512_mask_storeu_ps(s + r * Tk, keep, f);
+  }
+}
+
+// Lanes i < left of 16 (all for left >= 16, none for left <= 0).
+inline __mmask16 keys_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// Softmax step of R rows (row i: scores s + i * Tk, state m[i], l[i]) over the tile's n keys,
+// then the rows' 7-bit P.V weights (kernels/attention.h): wq + i * kMaxTile gets the bytes of
+// every 32-key block (lanes past n zero), sw[i * 4 + b] the scale of block b (0 for a block that
+// adds nothing: its bytes are zero too, so the P.V adds 0), alpha[i] the rescale of the row's
+// acc. The scalar parts of the float path (max, alpha = exp_qllm, the l update) run for the R
+// rows at once in the lanes of one vector: exp8 gives exp_qllm's bits, tree4 lane_tree8's sums.
+template <int R>
+[[gnu::always_inline]] inline void s8_softmax_quant(float* s, int64_t Tk, int64_t n, const float* vs, float* m, float* l, uint8_t* wq,
+                                                    float* sw, float* alpha) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const __m512 ninf = _mm512_set1_ps(kNegInf);
+  alignas(16) float mt[4] = {kNegInf, kNegInf, kNegInf, kNegInf}, mo[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
+  #pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+    __m512 mx = ninf;
+    for (int64_t j = 0; j < n; j += 16) mx = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, keys_mask(n - j), s + i * Tk + j), mx);
+    mt[i] = _mm512_reduce_max_ps(mx);  // max is exact: any order gives the same value
+    mo[i] = m[i];
+  }
+  const __m128 mov = _mm_load_ps(mo);
+  const __m128 mnv = _mm_max_ps(_mm_load_ps(mt), mov);  // max_ps(mt, m)
+  // alpha = m == -inf ? 0 : exp_qllm(m - m'), 4 rows in the lanes of one exp8.
+  const __m128 e4 = _mm256_castps256_ps128(exp8(_mm256_zextps128_ps256(_mm_sub_ps(mov, mnv))));
+  const __m128 av = _mm_andnot_ps(_mm_cmpeq_ps(mov, _mm_set1_ps(kNegInf)), e4);
+  alignas(16) float mn[4];
+  _mm_store_ps(mn, mnv);
+  __m256 sum[4];
+  #pragma GCC unroll 16
+  for (int i = 0; i < 4; ++i) sum[i] = _mm256_setzero_ps();
+  #pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+    float* sr = s + i * Tk;
+    const __m512 mv = _mm512_set1_ps(mn[i]);
+    for (int64_t j = 0; j < n; j += 16) {  // lanes past n: 0 (added to the lane sums: exact)
+      const __mmask16 mk = keys_mask(n - j);
+      const __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sr + j), mv)));
+      sum[i] = _mm256_add_ps(sum[i], _mm512_castps512_ps256(e));  // lane i sums keys j % 8 == i in order
+      sum[i] = _mm256_add_ps(sum[i], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+      _mm512_mask_storeu_ps(sr + j, mk, _mm512_mul_ps(e, _mm512_maskz_loadu_ps(mk, vs + j)));
+    }
+  }
+  // l = l * alpha + lane_tree8(lane sums), the 4 rows at once.
+  alignas(16) float lo[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ln[4], al[4];
+  #pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) lo[i] = l[i];
+  _mm_store_ps(ln, _mm_add_ps(_mm_mul_ps(_mm_load_ps(lo), av), tree4(sum[0], sum[1], sum[2], sum[3])));
+  _mm_store_ps(al, av);
+  #pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+    l[i] = ln[i];
+    m[i] = mn[i];
+    alpha[i] = al[i];
+  }
+  const __m512i top = _mm512_set1_epi32(127);
+  #pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+    for (int64_t b0 = 0, b = 0; b0 < n; b0 += kDecPvBlock, ++b) {
+      const float* sr = s + i * Tk + b0;
+      const __m512 w0 = _mm512_maskz_loadu_ps(keys_mask(n - b0), sr);
+      const __m512 w1 = _mm512_maskz_loadu_ps(keys_mask(n - b0 - 16), sr + 16);
+      const float wmax = _mm512_reduce_max_ps(_mm512_max_ps(w0, w1));  // >= 0: lanes past n are 0
+      uint8_t* wb = wq + i * kMaxTile + b0;
+      if (!(wmax >= kDecPvMinWeight)) {
+        sw[i * 4 + b] = 0.0f;
+        _mm256_store_si256(reinterpret_cast<__m256i*>(wb), _mm256_setzero_si256());
+        continue;
+      }
+      const __m512 inv = _mm512_set1_ps(127.0f / wmax);
+      // cvtps rounds to nearest even (MXCSR default), like nearbyint; values in [0, 127].
+      const __m512i q0 = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(w0, inv)), top);
+      const __m512i q1 = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(w1, inv)), top);
+      _mm_store_si128(reinterpret_cast<__m128i*>(wb), _mm512_cvtepi32_epi8(q0));
+      _mm_store_si128(reinterpret_cast<__m128i*>(wb + 16), _mm512_cvtepi32_epi8(q1));
+      sw[i * 4 + b] = wmax / 127.0f;
+    }
+}
+
+// Integer P.V of R rows of one head over the tile (blocks of 32 keys) for the 64 dims from d, in
+// zmm: 4 keys at a time, their V rows (64 bytes each) byte-interleaved with two in-lane unpack
+// levels so that X[i] lane (L, w) holds dim d + 16L + 4i + w of the 4 keys; vpdpbusd with the
+// broadcast 4 weights of a row adds sum_j wq_j v_j into int32 (exact). All R rows use each
+// interleave (the AVX2 form redoes it per 2 rows). Per block, a 4 x 4 transpose of 128-bit lanes
+// puts the sums in dim order for the one FMA per dim into acc, which is first multiplied by the
+// row's alpha (the rescale of the softmax step: the same product the float path applies).
+// vr[j] (j < round_up(n, 4)) is key j's V row; keys past n point at a valid row, weight 0.
+template <int R>
+[[gnu::always_inline]] inline void s8_pv64(const uint8_t* wq, const float* sw, const float* alpha, const uint8_t* const* vr, int64_t n,
+                                           int64_t d, int64_t D, int64_t Dp, float* acc, int64_t acc_stride) {
+  const __mmask64 mk = d + 64 <= D ? ~uint64_t{0} : (uint64_t{1} << (D - d)) - 1;
+  const int64_t nd = std::min<int64_t>(64, Dp - d);  // dims of acc to update (Dp is a multiple of 8)
+  const __mmask16 st_mask[4] = {keys_mask(nd), keys_mask(nd - 16), keys_mask(nd - 32), keys_mask(nd - 48)};
+  for (int64_t b0 = 0, b = 0; b0 < n; b0 += kDecPvBlock, ++b) {
+    bool any = b0 == 0;  // the first block also applies alpha
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) any = any || sw[r * 4 + b] != 0.0f;
+    if (!any) continue;  // no row's weights in this block (as the reference, which skips it)
+    const int64_t groups = (std::min<int64_t>(n, b0 + kDecPvBlock) - b0 + 3) / 4;
+    __m512i A[R][4];
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+      #pragma GCC unroll 16
+      for (int i = 0; i < 4; ++i) A[r][i] = _mm512_setzero_si512();
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const uint8_t* const* p = vr + b0 + 4 * gi;
+      const __m512i v0 = _mm512_maskz_loadu_epi8(mk, p[0] + d), v1 = _mm512_maskz_loadu_epi8(mk, p[1] + d);
+      const __m512i v2 = _mm512_maskz_loadu_epi8(mk, p[2] + d), v3 = _mm512_maskz_loadu_epi8(mk, p[3] + d);
+      const __m512i a = _mm512_unpacklo_epi8(v0, v1), bb = _mm512_unpackhi_epi8(v0, v1);
+      const __m512i c = _mm512_unpacklo_epi8(v2, v3), e = _mm512_unpackhi_epi8(v2, v3);
+      const __m512i X[4] = {_mm512_unpacklo_epi16(a, c), _mm512_unpackhi_epi16(a, c), _mm512_unpacklo_epi16(bb, e),
+                            _mm512_unpackhi_epi16(bb, e)};
+      #pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        int32_t wd;
+        std::memcpy(&wd, wq + r * kMaxTile + b0 + 4 * gi, 4);
+        const __m512i W = _mm512_set1_epi32(wd);
+        #pragma GCC unroll 16
+        for (int i = 0; i < 4; ++i) A[r][i] = dpbusd(A[r][i], W, X[i]);
+      }
+    }
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      // A[i] lane (L, w) = dim 16L + 4i + w: O[L] = [A0.L, A1.L, A2.L, A3.L] = dims 16L .. 16L + 15.
+      const __m512i t0 = _mm512_shuffle_i32x4(A[r][0], A[r][1], 0x44), t1 = _mm512_shuffle_i32x4(A[r][2], A[r][3], 0x44);
+      const __m512i t2 = _mm512_shuffle_i32x4(A[r][0], A[r][1], 0xee), t3 = _mm512_shuffle_i32x4(A[r][2], A[r][3], 0xee);
+      const __m512i O[4] = {_mm512_shuffle_i32x4(t0, t1, 0x88), _mm512_shuffle_i32x4(t0, t1, 0xdd), _mm512_shuffle_i32x4(t2, t3, 0x88),
+                            _mm512_shuffle_i32x4(t2, t3, 0xdd)};
+      const __m512 sv = _mm512_set1_ps(sw[r * 4 + b]);
+      float* ap = acc + r * acc_stride + d;
+      #pragma GCC unroll 16
+      for (int i = 0; i < 4; ++i) {
+        if (16 * i >= nd) break;
+        __m512 a = _mm512_maskz_loadu_ps(st_mask[i], ap + 16 * i);
+        if (b0 == 0) a = _mm512_mul_ps(a, _mm512_set1_ps(alpha[r]));
+        _mm512_mask_storeu_ps(ap + 16 * i, st_mask[i], _mm512_fmadd_ps(_mm512_cvtepi32_ps(O[i]), sv, a));
+      }
+    }
+  }
+}
+
+// The s8 tile of decode_t on the AVX-512 VNNI build: per head, per group of <= 4 rows, scores,
+// softmax + weights and P.V as above.
+inline void decode_s8_vnni(const DecTile& t, const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D,
+                           int64_t Dp, const KvSource& src, int64_t n, int64_t Tk, float* s, float* m, float* l, float* acc) {
+  const int64_t hs = D, Dq8 = decode_q8_width(D);
+  // Scale offsets (floats from k_scale / v_scale: the same layout) of the tile's keys, head 0;
+  // lanes past n repeat key 0 (their scores are masked off, their weights 0).
+  alignas(64) int32_t so[kMaxTile];
+  for (int64_t j = 0; j < (n + 15) / 16 * 16; ++j) so[j] = static_cast<int32_t>(t.ksp[j < n ? j : 0] - src.k_scale);
+  // V rows of the current head, padded to 4-key groups with key 0's (weight 0).
+  const uint8_t* vr[kMaxTile];
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t j = 0; j < (n + 3) / 4 * 4; ++j) vr[j] = t.vp[j < n ? j : 0] + h * hs;
+    alignas(64) float vs[kMaxTile];  // v scales of head h (0 past n)
+    for (int64_t j = 0; j < n; j += 16) {
+      const __m512i idx = _mm512_add_epi32(_mm512_load_si512(so + j), _mm512_set1_epi32(static_cast<int>(h)));
+      _mm512_store_ps(vs + j, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), keys_mask(n - j), idx, src.v_scale, 4));
+    }
+    // The next tile's K and V rows of this head, into L2 (prefetch_head's comment).
+    for (int64_t j = 0; j < n; ++j)
+      if (t.kn[j]) {
+        prefetch_head(t.kn[j] + h * hs, hs);
+        prefetch_head(t.vn[j] + h * hs, hs);
+      }
+    for_groups(g, [&]<int R>(int64_t r) {
+      const int64_t row = h * RH + r;
+      const int8_t* qr = q8 + row * Dq8;
+      // -128 * sum(q8) of each row (cancels the K bias of s8_scores16).
+      alignas(16) int32_t qc[4];
+      for (int i = 0; i < R; ++i) {
+        __m512i sum = _mm512_setzero_si512();
+        for (int64_t d = 0; d < Dq8; d += 64)
+          sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), _mm512_load_si512(qr + i * Dq8 + d));
+        qc[i] = -128 * _mm512_reduce_add_epi32(sum);
+      }
+      float* sr = s + (h * g + r) * Tk;
+      for (int64_t j = 0; j < n; j += 16) {
+        const uint8_t* kr[16];
+        for (int i = 0; i < 16; ++i) kr[i] = t.kp[j + i < n ? j + i : j] + h * hs;
+        const __m512i idx = _mm512_add_epi32(_mm512_load_si512(so + j), _mm512_set1_epi32(static_cast<int>(h)));
+        const __m512 ksv = _mm512_i32gather_ps(idx, src.k_scale, 4);
+        s8_scores16<R>(qr, Dq8, qc, qs + row, D, kr, ksv, keys_mask(n - j), sr + j, Tk);
+      }
+      alignas(64) uint8_t wq[4 * kMaxTile];
+      float sw[4 * 4], alpha[4];
+      s8_softmax_quant<R>(sr, Tk, n, vs, m + row, l + row, wq, sw, alpha);
+      for (int64_t d = 0; d < Dp; d += 64) s8_pv64<R>(wq, sw, alpha, vr, n, d, D, Dp, acc + row * Dp, Dp);
+    });
+  }
+}
+#endif
 
 template <class L>
 void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
@@ -520,46 +736,17 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
     }
     if (ok && ++off == src.block_size) off = 0, ++blk;
   }
+#if QLLM_ATTN_VNNI
+  if constexpr (s8) {  // head by head in zmm (decode_s8_vnni)
+    decode_s8_vnni(t, q8, qs, g, H, RH, D, Dp, src, n, Tk, s, m, l, acc);
+    return;
+  }
+#endif
   const int64_t Dq = decode_q16_width(D);
   // Scores, token-major: for each group of KS keys (KS = 4 in the AVX-512 build, 2 with AVX2's
   // 16 registers), every head's rows (the group's K rows of all heads are KS contiguous runs of
   // H * D elements, read once). A tile's tail takes groups of 2 and 1.
   constexpr int64_t KS = QLLM_ATTN_VNNI ? 4 : 2;
-#if QLLM_ATTN_VNNI
-  constexpr int64_t kMaxRows = 1024;  // H * g: query heads of the task (qc below)
-  if (s8 && H * g <= kMaxRows) {
-    // 16 keys per pass, transposed (dec_scores_s8_t16); -128 * sum(q8) per row first.
-    const int64_t Dq8 = decode_q8_width(D);
-    alignas(64) int32_t qc[kMaxRows];
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t r = 0; r < g; ++r) {
-        const int8_t* qr = q8 + (h * RH + r) * Dq8;
-        __m512i sum = _mm512_setzero_si512();
-        for (int64_t d = 0; d < Dq8; d += 64)
-          sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), _mm512_load_si512(qr + d));
-        qc[h * g + r] = -128 * _mm512_reduce_add_epi32(sum);
-      }
-    for (int64_t j = 0; j < n; j += 16) {
-      const int64_t nk = std::min<int64_t>(16, n - j);
-      const __mmask16 keep = static_cast<__mmask16>((1u << nk) - 1);
-      // Scale offsets (floats from k_scale) of the 16 keys, head 0; lanes past nk repeat key j.
-      alignas(64) int32_t so[16];
-      for (int64_t i = 0; i < 16; ++i) so[i] = static_cast<int32_t>(t.ksp[j + (i < nk ? i : 0)] - src.k_scale);
-      const __m512i sov = _mm512_load_si512(so);
-      for (int64_t h = 0; h < H; ++h) {
-        const uint8_t* kr[16];
-        for (int64_t i = 0; i < 16; ++i) kr[i] = t.kp[j + (i < nk ? i : 0)] + h * hs;
-        for (int64_t i = 0; i < nk; ++i)
-          if (t.kn[j + i]) prefetch_head(t.kn[j + i] + h * hs, hs);
-        const __m512 ksv = _mm512_i32gather_ps(_mm512_add_epi32(sov, _mm512_set1_epi32(static_cast<int>(h))), src.k_scale, 4);
-        for_groups(g, [&]<int R>(int64_t r) {
-          const int64_t row = h * RH + r;
-          dec_scores_s8_t16<R>(q8 + row * Dq8, Dq8, qc + h * g + r, qs + row, D, kr, ksv, keep, s + (h * g + r) * Tk + j, Tk);
-        });
-      }
-    }
-  } else
-#endif
   for (int64_t j = 0; j < n;) {
     const int64_t nk = n - j >= KS ? KS : n - j >= 2 ? 2 : 1;
     for (int64_t h = 0; h < H; ++h) {
