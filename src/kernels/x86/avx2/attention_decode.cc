@@ -459,10 +459,13 @@ inline void tr4x4(__m512i& a, __m512i& b, __m512i& c, __m512i& d) {
 // 4 T vectors going straight into the R rows' vpdpbusd: 16 + 4 + R + 2 registers live, no spill.
 template <int R>
 [[gnu::always_inline]] inline void s8_scores16(const int8_t* q8, int64_t Dq8, const int32_t* qc, const float* qs, int64_t D,
-                                               const uint8_t* const* k, __m512 ksv, __mmask16 keep, float* s, int64_t Tk) {
-  __m512i acc[R];
+                                               const uint8_t* const* k, __m512 ksv, __mmask16 keep, float* s, int64_t Tk,
+                                               const uint8_t* const* pf) {
+  // Two accumulators per row (even / odd m below): vpdpbusd has a 4-cycle latency and issues
+  // one zmm per cycle, so R <= 4 single chains would leave no slack.
+  __m512i acc[R], acc2[R];
   #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_set1_epi32(qc[r]);
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_set1_epi32(qc[r]), acc2[r] = _mm512_setzero_si512();
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t d = 0; d < D; d += 64) {
     const __mmask64 mk = d + 64 <= D ? ~uint64_t{0} : (uint64_t{1} << (D - d)) - 1;
@@ -472,6 +475,8 @@ template <int R>
       #pragma GCC unroll 16
       for (int i = 0; i < 4; ++i) u[4 * grp + i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, k[4 * grp + i] + d), bias);
       tr4x4(u[4 * grp], u[4 * grp + 1], u[4 * grp + 2], u[4 * grp + 3]);
+      if (pf)
+        for (int i = 0; i < 4; ++i) prefetch_line_t1(pf[4 * grp + i] + d);
     }
     // u[4 grp + m] lane (L, kk) = key 4 grp + kk, dword 4L + m. Per m, two vshufi32x4 levels over
     // the 4 groups give T[m], T[4 + m], T[8 + m], T[12 + m] (lanes = keys 0 .. 15 in order).
@@ -485,15 +490,15 @@ template <int R>
       for (int r = 0; r < R; ++r) {
         const int8_t* qd = q8 + r * Dq8 + d + 4 * m;
         acc[r] = dpbusd_b(acc[r], T0, qd);
-        acc[r] = dpbusd_b(acc[r], T4, qd + 16);
+        acc2[r] = dpbusd_b(acc2[r], T4, qd + 16);
         acc[r] = dpbusd_b(acc[r], T8, qd + 32);
-        acc[r] = dpbusd_b(acc[r], T12, qd + 48);
+        acc2[r] = dpbusd_b(acc2[r], T12, qd + 48);
       }
     }
   }
   #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
-    const __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), ksv), _mm512_set1_ps(qs[r]));
+    const __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[r], acc2[r])), ksv), _mm512_set1_ps(qs[r]));
     _mm512_mask_storeu_ps(s + r * Tk, keep, f);
   }
 }
@@ -590,7 +595,7 @@ template <int R>
 // vr[j] (j < round_up(n, 4)) is key j's V row; keys past n point at a valid row, weight 0.
 template <int R>
 [[gnu::always_inline]] inline void s8_pv64(const uint8_t* wq, const float* sw, const float* alpha, const uint8_t* const* vr, int64_t n,
-                                           int64_t d, int64_t D, int64_t Dp, float* acc, int64_t acc_stride) {
+                                           int64_t d, int64_t D, int64_t Dp, float* acc, int64_t acc_stride, const uint8_t* const* pf) {
   const __mmask64 mk = d + 64 <= D ? ~uint64_t{0} : (uint64_t{1} << (D - d)) - 1;
   const int64_t nd = std::min<int64_t>(64, Dp - d);  // dims of acc to update (Dp is a multiple of 8)
   const __mmask16 st_mask[4] = {keys_mask(nd), keys_mask(nd - 16), keys_mask(nd - 32), keys_mask(nd - 48)};
@@ -606,6 +611,8 @@ template <int R>
       #pragma GCC unroll 16
       for (int i = 0; i < 4; ++i) A[r][i] = _mm512_setzero_si512();
     for (int64_t gi = 0; gi < groups; ++gi) {
+      if (pf)
+        for (int i = 0; i < 4; ++i) prefetch_line_t1(pf[b0 + 4 * gi + i] + d);
       const uint8_t* const* p = vr + b0 + 4 * gi;
       const __m512i v0 = _mm512_maskz_loadu_epi8(mk, p[0] + d), v1 = _mm512_maskz_loadu_epi8(mk, p[1] + d);
       const __m512i v2 = _mm512_maskz_loadu_epi8(mk, p[2] + d), v3 = _mm512_maskz_loadu_epi8(mk, p[3] + d);
@@ -653,6 +660,15 @@ inline void decode_s8_vnni(const DecTile& t, const int8_t* q8, const float* qs, 
   for (int64_t j = 0; j < (n + 15) / 16 * 16; ++j) so[j] = static_cast<int32_t>(t.ksp[j < n ? j : 0] - src.k_scale);
   // V rows of the current head, padded to 4-key groups with key 0's (weight 0).
   const uint8_t* vr[kMaxTile];
+  // The next tile's K and V rows, head 0 (kn, vn), padded to the groups with the current
+  // tile's rows (prefetched again: harmless) where the next tile is shorter or absent.
+  const uint8_t* kn0[kMaxTile];
+  const uint8_t* vn0[kMaxTile];
+  for (int64_t j = 0; j < (n + 15) / 16 * 16; ++j) {
+    const int64_t jj = j < n ? j : 0;
+    kn0[j] = t.kn[jj] ? t.kn[jj] : t.kp[jj];
+    vn0[j] = t.vn[jj] ? t.vn[jj] : t.vp[jj];
+  }
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t j = 0; j < (n + 3) / 4 * 4; ++j) vr[j] = t.vp[j < n ? j : 0] + h * hs;
     alignas(64) float vs[kMaxTile];  // v scales of head h (0 past n)
@@ -660,12 +676,14 @@ inline void decode_s8_vnni(const DecTile& t, const int8_t* q8, const float* qs, 
       const __m512i idx = _mm512_add_epi32(_mm512_load_si512(so + j), _mm512_set1_epi32(static_cast<int>(h)));
       _mm512_store_ps(vs + j, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), keys_mask(n - j), idx, src.v_scale, 4));
     }
-    // The next tile's K and V rows of this head, into L2 (prefetch_head's comment).
-    for (int64_t j = 0; j < n; ++j)
-      if (t.kn[j]) {
-        prefetch_head(t.kn[j] + h * hs, hs);
-        prefetch_head(t.vn[j] + h * hs, hs);
-      }
+    // Head h's rows of the next tile, into L2: each score pass (K) and P.V group (V) prefetches
+    // the bytes it reads of the current rows from the next tile's rows, so the requests spread
+    // evenly over the work (bursts of a whole head's rows stalled on the fill buffers, and made
+    // the DRAM-fed decode slower than the L3-resident one), and the next tile finds its rows in
+    // L2 in the order it reads them, one tile's work later.
+    const uint8_t* kn[kMaxTile];
+    const uint8_t* vn[kMaxTile];
+    for (int64_t j = 0; j < (n + 15) / 16 * 16; ++j) kn[j] = kn0[j] + h * hs, vn[j] = vn0[j] + h * hs;
     for_groups(g, [&]<int R>(int64_t r) {
       const int64_t row = h * RH + r;
       const int8_t* qr = q8 + row * Dq8;
@@ -683,12 +701,12 @@ inline void decode_s8_vnni(const DecTile& t, const int8_t* q8, const float* qs, 
         for (int i = 0; i < 16; ++i) kr[i] = t.kp[j + i < n ? j + i : j] + h * hs;
         const __m512i idx = _mm512_add_epi32(_mm512_load_si512(so + j), _mm512_set1_epi32(static_cast<int>(h)));
         const __m512 ksv = _mm512_i32gather_ps(idx, src.k_scale, 4);
-        s8_scores16<R>(qr, Dq8, qc, qs + row, D, kr, ksv, keys_mask(n - j), sr + j, Tk);
+        s8_scores16<R>(qr, Dq8, qc, qs + row, D, kr, ksv, keys_mask(n - j), sr + j, Tk, r == 0 ? kn + j : nullptr);
       }
       alignas(64) uint8_t wq[4 * kMaxTile];
       float sw[4 * 4], alpha[4];
       s8_softmax_quant<R>(sr, Tk, n, vs, m + row, l + row, wq, sw, alpha);
-      for (int64_t d = 0; d < Dp; d += 64) s8_pv64<R>(wq, sw, alpha, vr, n, d, D, Dp, acc + row * Dp, Dp);
+      for (int64_t d = 0; d < Dp; d += 64) s8_pv64<R>(wq, sw, alpha, vr, n, d, D, Dp, acc + row * Dp, Dp, r == 0 ? vn : nullptr);
     });
   }
 }
