@@ -91,6 +91,7 @@ inline void prefetch_head(const uint8_t* p, int64_t bytes) {
 // One prefetcht1 of the line holding p. A register operand: with a memory operand ("m") g++
 // kept the P.V accumulators in memory across the asm (a store of all 16 per key).
 inline void prefetch_line_t1(const void* p) { asm volatile("prefetcht1 (%0)" : : "r"(p)); }
+inline void prefetch_line_t0(const void* p) { asm volatile("prefetcht0 (%0)" : : "r"(p)); }
 
 // Rows r < R of the scores f0 (key j) and f1 (key j + 1): s[r * Tk] = f0[r], s[r * Tk + 1] = f1[r].
 template <int R>
@@ -649,28 +650,70 @@ template <int R>
   }
 }
 
+// Rows (head 0) and scale offsets of keys [j0, j0 + n) of an s8 cache: a block at a time
+// (consecutive tokens of a block are token_stride apart), cheaper than DecTile's per-key walk
+// (which cost ~9% of the s8 tile). Entries [n, pad) repeat key 0. Returns false if n == 0.
+inline void s8_walk(const KvSource& src, int64_t j0, int64_t n, int64_t pad, const uint8_t** kp, const uint8_t** vp, int32_t* so) {
+  const uint8_t* kb = static_cast<const uint8_t*>(src.k);
+  const uint8_t* vb = static_cast<const uint8_t*>(src.v);
+  int64_t blk = j0 / src.block_size, off = j0 % src.block_size;
+  for (int64_t j = 0; j < n; ++blk, off = 0) {
+    const int64_t phys = src.block_table ? src.block_table[blk] : blk;
+    const int64_t seg = std::min(src.block_size - off, n - j);
+    const int64_t e = phys * src.block_stride + off * src.token_stride;
+    const int64_t sc = phys * src.scale_block_stride + off * src.scale_token_stride;
+    for (int64_t i = 0; i < seg; ++i, ++j) {
+      kp[j] = kb + e + i * src.token_stride;
+      vp[j] = vb + e + i * src.token_stride;
+      if (so) so[j] = static_cast<int32_t>(sc + i * src.scale_token_stride);
+    }
+  }
+  for (int64_t j = n; j < pad; ++j) {
+    kp[j] = kp[0];
+    vp[j] = vp[0];
+    if (so) so[j] = so[0];
+  }
+}
+
 // The s8 tile of decode_t on the AVX-512 VNNI build: per head, per group of <= 4 rows, scores,
 // softmax + weights and P.V as above.
-inline void decode_s8_vnni(const DecTile& t, const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D,
-                           int64_t Dp, const KvSource& src, int64_t n, int64_t Tk, float* s, float* m, float* l, float* acc) {
-  const int64_t hs = D, Dq8 = decode_q8_width(D);
-  // Scale offsets (floats from k_scale / v_scale: the same layout) of the tile's keys, head 0;
-  // lanes past n repeat key 0 (their scores are masked off, their weights 0).
+inline void decode_s8_vnni(const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
+                           const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* m, float* l, float* acc) {
+  const int64_t hs = D, Dq8 = decode_q8_width(D), n16 = (n + 15) / 16 * 16;
+  // K / V rows of the tile's keys (head 0) and their scale offsets (floats from k_scale /
+  // v_scale: the same layout), padded to 16 keys with key 0 (scores masked off, weight 0).
+  const uint8_t* kp[kMaxTile];
+  const uint8_t* vp[kMaxTile];
   alignas(64) int32_t so[kMaxTile];
-  for (int64_t j = 0; j < (n + 15) / 16 * 16; ++j) so[j] = static_cast<int32_t>(t.ksp[j < n ? j : 0] - src.k_scale);
-  // V rows of the current head, padded to 4-key groups with key 0's (weight 0).
-  const uint8_t* vr[kMaxTile];
-  // The next tile's K and V rows, head 0 (kn, vn), padded to the groups with the current
-  // tile's rows (prefetched again: harmless) where the next tile is shorter or absent.
+  s8_walk(src, j0, n, n16, kp, vp, so);
+  // The next tile's rows (kn0, vn0; prefetched below), padded with the current tile's rows
+  // (prefetched again: harmless) where the next tile is shorter or absent.
   const uint8_t* kn0[kMaxTile];
   const uint8_t* vn0[kMaxTile];
-  for (int64_t j = 0; j < (n + 15) / 16 * 16; ++j) {
-    const int64_t jj = j < n ? j : 0;
-    kn0[j] = t.kn[jj] ? t.kn[jj] : t.kp[jj];
-    vn0[j] = t.vn[jj] ? t.vn[jj] : t.vp[jj];
+  const int64_t nn = std::min(n, src.tokens - j0 - n);
+  if (nn > 0) s8_walk(src, j0 + n, nn, 0, kn0, vn0, nullptr);
+  for (int64_t j = std::max<int64_t>(nn, 0); j < n16; ++j) kn0[j] = kp[j], vn0[j] = vp[j];
+  if (nn > 0) {
+    // The next tile's K/V scales (a separate [block, token, head] f32 array, 32 B per token at 8
+    // KV heads): without this prefetch every block's scale lines missed to DRAM, stalling the
+    // score and softmax loops (~8% of the s8 decode time in perf, session 4). One line per 16
+    // keys covers a block of 16 tokens x 8 heads... per key where the lines change.
+    const char* last = nullptr;
+    for (int64_t j = 0; j < nn; ++j) {
+      const int64_t jj = j0 + n + j;
+      const int64_t blk = jj / src.block_size, phys = src.block_table ? src.block_table[blk] : blk;
+      const int64_t so_n = phys * src.scale_block_stride + (jj % src.block_size) * src.scale_token_stride;
+      const char* sl = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(src.k_scale + so_n) & ~uintptr_t{63});
+      if (sl == last) continue;
+      last = sl;
+      prefetch_line_t0(sl);
+      prefetch_line_t0(src.v_scale + so_n);
+    }
   }
+  // V rows of the current head, padded to 4-key groups with key 0's (weight 0).
+  const uint8_t* vr[kMaxTile];
   for (int64_t h = 0; h < H; ++h) {
-    for (int64_t j = 0; j < (n + 3) / 4 * 4; ++j) vr[j] = t.vp[j < n ? j : 0] + h * hs;
+    for (int64_t j = 0; j < (n + 3) / 4 * 4; ++j) vr[j] = vp[j] + h * hs;
     alignas(64) float vs[kMaxTile];  // v scales of head h (0 past n)
     for (int64_t j = 0; j < n; j += 16) {
       const __m512i idx = _mm512_add_epi32(_mm512_load_si512(so + j), _mm512_set1_epi32(static_cast<int>(h)));
@@ -698,7 +741,7 @@ inline void decode_s8_vnni(const DecTile& t, const int8_t* q8, const float* qs, 
       float* sr = s + (h * g + r) * Tk;
       for (int64_t j = 0; j < n; j += 16) {
         const uint8_t* kr[16];
-        for (int i = 0; i < 16; ++i) kr[i] = t.kp[j + i < n ? j + i : j] + h * hs;
+        for (int i = 0; i < 16; ++i) kr[i] = kp[j + i] + h * hs;
         const __m512i idx = _mm512_add_epi32(_mm512_load_si512(so + j), _mm512_set1_epi32(static_cast<int>(h)));
         const __m512 ksv = _mm512_i32gather_ps(idx, src.k_scale, 4);
         s8_scores16<R>(qr, Dq8, qc, qs + row, D, kr, ksv, keys_mask(n - j), sr + j, Tk, r == 0 ? kn + j : nullptr);
@@ -716,6 +759,12 @@ template <class L>
 void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
               const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* m, float* l, float* acc) {
   constexpr bool s8 = std::is_same_v<L, LoadS8>;
+#if QLLM_ATTN_VNNI
+  if constexpr (s8) {  // head by head in zmm, with its own tile walk (decode_s8_vnni)
+    decode_s8_vnni(q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
+    return;
+  }
+#endif
   DecTile t;
   const int64_t es = L::es, hs = D * es;  // bytes between the heads of a token
   const uint8_t* kb = static_cast<const uint8_t*>(src.k);
@@ -754,12 +803,6 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
     }
     if (ok && ++off == src.block_size) off = 0, ++blk;
   }
-#if QLLM_ATTN_VNNI
-  if constexpr (s8) {  // head by head in zmm (decode_s8_vnni)
-    decode_s8_vnni(t, q8, qs, g, H, RH, D, Dp, src, n, Tk, s, m, l, acc);
-    return;
-  }
-#endif
   const int64_t Dq = decode_q16_width(D);
   // Scores, token-major: for each group of KS keys (KS = 4 in the AVX-512 build, 2 with AVX2's
   // 16 registers), every head's rows (the group's K rows of all heads are KS contiguous runs of
