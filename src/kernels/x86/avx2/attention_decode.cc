@@ -509,81 +509,97 @@ inline __mmask16 keys_mask(int64_t left) {
   return left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << left) - 1);
 }
 
+// The maxima of 4 vectors in the lanes of an xmm (max is exact: the order does not matter):
+// two 128-bit-lane levels for the 4 vectors at once, then two in-lane levels.
+inline __m128 hmax4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_max_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
+  const __m512 cd = _mm512_max_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xee));
+  __m512 z = _mm512_max_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd));  // 128-bit lane i: vector i
+  z = _mm512_max_ps(z, _mm512_permute_ps(z, 0x4e));
+  z = _mm512_max_ps(z, _mm512_permute_ps(z, 0xb1));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), z));
+}
+
 // Softmax step of R rows (row i: scores s + i * Tk, state m[i], l[i]) over the tile's n keys,
 // then the rows' 7-bit P.V weights (kernels/attention.h): wq + i * kMaxTile gets the bytes of
 // every 32-key block (lanes past n zero), sw[i * 4 + b] the scale of block b (0 for a block that
 // adds nothing: its bytes are zero too, so the P.V adds 0), alpha[i] the rescale of the row's
-// acc. The scalar parts of the float path (max, alpha = exp_qllm, the l update) run for the R
-// rows at once in the lanes of one vector: exp8 gives exp_qllm's bits, tree4 lane_tree8's sums.
+// acc. Everything that is per row in the float path (max, alpha = exp_qllm, the l update, and
+// here each block's max, the divisions 127 / wmax and wmax / 127) runs for the R rows at once
+// in the lanes of one vector (hmax4, exp8 = exp_qllm's bits, tree4 = lane_tree8's sums); a
+// block's probabilities stay in registers from exp16 to the quantisation.
 template <int R>
 [[gnu::always_inline]] inline void s8_softmax_quant(float* s, int64_t Tk, int64_t n, const float* vs, float* m, float* l, uint8_t* wq,
                                                     float* sw, float* alpha) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const __m512 ninf = _mm512_set1_ps(kNegInf);
-  alignas(16) float mt[4] = {kNegInf, kNegInf, kNegInf, kNegInf}, mo[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
-  #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) {
-    __m512 mx = ninf;
-    for (int64_t j = 0; j < n; j += 16) mx = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, keys_mask(n - j), s + i * Tk + j), mx);
-    mt[i] = _mm512_reduce_max_ps(mx);  // max is exact: any order gives the same value
-    mo[i] = m[i];
-  }
+  __m512 mx[4] = {ninf, ninf, ninf, ninf};
+  #pragma GCC unroll 4
+  for (int i = 0; i < R; ++i)
+    for (int64_t j = 0; j < n; j += 16) mx[i] = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, keys_mask(n - j), s + i * Tk + j), mx[i]);
+  alignas(16) float mo[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
+  for (int i = 0; i < R; ++i) mo[i] = m[i];
   const __m128 mov = _mm_load_ps(mo);
-  const __m128 mnv = _mm_max_ps(_mm_load_ps(mt), mov);  // max_ps(mt, m)
+  const __m128 mnv = _mm_max_ps(hmax4(mx[0], mx[1], mx[2], mx[3]), mov);  // max_ps(mt, m)
   // alpha = m == -inf ? 0 : exp_qllm(m - m'), 4 rows in the lanes of one exp8.
   const __m128 e4 = _mm256_castps256_ps128(exp8(_mm256_zextps128_ps256(_mm_sub_ps(mov, mnv))));
   const __m128 av = _mm_andnot_ps(_mm_cmpeq_ps(mov, _mm_set1_ps(kNegInf)), e4);
   alignas(16) float mn[4];
   _mm_store_ps(mn, mnv);
   __m256 sum[4];
-  #pragma GCC unroll 16
+  #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) sum[i] = _mm256_setzero_ps();
-  #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) {
-    float* sr = s + i * Tk;
-    const __m512 mv = _mm512_set1_ps(mn[i]);
-    for (int64_t j = 0; j < n; j += 16) {  // lanes past n: 0 (added to the lane sums: exact)
-      const __mmask16 mk = keys_mask(n - j);
-      const __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sr + j), mv)));
-      sum[i] = _mm256_add_ps(sum[i], _mm512_castps512_ps256(e));  // lane i sums keys j % 8 == i in order
-      sum[i] = _mm256_add_ps(sum[i], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
-      _mm512_mask_storeu_ps(sr + j, mk, _mm512_mul_ps(e, _mm512_maskz_loadu_ps(mk, vs + j)));
+  const __m512i top = _mm512_set1_epi32(127);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t b0 = 0, b = 0; b0 < n; b0 += kDecPvBlock, ++b) {
+    const __mmask16 k0 = keys_mask(n - b0), k1 = keys_mask(n - b0 - 16);
+    const __m512 vs0 = _mm512_maskz_loadu_ps(k0, vs + b0), vs1 = _mm512_maskz_loadu_ps(k1, vs + b0 + 16);
+    __m512 w0[4] = {zero, zero, zero, zero}, w1[4] = {zero, zero, zero, zero};
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const float* sr = s + i * Tk + b0;
+      const __m512 mv = _mm512_set1_ps(mn[i]);
+      // Lanes past n: 0 (added to the lane sums: exact). Lane i of sum sums keys j % 8 == i in order.
+      const __m512 e0 = _mm512_maskz_mov_ps(k0, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k0, sr), mv)));
+      sum[i] = _mm256_add_ps(sum[i], _mm512_castps512_ps256(e0));
+      sum[i] = _mm256_add_ps(sum[i], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e0), 1)));
+      w0[i] = _mm512_mul_ps(e0, vs0);
+      if (k1) {
+        const __m512 e1 = _mm512_maskz_mov_ps(k1, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k1, sr + 16), mv)));
+        sum[i] = _mm256_add_ps(sum[i], _mm512_castps512_ps256(e1));
+        sum[i] = _mm256_add_ps(sum[i], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e1), 1)));
+        w1[i] = _mm512_mul_ps(e1, vs1);
+      }
+    }
+    // The block's max weight per row (>= 0: lanes past n are 0), then its quantisation.
+    const __m128 wmax = hmax4(_mm512_max_ps(w0[0], w1[0]), _mm512_max_ps(w0[1], w1[1]), _mm512_max_ps(w0[2], w1[2]),
+                              _mm512_max_ps(w0[3], w1[3]));
+    const __m128 ok = _mm_cmpge_ps(wmax, _mm_set1_ps(kDecPvMinWeight));
+    alignas(16) float inv[4], swb[4];
+    _mm_store_ps(inv, _mm_and_ps(ok, _mm_div_ps(_mm_set1_ps(127.0f), wmax)));
+    _mm_store_ps(swb, _mm_and_ps(ok, _mm_div_ps(wmax, _mm_set1_ps(127.0f))));
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const __m512 iv = _mm512_set1_ps(inv[i]);
+      // cvtps rounds to nearest even (MXCSR default), like nearbyint; values in [0, 127].
+      const __m512i q0 = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(w0[i], iv)), top);
+      const __m512i q1 = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(w1[i], iv)), top);
+      uint8_t* wb = wq + i * kMaxTile + b0;
+      _mm_store_si128(reinterpret_cast<__m128i*>(wb), _mm512_cvtepi32_epi8(q0));
+      _mm_store_si128(reinterpret_cast<__m128i*>(wb + 16), _mm512_cvtepi32_epi8(q1));
+      sw[i * 4 + b] = swb[i];
     }
   }
   // l = l * alpha + lane_tree8(lane sums), the 4 rows at once.
   alignas(16) float lo[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ln[4], al[4];
-  #pragma GCC unroll 16
   for (int i = 0; i < R; ++i) lo[i] = l[i];
   _mm_store_ps(ln, _mm_add_ps(_mm_mul_ps(_mm_load_ps(lo), av), tree4(sum[0], sum[1], sum[2], sum[3])));
   _mm_store_ps(al, av);
-  #pragma GCC unroll 16
   for (int i = 0; i < R; ++i) {
     l[i] = ln[i];
     m[i] = mn[i];
     alpha[i] = al[i];
   }
-  const __m512i top = _mm512_set1_epi32(127);
-  #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i)
-    for (int64_t b0 = 0, b = 0; b0 < n; b0 += kDecPvBlock, ++b) {
-      const float* sr = s + i * Tk + b0;
-      const __m512 w0 = _mm512_maskz_loadu_ps(keys_mask(n - b0), sr);
-      const __m512 w1 = _mm512_maskz_loadu_ps(keys_mask(n - b0 - 16), sr + 16);
-      const float wmax = _mm512_reduce_max_ps(_mm512_max_ps(w0, w1));  // >= 0: lanes past n are 0
-      uint8_t* wb = wq + i * kMaxTile + b0;
-      if (!(wmax >= kDecPvMinWeight)) {
-        sw[i * 4 + b] = 0.0f;
-        _mm256_store_si256(reinterpret_cast<__m256i*>(wb), _mm256_setzero_si256());
-        continue;
-      }
-      const __m512 inv = _mm512_set1_ps(127.0f / wmax);
-      // cvtps rounds to nearest even (MXCSR default), like nearbyint; values in [0, 127].
-      const __m512i q0 = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(w0, inv)), top);
-      const __m512i q1 = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(w1, inv)), top);
-      _mm_store_si128(reinterpret_cast<__m128i*>(wb), _mm512_cvtepi32_epi8(q0));
-      _mm_store_si128(reinterpret_cast<__m128i*>(wb + 16), _mm512_cvtepi32_epi8(q1));
-      sw[i * 4 + b] = wmax / 127.0f;
-    }
 }
 
 // Integer P.V of R rows of one head over the tile (blocks of 32 keys) for the 64 dims from d, in
