@@ -691,6 +691,38 @@ inline void s8_walk(const KvSource& src, int64_t j0, int64_t n, int64_t pad, con
   }
 }
 
+// Scales of nh <= 8 consecutive heads (sc: head 0's scale array) for the tile's keys (so: their
+// offsets), transposed to out[h * kMaxTile + j] (0 for keys j >= n): 16 keys at a time, the 8
+// heads of key i and of key i + 8 in one zmm, then an 8 x 8 transpose within the 256-bit halves
+// (24 shuffles per 16 keys x 8 heads, where two vgatherdps per 16 keys and head took ~17 cycles
+// each on this core).
+inline void s8_scales8(const float* sc, const int32_t* so, int64_t n, int64_t nh, float* out) {
+  const __mmask8 hm = static_cast<__mmask8>((1u << nh) - 1);
+  const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+  const __m512i hi = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t j = 0; j < n; j += 16) {
+    __m512 r[8];
+    for (int i = 0; i < 8; ++i)  // so[] is padded to 16 keys (key 0's offset)
+      r[i] = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm256_maskz_loadu_ps(hm, sc + so[j + i]))),
+                                                 _mm256_castps_pd(_mm256_maskz_loadu_ps(hm, sc + so[j + 8 + i])), 1));
+    __m512 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    for (int i = 0; i < 8; i += 4) {
+      u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+      u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xee);
+      u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+    }
+    const __mmask16 keep = keys_mask(n - j);
+    // u[h] 128-bit lanes: (head h, keys 0-3), (head h + 4, keys 0-3), (head h, keys 8-11),
+    // (head h + 4, keys 8-11); u[h + 4] the same for the keys 4 further.
+    for (int h = 0; h < 4; ++h) {
+      _mm512_store_ps(out + h * kMaxTile + j, _mm512_maskz_mov_ps(keep, _mm512_permutex2var_ps(u[h], lo, u[h + 4])));
+      _mm512_store_ps(out + (h + 4) * kMaxTile + j, _mm512_maskz_mov_ps(keep, _mm512_permutex2var_ps(u[h], hi, u[h + 4])));
+    }
+  }
+}
+
 // The s8 tile of decode_t on the AVX-512 VNNI build: per head, per group of <= 4 rows, scores,
 // softmax + weights and P.V as above.
 inline void decode_s8_vnni(const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
@@ -728,13 +760,14 @@ inline void decode_s8_vnni(const int8_t* q8, const float* qs, int64_t g, int64_t
   }
   // V rows of the current head, padded to 4-key groups with key 0's (weight 0).
   const uint8_t* vr[kMaxTile];
+  alignas(64) float kst[8 * kMaxTile], vst[8 * kMaxTile];  // scales of 8 heads (s8_scales8)
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t j = 0; j < (n + 3) / 4 * 4; ++j) vr[j] = vp[j] + h * hs;
-    alignas(64) float vs[kMaxTile];  // v scales of head h (0 past n)
-    for (int64_t j = 0; j < n; j += 16) {
-      const __m512i idx = _mm512_add_epi32(_mm512_load_si512(so + j), _mm512_set1_epi32(static_cast<int>(h)));
-      _mm512_store_ps(vs + j, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), keys_mask(n - j), idx, src.v_scale, 4));
+    if (h % 8 == 0) {  // the scales of heads h .. h + 7, transposed to [head][key]
+      s8_scales8(src.k_scale + h, so, n, std::min<int64_t>(8, H - h), kst);
+      s8_scales8(src.v_scale + h, so, n, std::min<int64_t>(8, H - h), vst);
     }
+    const float* vs = vst + (h % 8) * kMaxTile;  // v scales of head h (0 past n)
     // Head h's rows of the next tile, into L2: each score pass (K) and P.V group (V) prefetches
     // the bytes it reads of the current rows from the next tile's rows, so the requests spread
     // evenly over the work (bursts of a whole head's rows stalled on the fill buffers, and made
@@ -758,8 +791,7 @@ inline void decode_s8_vnni(const int8_t* q8, const float* qs, int64_t g, int64_t
       for (int64_t j = 0; j < n; j += 16) {
         const uint8_t* kr[16];
         for (int i = 0; i < 16; ++i) kr[i] = kp[j + i] + h * hs;
-        const __m512i idx = _mm512_add_epi32(_mm512_load_si512(so + j), _mm512_set1_epi32(static_cast<int>(h)));
-        const __m512 ksv = _mm512_i32gather_ps(idx, src.k_scale, 4);
+        const __m512 ksv = _mm512_load_ps(kst + (h % 8) * kMaxTile + j);
         s8_scores16<R>(qr, Dq8, qc, qs + row, D, kr, ksv, keys_mask(n - j), sr + j, Tk, r == 0 ? kn + j : nullptr);
       }
       alignas(64) uint8_t wq[4 * kMaxTile];
