@@ -169,11 +169,6 @@ struct Problem {
   int64_t Dp() const { return (D + 7) / 8 * 8; }  // the kernels' 8-lane chunks; padding is zero
   // Keys per tile: K + V tiles of 2 * Tk * Dp f32 = 32 KB (L1) for D = 128.
   int64_t Tk() const { return std::clamp<int64_t>(4096 / Dp() / 8 * 8, 16, 128); }
-  // Keys per tile of a one-query (decode) task: s8 caches take 128 (the decode kernel reads the
-  // cache rows directly, no f32 tile, and its per-tile work - row maxima, alpha, the walk of the
-  // block table, the P.V rescale - then covers 4x more keys at D = 128: ~8% of the AVX-512
-  // s8 decode time); float caches keep Tk, as paged == flash bit-exactness needs.
-  int64_t DTk() const { return kdt == DType::s8 ? 128 : Tk(); }
   // Query positions per prefill task: ~128 rows (positions x head group) share each K/V tile
   // load. load_kv converts every tile once per task, so the row block sets how often a head's
   // K/V are converted: 64 rows spent ~9% of a D = 64 task in load_kv, 128 rows ~5% (2 threads,
@@ -256,7 +251,7 @@ struct PlanSizes {
 // Counts (tasks == nullptr) or fills the tasks and sequence table.
 PlanSizes plan(const Problem& P, Seq* seqs, Task* tasks) {
   PlanSizes z;
-  const int64_t Mq = P.Mq(), g = P.g(), Dp = P.Dp();
+  const int64_t Mq = P.Mq(), Tk = P.Tk(), g = P.g(), Dp = P.Dp();
   for (int64_t b = 0; b < P.B; ++b) {
     Seq s = P.seq(b);
     s.nsplit = P.nsplit(s);
@@ -264,7 +259,6 @@ PlanSizes plan(const Problem& P, Seq* seqs, Task* tasks) {
     if (s.nsplit > 1) z.partial_floats += P.Hkv * s.nsplit * s.Lq * g * (Dp + 2);
     if (seqs) seqs[b] = s;
     // Split boundaries on tile multiples, so each split walks whole tiles.
-    const int64_t Tk = s.Lq == 1 ? P.DTk() : P.Tk();
     const int64_t chunk = s.nsplit > 1 ? ((s.Lk + s.nsplit - 1) / s.nsplit + Tk - 1) / Tk * Tk : s.Lk;
     const int64_t hstep = P.all_heads(s) ? P.Hkv : 1;
     for (int64_t h = 0; h < P.Hkv; h += hstep)
@@ -292,7 +286,7 @@ struct ThreadLayout {
     auto take = [&](int64_t n) { const int64_t o = off; off += floats_aligned(n); return o; };
     q = take(R * Dp);
     acc = take(R * Dp);
-    s = take(std::max(R * Tk, H * P.g() * P.DTk()));  // attend pads score rows to 8 keys: Tk is a multiple of 8
+    s = take(R * Tk);  // attend pads score rows to 8 keys: Tk is a multiple of 8
     kt = take(Tk * Dp);
     vt = take(Tk * Dp);
     m = take(R);
@@ -393,11 +387,10 @@ void run(Context& ctx, const Problem& P, Workspace* ws_in) {
             for (int64_t d = D; d < Dq8; ++d) q8r[d] = 0;
             for (int64_t d = 0; d < Dq; ++d) q16[r * Dq + d] = d < D ? q8r[d] : 0;
           }
-      const int64_t tile = dec ? P.DTk() : Tk;
-      for (int64_t j = k0; j < k1; j += tile) {
-        const int64_t n = std::min(tile, k1 - j);
+      for (int64_t j = k0; j < k1; j += Tk) {
+        const int64_t n = std::min(Tk, k1 - j);
         if (dec) {  // all the task's heads at once (token-major reads)
-          ak.decode(q, q16, q8, qs, rows, T.h1 - T.h0, RH, D, Dp, P.source(S, T.h0), j, n, tile, s, ktile, m, l, acc);
+          ak.decode(q, q16, q8, qs, rows, T.h1 - T.h0, RH, D, Dp, P.source(S, T.h0), j, n, Tk, s, ktile, m, l, acc);
           continue;
         }
         for (int64_t h = T.h0; h < T.h1; ++h) {
