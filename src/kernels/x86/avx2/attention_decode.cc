@@ -173,6 +173,7 @@ inline __m256i load_k16(const uint8_t* row, int64_t d, int64_t D) {
 // s8 scores of R rows for NK (1, 2 or 4) consecutive keys (K rows k[i], scales ks[i]): exact
 // int32 q16.k8 dot products (vpmaddwd: 16 products per instruction, pairs summed in int32,
 // |pair| <= 2 * 127 * 128, no saturation).
+// The AVX2 build's s8 path (the AVX-512 VNNI build's is decode_s8_vnni below).
 template <int R, int NK>
 inline void dec_scores_s8(const int16_t* q16, __m128 qsv, int64_t D, const uint8_t* const* k, const float* ks, float* s,
                           int64_t Tk) {
@@ -180,36 +181,13 @@ inline void dec_scores_s8(const int16_t* q16, __m128 qsv, int64_t D, const uint8
   __m256i c[4][NK];
   for (int r = 0; r < 4; ++r)
     for (int i = 0; i < NK; ++i) c[r][i] = _mm256_setzero_si256();
-  int64_t d0 = 0;
-#if QLLM_ATTN_VNNI
-  // 32 dims per vpdpwssd on zmm, folded to the ymm accumulators (exact int32 either way).
-  if (D >= 32) {
-    __m512i z[4][NK];
-    for (int r = 0; r < 4; ++r)
-      for (int i = 0; i < NK; ++i) z[r][i] = _mm512_setzero_si512();
-    for (; d0 + 32 <= D; d0 += 32) {
-      __m512i kv[NK];
-      for (int i = 0; i < NK; ++i) kv[i] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k[i] + d0)));
-      for (int r = 0; r < R; ++r) {
-        const __m512i qv = _mm512_loadu_si512(q16 + r * Dq + d0);
-        for (int i = 0; i < NK; ++i) z[r][i] = _mm512_dpwssd_epi32(z[r][i], qv, kv[i]);
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < NK; ++i) c[r][i] = _mm256_add_epi32(_mm512_castsi512_si256(z[r][i]), _mm512_extracti64x4_epi64(z[r][i], 1));
-  }
-#endif
-  for (int64_t d = d0; d < Dq; d += 16) {
+  for (int64_t d = 0; d < Dq; d += 16) {
     __m256i kv[NK];
     for (int i = 0; i < NK; ++i) kv[i] = load_k16(k[i], d, D);
     for (int r = 0; r < R; ++r) {
       const __m256i qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(q16 + r * Dq + d));
       for (int i = 0; i < NK; ++i) {
-#if QLLM_ATTN_VNNI  // vpdpwssd: the same exact int32 sums, multiply and add fused
-        c[r][i] = _mm256_dpwssd_epi32(c[r][i], qv, kv[i]);
-#else
         c[r][i] = _mm256_add_epi32(c[r][i], _mm256_madd_epi16(qv, kv[i]));
-#endif
       }
     }
   }
