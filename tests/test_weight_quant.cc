@@ -291,7 +291,8 @@ TEST(WeightQuant, GemvAvx2MatchesVnniBits) {
 }
 
 // The matrix-vector kernels stream several panels at once (AVX-512: 4 panels at m = 1, 2 at
-// m = 2, from each thread's run of 4 panels): a column's result must not depend on which panels
+// m = 2; AVX2: 4 panels at m = 1, interleaved chunk by chunk; from each thread's run of 4
+// panels): a column's result must not depend on which panels
 // streamed beside it. Columns 0-47 of an n = 149 call (10 panels: groups of 4, 4, 2, the last
 // panel partial) must equal, bit for bit, the n = 48 call on the same columns (3 panels: 2 + 1),
 // every chunk kind of x included (digits, float path, zero chunk), and both must pass the
