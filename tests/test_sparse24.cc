@@ -510,12 +510,13 @@ TEST(Sparse24, RejectsBadInput) {
 // avx512 vpermb + vpdpbusd kernel) against ref::s24_s8_rows on one 64-row panel: rows 1, 3, 17,
 // 40, 64 (tiles of 8 rows cut partway for the avx512 kernel), k = 4, 12 (less than one 64-deep
 // block), 260 (a 4-block chunk plus one partial block) and 7172 (the real depth plus one odd group:
-// a partial last chunk and block), n = 70 (super-panels of 32: the last one 6 real channels) and a
-// super-panel range that starts at 1. x row 2 is all zero, row 0 all -128 and the kept weights of
+// a partial last chunk and block, and several of the AVX2 kernel's 128-group table ranges),
+// n = 100 (super-panels of 32: the last one 4 real channels) and a super-panel range that starts
+// at 1 (3 super-panels: a full and a partial block of the AVX2 kernel's 2-super-panel blocks). x row 2 is all zero, row 0 all -128 and the kept weights of
 // channel 32 all -128 (full s8 range against the +128 bias of the avx512 kernel); rows past `rows`
 // must come out 0. Integer sums: the bits must be equal.
 TEST(Sparse24, Int8RowsKernelsMatchRef) {
-  const int64_t n = 70;
+  const int64_t n = 100;
   for (int64_t k : {4, 12, 260, 7172}) {
     Compressed c = prune(DType::s8, n, k, make_weight(DType::s8, n, k, static_cast<uint32_t>(k + 11)));
     for (int64_t i = 0; i < k / 2; ++i) reinterpret_cast<int8_t*>(c.values.data())[32 * (k / 2) + i] = -128;

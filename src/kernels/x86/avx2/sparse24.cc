@@ -485,15 +485,20 @@ void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels&
 namespace qllm::kernels::avx2 {
 
 
-// Chunk walk of the rows kernel: per chunk of kS8RowsChunkGroups groups (always inside one
-// 16-group block), build the table, then every super-panel's 32 channels. Prefetch: a super-panel's
-// chunk is 4 value lines + 1 code line, requested two super-panels ahead (at the end of the item:
-// the first super-panels of the next chunk); the next chunk's 64 x rows (one line each) are
-// requested spread over the super-panels.
+// Walk of the rows kernel. The table is built once per k range of kS8RowsRangeGroups groups
+// (192 KB, in L2), then the item's channels run in blocks of kS8RowsBlockPanels super-panels
+// (64 channels: their 64-row accumulators, 16 KB), chunk by chunk of kS8RowsChunkGroups groups
+// (one 12 KB slice of the table, read from L2 once per channel block and then hot in L1).
+// Session 4 built a 4-group table per chunk and swept all 512 channels of the item per chunk;
+// what the bare kernel (one panel, 4096 channels, k = 7168, 1 thread) says: the chunk size is
+// what matters (8 groups: 0.23 ns per vpmaddwd against 0.25 for 4, 0.28 for 16, with blocks of
+// 1 to 16 super-panels within 3 %: the accumulators' L2 round trips were not the cost). The range
+// table is what lets 8-group chunks pay off: a 12 KB table rebuilt per chunk was no faster than
+// 6 KB in session 4. Prefetch: a super-panel's data two chunks ahead (value lines + code lines).
 void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S24S8Panels& w, int64_t sp0, int64_t sp1,
                  int32_t* acc, void* scratch) {
-  static_assert(kRowPanel == 64 && kS8BlockGroups % kS8RowsChunkGroups == 0 && kS8RowsChunkGroups <= 8,
-                "s8rows_channel holds 64 rows in 8 accumulators; a chunk lies in one block and one 8x8 transpose");
+  static_assert(kRowPanel == 64 && kS8BlockGroups % kS8RowsChunkGroups == 0 && kS8RowsRangeGroups % kS8BlockGroups == 0,
+                "s8rows_channel holds 64 rows in 8 accumulators; a chunk lies in one block; ranges start at a block");
   constexpr int64_t kCodes = kS8BlockGroups * kS8Channels * 2;
   int32_t* rt = static_cast<int32_t*>(scratch);
   __m256i ctl[6];
@@ -501,38 +506,39 @@ void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S2
   const int64_t groups = k / 4, nsp = sp1 - sp0;
   if (groups == 0) std::memset(acc, 0, static_cast<size_t>(nsp * kS8Channels * kRowPanel) * sizeof(int32_t));
   constexpr int kCh = kS8RowsChunkGroups;
-  for (int64_t g0 = 0; g0 < groups; g0 += kCh) {
-    const int gn = static_cast<int>(std::min<int64_t>(kCh, groups - g0));
-    s8rows_table(x, ldx, rows, k, g0, gn, rt, ctl);
-    const int64_t b = g0 / kS8BlockGroups, gi0 = g0 % kS8BlockGroups;
-    const int64_t gnext = g0 + kCh;
-    for (int64_t sp = sp0; sp < sp1; ++sp) {
-      // Weights two super-panels ahead (or the next chunk's first ones).
-      constexpr int pfd = 2;
-      const int64_t ps = sp + pfd < sp1 ? sp + pfd : sp0 + (sp + pfd - sp1);
-      const int64_t pg = sp + pfd < sp1 ? g0 : gnext;
-      if (pg < groups && ps < sp1) {
-        const uint8_t* pb = w.block(ps, pg / kS8BlockGroups);
-        const int64_t pgi = pg % kS8BlockGroups;
-        for (int l = 0; l < kS8RowsChunkGroups; ++l)
-          _mm_prefetch(reinterpret_cast<const char*>(pb + (pgi + l) * kS8Channels * 2), _MM_HINT_T0);
-        for (int l = 0; l < kS8RowsChunkGroups * 12; l += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(pb + kCodes + pgi * 12 + l), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(pb + kCodes + pgi * 12 + kS8RowsChunkGroups * 12 - 1), _MM_HINT_T0);
-      }
-      if (gnext < groups)
-        for (int64_t r = kRowPanel * (sp - sp0) / nsp; r < kRowPanel * (sp - sp0 + 1) / nsp && r < rows; ++r)
-          for (int l = 0; l < 4 * kS8RowsChunkGroups; l += 32)
-            _mm_prefetch(reinterpret_cast<const char*>(x + r * ldx + 4 * gnext + l), _MM_HINT_T0);
-      const uint8_t* blk = w.block(sp, b);
-      int32_t* a = acc + (sp - sp0) * kS8Channels * kRowPanel;
-      for (int j = 0; j < 4; ++j) {
-        const uint8_t* codes = blk + kCodes + gi0 * 12 + 3 * j;
-        const uint8_t* vals = blk + gi0 * kS8Channels * 2 + 16 * j;
-        int32_t* aj = a + 8 * j * kRowPanel;
-        if (gn == kCh) s8rows_subpanel<kCh>(std::make_integer_sequence<int, 8>{}, rt, codes, vals, g0 == 0, aj);
-        else
-          for (int c = 0; c < 8; ++c) s8rows_channel_tail(rt, codes, vals + 2 * c, c, gn, g0 == 0, aj + c * kRowPanel);
+  constexpr int64_t kEntry = 6 * kRowPanel;  // s32 of one group of the table
+  for (int64_t r0g = 0; r0g < groups; r0g += kS8RowsRangeGroups) {
+    const int64_t r1g = std::min(groups, r0g + kS8RowsRangeGroups);
+    for (int64_t g = r0g; g < r1g; g += 8)
+      s8rows_table(x, ldx, rows, k, g, static_cast<int>(std::min<int64_t>(8, r1g - g)), rt + (g - r0g) * kEntry, ctl);
+    for (int64_t cb = sp0; cb < sp1; cb += kS8RowsBlockPanels) {
+      const int64_t cbe = std::min(sp1, cb + kS8RowsBlockPanels);
+      for (int64_t g0 = r0g; g0 < r1g; g0 += kCh) {
+        const int gn = static_cast<int>(std::min<int64_t>(kCh, r1g - g0));
+        const int32_t* rc = rt + (g0 - r0g) * kEntry;
+        const int64_t b = g0 / kS8BlockGroups, gi0 = g0 % kS8BlockGroups;
+        const int64_t pg = g0 + 2 * kCh;  // prefetch target group
+        for (int64_t sp = cb; sp < cbe; ++sp) {
+          if (pg < groups) {
+            const uint8_t* pb = w.block(sp, pg / kS8BlockGroups);
+            const int64_t pgi = pg % kS8BlockGroups;
+            for (int l = 0; l < kCh; ++l)
+              _mm_prefetch(reinterpret_cast<const char*>(pb + (pgi + l) * kS8Channels * 2), _MM_HINT_T0);
+            for (int l = 0; l < kCh * 12; l += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(pb + kCodes + pgi * 12 + l), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(pb + kCodes + pgi * 12 + kCh * 12 - 1), _MM_HINT_T0);
+          }
+          const uint8_t* blk = w.block(sp, b);
+          int32_t* a = acc + (sp - sp0) * kS8Channels * kRowPanel;
+          for (int j = 0; j < 4; ++j) {
+            const uint8_t* codes = blk + kCodes + gi0 * 12 + 3 * j;
+            const uint8_t* vals = blk + gi0 * kS8Channels * 2 + 16 * j;
+            int32_t* aj = a + 8 * j * kRowPanel;
+            if (gn == kCh) s8rows_subpanel<kCh>(std::make_integer_sequence<int, 8>{}, rc, codes, vals, g0 == 0, aj);
+            else
+              for (int c = 0; c < 8; ++c) s8rows_channel_tail(rc, codes, vals + 2 * c, c, gn, g0 == 0, aj + c * kRowPanel);
+          }
+        }
       }
     }
   }
