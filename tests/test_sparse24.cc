@@ -597,5 +597,43 @@ TEST(Sparse24, Int8SwitchPointsExact) {
   }
 }
 
+
+// The rows kernels' output transposition (Sparse24Kernels::rows_out; the AVX2 version moves 8 x 8
+// tiles) against ref's scalar epilogue on every ISA: rows 1, 7, 9, 64 (partial 8-row tiles), 1, 5,
+// 13, 32, 70 channels (partial 8-channel tiles), s32 acc with values past 2^24 (int -> f32 rounds)
+// and both signs, f32 acc with values that round differently to f16 and bf16, every output dtype,
+// with and without per-row scales. Same arithmetic and order, so the bits must be equal.
+TEST(Sparse24, RowsOutMatchesRef) {
+  std::mt19937 g(17);
+  const int64_t maxc = 72, ld = 75;
+  std::vector<int32_t> ai(maxc * kernels::kRowPanel);
+  std::vector<float> af(maxc * kernels::kRowPanel);
+  std::uniform_int_distribution<int32_t> di(-(1 << 28), 1 << 28);
+  std::uniform_real_distribution<float> df(-70000.0f, 70000.0f);
+  for (auto& v : ai) v = di(g);
+  for (auto& v : af) v = df(g);
+  const auto scale = test::rand_f32(maxc, 0.001f, 0.01f), pts = test::rand_f32(kernels::kRowPanel, 0.5f, 2.0f);
+  for (int64_t rows : {1, 7, 9, 64})
+    for (int64_t nc : {1, 5, 13, 32, 70})
+      for (bool s32 : {true, false})
+        for (DType odt : {DType::s32, DType::f32, DType::f16, DType::bf16})
+          for (bool with_pts : {true, false}) {
+            if (odt == DType::s32 && (!s32 || with_pts)) continue;
+            const int64_t es = dtype_size(odt);
+            std::vector<uint8_t> want(rows * ld * es, 0xee), got(rows * ld * es, 0xee);
+            const void* acc = s32 ? static_cast<const void*>(ai.data()) : static_cast<const void*>(af.data());
+            const float* sc = s32 && odt != DType::s32 ? scale.data() : nullptr;
+            const float* p = with_pts ? pts.data() : nullptr;
+            kernels::ref::s24_rows_out(acc, s32, rows, nc, sc, p, odt, want.data(), ld);
+            for (Isa isa : test::fast_isas()) {
+              std::fill(got.begin(), got.end(), 0xee);
+              kernels::sparse24_kernels(isa).rows_out(acc, s32, rows, nc, sc, p, odt, got.data(), ld);
+              ASSERT_EQ(std::memcmp(got.data(), want.data(), got.size()), 0)
+                  << isa_name(isa) << " rows " << rows << " channels " << nc << " s32 " << s32 << " " << dtype_name(odt)
+                  << " pts " << with_pts;
+            }
+          }
+}
+
 }  // namespace
 }  // namespace qllm

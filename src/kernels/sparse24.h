@@ -139,6 +139,17 @@ static_assert(kS8RowsScratchBytes % 64 == 0, "per-thread scratch pieces stay 64-
 using S24S8RowsFn = void (*)(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S24S8Panels& w,
                              int64_t sp0, int64_t sp1, int32_t* acc, void* scratch);
 
+// ---- output of the rows kernels (session 5, s24h) ---------------------------------------------
+// acc channel-major, acc[c * kRowPanel + r] (c < ncols, r < rows <= kRowPanel; the float rows
+// kernel's acc, and the AVX2 / ref s8 rows kernels' acc across super-panels), to row-major
+// y[r * ldy + c] of dtype odt. Float acc (s32_acc false): the value itself (RNE to f16 / bf16).
+// s32 acc: odt s32 the value itself, else (float(v) * scale[c]) * pts[r] in f32 (pts null: no
+// second product), then RNE to odt: the op's scalar epilogue, so every ISA gives ref's bits. acc
+// must be readable up to channel ncols rounded up to 8 and to kRowPanel rows (the AVX2 version
+// transposes 8 x 8 tiles: the strided scalar gather cost ~5 % of an s8 m = 512 call).
+using S24RowsOutFn = void (*)(const void* acc, bool s32_acc, int64_t rows, int64_t ncols, const float* scale,
+                              const float* pts, DType odt, void* y, int64_t ldy);
+
 struct Sparse24Kernels {
   Isa isa;
   S24FloatFn float_mm;
@@ -152,11 +163,14 @@ struct Sparse24Kernels {
   bool s8_rows_row_major = false;
   // Smallest m for which ops/ runs s8_rows instead of the tiled s8_mm (the op caps it at 40).
   int64_t s8_rows_min_m = 40;
+  S24RowsOutFn rows_out = nullptr;  // output of the channel-major rows kernels (see S24RowsOutFn)
 };
 
 const Sparse24Kernels& sparse24_kernels(Isa isa);
 
 namespace ref {
+void s24_rows_out(const void* acc, bool s32_acc, int64_t rows, int64_t ncols, const float* scale, const float* pts,
+                  DType odt, void* y, int64_t ldy);
 void s24_float_mm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0, int64_t p1,
                   int64_t kb0, int64_t kb1, float* acc, int64_t ld_acc);
 void s24_float_rows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1, int64_t kb0, int64_t kb1, float* acc);
@@ -167,6 +181,8 @@ void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S2
                  int32_t* acc, void* scratch);
 }  // namespace ref
 namespace avx2 {
+void s24_rows_out(const void* acc, bool s32_acc, int64_t rows, int64_t ncols, const float* scale, const float* pts,
+                  DType odt, void* y, int64_t ldy);
 void s24_float_mm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0, int64_t p1,
                   int64_t kb0, int64_t kb1, float* acc, int64_t ld_acc);
 void s24_float_rows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1, int64_t kb0, int64_t kb1, float* acc);

@@ -436,6 +436,66 @@ void s24_float_rows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1,
   }
 }
 
+// 8 x 8 tiles: 8 channels' 8-row runs (one load each) transposed to 8 row vectors of 8 channels,
+// converted and stored as one vector per row (partial at the last columns / rows).
+void s24_rows_out(const void* acc, bool s32_acc, int64_t rows, int64_t ncols, const float* scale, const float* pts,
+                  DType odt, void* y, int64_t ldy) {
+  const int64_t es = dtype_size(odt);
+  const float* a = static_cast<const float*>(acc);  // s32 bits moved as f32 until converted
+  // Rows outer: an 8-row block's output rows are written left to right (channels inner), so
+  // each y line is completed while in L1 (y rows are n elements apart: a multiple of 4 KB at
+  // n = 4096, so a channels-outer order would keep 64 partial lines in one L1 set).
+  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+    for (int64_t c0 = 0; c0 < ncols; c0 += 8) {
+      const int nc = static_cast<int>(std::min<int64_t>(8, ncols - c0));
+      __m256 sc = _mm256_set1_ps(1.0f);
+      if (s32_acc && odt != DType::s32) {
+        if (nc == 8) {
+          sc = _mm256_loadu_ps(scale + c0);
+        } else {
+          alignas(32) float sb[8] = {};
+          for (int i = 0; i < nc; ++i) sb[i] = scale[c0 + i];
+          sc = _mm256_load_ps(sb);
+        }
+      }
+      __m256 v[8];
+      for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(a + (c0 + i) * kRowPanel + r0);
+      const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
+      const __m256 T[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+                           _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+                           _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+                           _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+      const int nr = static_cast<int>(std::min<int64_t>(8, rows - r0));
+      for (int j = 0; j < nr; ++j) {
+        uint8_t* out = static_cast<uint8_t*>(y) + ((r0 + j) * ldy + c0) * es;
+        if (odt == DType::s32) {
+          const __m256i iv = _mm256_castps_si256(T[j]);
+          if (nc == 8) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), iv);
+          else _mm256_maskstore_epi32(reinterpret_cast<int*>(out),
+                                      _mm256_cmpgt_epi32(_mm256_set1_epi32(nc), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), iv);
+          continue;
+        }
+        __m256 f = T[j];
+        if (s32_acc) {
+          // int -> f32 rounds to nearest even like static_cast<float>; then the two products in
+          // the reference's order (separate multiplies: nothing to contract into an FMA).
+          f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_castps_si256(f)), sc);
+          if (pts) f = _mm256_mul_ps(f, _mm256_set1_ps(pts[r0 + j]));
+        }
+        if (nc == 8) store8(odt, out, f);
+        else store8_partial(odt, out, f, nc);
+      }
+    }
+  }
+}
+
 void s24_s8_xtable(const int8_t* x, int64_t k, int64_t groups_pad, int32_t* tab) {
   // Both 128-bit lanes hold the group's 4 s16 in their low 8 bytes; dword e of the result takes
   // bytes {2 i0, 2 i0 + 1, 2 i1, 2 i1 + 1} for pair e; entries 6, 7 are zeroed (control 0x80).
