@@ -141,6 +141,24 @@ void fmm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t 
                         acc + r0 * ld_acc + (p - p0) * 8, ld_acc);
 }
 
+// a[q] += w * x[8q, 8q + 8) for q < 8 (one FMA each, the accumulator as the addend: the same
+// fused operation as _mm256_fmadd_ps(w, x, a)), in asm: with the intrinsics GCC 12 alternated
+// vfmadd231ps / vfmadd132ps forms and rotated one accumulator through a spare register (a
+// vmovaps per 32 FMAs) once the block loop was unrolled.
+[[gnu::always_inline]] inline void fma8(__m256 (&a)[8], __m256 w, const float* x) {
+  asm("vfmadd231ps (%[x]), %[w], %[a0]\n\t"
+      "vfmadd231ps 32(%[x]), %[w], %[a1]\n\t"
+      "vfmadd231ps 64(%[x]), %[w], %[a2]\n\t"
+      "vfmadd231ps 96(%[x]), %[w], %[a3]\n\t"
+      "vfmadd231ps 128(%[x]), %[w], %[a4]\n\t"
+      "vfmadd231ps 160(%[x]), %[w], %[a5]\n\t"
+      "vfmadd231ps 192(%[x]), %[w], %[a6]\n\t"
+      "vfmadd231ps 224(%[x]), %[w], %[a7]"
+      : [a0] "+x"(a[0]), [a1] "+x"(a[1]), [a2] "+x"(a[2]), [a3] "+x"(a[3]), [a4] "+x"(a[4]), [a5] "+x"(a[5]),
+        [a6] "+x"(a[6]), [a7] "+x"(a[7])
+      : [x] "r"(x), [w] "x"(w), "m"(*reinterpret_cast<const float(*)[64]>(x)));
+}
+
 // Large-m rows kernel (kernels/sparse24.h): one channel of pair p at a time over the chunk, 8
 // accumulators = 64 rows. Per kept weight one broadcast (vpermps) and 8 FMAs whose x operand is a memory
 // load at the kept k: 8 + 1/4 loads per 8 useful FMAs, one permute, and the 8 independent chains cover
@@ -153,6 +171,7 @@ void fmm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t 
   __m256 a[8];
   for (int q = 0; q < 8; ++q) a[q] = _mm256_loadu_ps(acc + 8 * q);
   for (int64_t kb = kb0; kb < kb1; kb += 2, vals += vstride, meta += mstride) {
+#pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       const uint8_t* xb = reinterpret_cast<const uint8_t*>(xp + (kb + h) * 8 * kRowPanel);
       const uint32_t m = meta[2 * h];
@@ -167,7 +186,7 @@ void fmm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t 
       for (int t = 0; t < 4; ++t) {
         const __m256 wb = _mm256_permutevar8x32_ps(vb, _mm256_set1_epi32(vi[t]));
         const float* xr = reinterpret_cast<const float*>(xb + off[t]);
-        for (int q = 0; q < 8; ++q) a[q] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(xr + 8 * q), a[q]);
+        fma8(a, wb, xr);
       }
     }
   }
