@@ -388,13 +388,16 @@ Plan validate(const Sparse24MatmulArgs& a, const Sparse24MatmulParams& p) {
 }
 
 // Large m: the rows kernel (kernels/sparse24.h) from kS24RowsMinM rows on (measured: see
-// docs/design.md). Work item = (panel of 64 rows, 64 pairs = 128 channels); within an item k
-// runs in chunks of 8 blocks (64 deep), so the panel's x chunk (64 x 64 f32 = 16 KB) stays in L1
-// while the 64 pairs stream past it, and the item's accumulators (128 channels x 64 rows, 32 KB)
-// stay in L2. x is transposed once into panels, kRowsTransK columns of a panel at a time so the
-// strided writes land in a 128 KB region (L2).
+// docs/design.md). Work item = (panel of 64 rows, kRowsPairBlock = 512 pairs = 1024 channels);
+// within an item k runs in chunks of 8 blocks (64 deep), so the panel's x chunk (64 x 64 f32 =
+// 16 KB) stays in L1 while the item's pairs stream past it, and the item's accumulators (1024
+// channels x 64 rows, 256 KB) stay in L2. Every item re-reads its panel's x (1.8 MB at k = 7168,
+// 3.7 MB at 14336: from L3), so fewer, larger items read less of it: 512 pairs measured steadier
+// than 256 at k = 14336 on 2 threads (185-205 ms against 188-282, avx2; s24h). x is transposed
+// once into panels, kRowsTransK columns of a panel at a time so the strided writes land in a
+// 128 KB region (L2).
 constexpr int64_t kS24RowsMinM = 32;
-constexpr int64_t kRowsPairBlock = 256;
+constexpr int64_t kRowsPairBlock = 512;
 constexpr int64_t kRowsChunkKb = 8;
 constexpr int64_t kRowsTransK = 512;
 bool use_rows(int64_t m) { return m >= kS24RowsMinM; }
