@@ -510,12 +510,13 @@ TEST(Sparse24, RejectsBadInput) {
 // avx512 vpermb + vpdpbusd kernel) against ref::s24_s8_rows on one 64-row panel: rows 1, 3, 17,
 // 40, 64 (tiles of 8 rows cut partway for the avx512 kernel), k = 4, 12 (less than one 64-deep
 // block), 260 (a 4-block chunk plus one partial block) and 7172 (the real depth plus one odd group:
-// a partial last chunk and block), n = 70 (super-panels of 32: the last one 6 real channels) and a
-// super-panel range that starts at 1. x row 2 is all zero, row 0 all -128 and the kept weights of
+// a partial last chunk and block, and several of the AVX2 kernel's 128-group table ranges),
+// n = 100 (super-panels of 32: the last one 4 real channels) and a super-panel range that starts
+// at 1 (3 super-panels: a full and a partial block of the AVX2 kernel's 2-super-panel blocks). x row 2 is all zero, row 0 all -128 and the kept weights of
 // channel 32 all -128 (full s8 range against the +128 bias of the avx512 kernel); rows past `rows`
 // must come out 0. Integer sums: the bits must be equal.
 TEST(Sparse24, Int8RowsKernelsMatchRef) {
-  const int64_t n = 70;
+  const int64_t n = 100;
   for (int64_t k : {4, 12, 260, 7172}) {
     Compressed c = prune(DType::s8, n, k, make_weight(DType::s8, n, k, static_cast<uint32_t>(k + 11)));
     for (int64_t i = 0; i < k / 2; ++i) reinterpret_cast<int8_t*>(c.values.data())[32 * (k / 2) + i] = -128;
@@ -594,6 +595,44 @@ TEST(Sparse24, Int8SwitchPointsExact) {
       }
     }
   }
+}
+
+
+// The rows kernels' output transposition (Sparse24Kernels::rows_out; the AVX2 version moves 8 x 8
+// tiles) against ref's scalar epilogue on every ISA: rows 1, 7, 9, 64 (partial 8-row tiles), 1, 5,
+// 13, 32, 70 channels (partial 8-channel tiles), s32 acc with values past 2^24 (int -> f32 rounds)
+// and both signs, f32 acc with values that round differently to f16 and bf16, every output dtype,
+// with and without per-row scales. Same arithmetic and order, so the bits must be equal.
+TEST(Sparse24, RowsOutMatchesRef) {
+  std::mt19937 g(17);
+  const int64_t maxc = 72, ld = 75;
+  std::vector<int32_t> ai(maxc * kernels::kRowPanel);
+  std::vector<float> af(maxc * kernels::kRowPanel);
+  std::uniform_int_distribution<int32_t> di(-(1 << 28), 1 << 28);
+  std::uniform_real_distribution<float> df(-70000.0f, 70000.0f);
+  for (auto& v : ai) v = di(g);
+  for (auto& v : af) v = df(g);
+  const auto scale = test::rand_f32(maxc, 0.001f, 0.01f), pts = test::rand_f32(kernels::kRowPanel, 0.5f, 2.0f);
+  for (int64_t rows : {1, 7, 9, 64})
+    for (int64_t nc : {1, 5, 13, 32, 70})
+      for (bool s32 : {true, false})
+        for (DType odt : {DType::s32, DType::f32, DType::f16, DType::bf16})
+          for (bool with_pts : {true, false}) {
+            if (odt == DType::s32 && (!s32 || with_pts)) continue;
+            const int64_t es = dtype_size(odt);
+            std::vector<uint8_t> want(rows * ld * es, 0xee), got(rows * ld * es, 0xee);
+            const void* acc = s32 ? static_cast<const void*>(ai.data()) : static_cast<const void*>(af.data());
+            const float* sc = s32 && odt != DType::s32 ? scale.data() : nullptr;
+            const float* p = with_pts ? pts.data() : nullptr;
+            kernels::ref::s24_rows_out(acc, s32, rows, nc, sc, p, odt, want.data(), ld);
+            for (Isa isa : test::fast_isas()) {
+              std::fill(got.begin(), got.end(), 0xee);
+              kernels::sparse24_kernels(isa).rows_out(acc, s32, rows, nc, sc, p, odt, got.data(), ld);
+              ASSERT_EQ(std::memcmp(got.data(), want.data(), got.size()), 0)
+                  << isa_name(isa) << " rows " << rows << " channels " << nc << " s32 " << s32 << " " << dtype_name(odt)
+                  << " pts " << with_pts;
+            }
+          }
 }
 
 }  // namespace

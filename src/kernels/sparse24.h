@@ -102,17 +102,17 @@ using S24S8Fn = void (*)(const int32_t* tab, int64_t ldt, int64_t rows, const S2
 // ---- s8 large-m kernel: rows in the vector lanes ----------------------------------------------
 // For many rows the s8 kernel above pays one vpermd per vpmaddwd (8 channels x 2 kept k). The
 // rows kernel instead walks one 64-row panel of x (kRowPanel rows, row-major s8, ldx apart) and
-// builds, per k chunk of kS8RowsChunkGroups groups, a table in scratch:
+// builds, per k range of kS8RowsRangeGroups groups, a table in scratch:
 //   rt[g][t][64] s32 = u16(x[r][4g + i0(t)]) | x[r][4g + i1(t)] << 16   (t = the 6 pair codes)
-// (1.5 KB per group: 6 KB per chunk of 4 groups, kept hot in L1: 12 KB measured slower, see
-// docs/design.md). Per channel and group: one broadcast of the
+// (1.5 KB per group), read in k chunks of kS8RowsChunkGroups groups (a 12 KB slice, hot in L1
+// while a block of channels runs over it; see docs/design.md). Per channel and group: one broadcast of the
 // channel's two kept values as an s16 pair (vpbroadcastw + vpmovsxbw), the table entry of its
 // pair code (offset = code * 256 bytes, 2 ALU ops from the packed code word), and per 8 rows one
 // vpmaddwd with that entry as memory operand + vpaddd: 16 useful multiply-adds per vpmaddwd, the
 // dense exact kernel's rate, on the kept half only. Packed layout unchanged (the s8 super-panels
 // above). acc[(sp - sp0) * 32 + c][64] (row r at + r) = channel c's exact dot products over the
 // whole depth (overwritten; rows past `rows` are 0); scratch: kS8RowsScratchBytes, 64-aligned.
-constexpr int kS8RowsChunkGroups = 4;
+constexpr int kS8RowsChunkGroups = 8;
 constexpr int64_t kS8RowsGroupBytes = 6 * kRowPanel * 4;
 // ---- avx512 twin (x86/avx512/sparse24_s8.cc, AVX-512 VNNI + VBMI): u8 x s8 vpdpbusd ----------
 // Same contract except acc's layout (row-major per super-panel: Sparse24Kernels::s8_rows_row_major);
@@ -126,12 +126,29 @@ constexpr int kS8Rows512ChunkBlocks = 4;
 constexpr int kS8RowsMaxPanels = 16;  // super-panels per call (sp1 - sp0) the avx512 kernel's scratch holds sums of
 constexpr int64_t kS8Rows512ScratchBytes =  // decoded chunk, the panel's x chunk biased to u8, weight sums
     kS8Rows512ChunkBlocks * 8 * 256 + kRowPanel * kS8Rows512ChunkBlocks * 64 + kS8RowsMaxPanels * kS8Channels * 4;
-constexpr int64_t kS8RowsScratchBytes = kS8Rows512ScratchBytes > kS8RowsChunkGroups * kS8RowsGroupBytes
+// AVX2 walk (session 5, s24h): the table is built once per k range of kS8RowsRangeGroups groups
+// (192 KB of scratch, in L2) and the channels run in blocks of kS8RowsBlockPanels super-panels
+// (64 channels: 16 KB of accumulators) chunk by chunk over the range. Chunks of 8 groups (12 KB
+// slices) measured ~8 % faster than 4 (bare kernel 0.23 against 0.25 ns per vpmaddwd); 16 slower.
+constexpr int kS8RowsRangeGroups = 128;
+constexpr int kS8RowsBlockPanels = 2;
+constexpr int64_t kS8RowsScratchBytes = kS8Rows512ScratchBytes > kS8RowsRangeGroups * kS8RowsGroupBytes
                                             ? kS8Rows512ScratchBytes
-                                            : kS8RowsChunkGroups * kS8RowsGroupBytes;
+                                            : kS8RowsRangeGroups * kS8RowsGroupBytes;
 static_assert(kS8RowsScratchBytes % 64 == 0, "per-thread scratch pieces stay 64-byte aligned");
 using S24S8RowsFn = void (*)(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S24S8Panels& w,
                              int64_t sp0, int64_t sp1, int32_t* acc, void* scratch);
+
+// ---- output of the rows kernels (session 5, s24h) ---------------------------------------------
+// acc channel-major, acc[c * kRowPanel + r] (c < ncols, r < rows <= kRowPanel; the float rows
+// kernel's acc, and the AVX2 / ref s8 rows kernels' acc across super-panels), to row-major
+// y[r * ldy + c] of dtype odt. Float acc (s32_acc false): the value itself (RNE to f16 / bf16).
+// s32 acc: odt s32 the value itself, else (float(v) * scale[c]) * pts[r] in f32 (pts null: no
+// second product), then RNE to odt: the op's scalar epilogue, so every ISA gives ref's bits. acc
+// must be readable up to channel ncols rounded up to 8 and to kRowPanel rows (the AVX2 version
+// transposes 8 x 8 tiles: the strided scalar gather cost ~5 % of an s8 m = 512 call).
+using S24RowsOutFn = void (*)(const void* acc, bool s32_acc, int64_t rows, int64_t ncols, const float* scale,
+                              const float* pts, DType odt, void* y, int64_t ldy);
 
 struct Sparse24Kernels {
   Isa isa;
@@ -146,11 +163,14 @@ struct Sparse24Kernels {
   bool s8_rows_row_major = false;
   // Smallest m for which ops/ runs s8_rows instead of the tiled s8_mm (the op caps it at 40).
   int64_t s8_rows_min_m = 40;
+  S24RowsOutFn rows_out = nullptr;  // output of the channel-major rows kernels (see S24RowsOutFn)
 };
 
 const Sparse24Kernels& sparse24_kernels(Isa isa);
 
 namespace ref {
+void s24_rows_out(const void* acc, bool s32_acc, int64_t rows, int64_t ncols, const float* scale, const float* pts,
+                  DType odt, void* y, int64_t ldy);
 void s24_float_mm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0, int64_t p1,
                   int64_t kb0, int64_t kb1, float* acc, int64_t ld_acc);
 void s24_float_rows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1, int64_t kb0, int64_t kb1, float* acc);
@@ -161,6 +181,8 @@ void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S2
                  int32_t* acc, void* scratch);
 }  // namespace ref
 namespace avx2 {
+void s24_rows_out(const void* acc, bool s32_acc, int64_t rows, int64_t ncols, const float* scale, const float* pts,
+                  DType odt, void* y, int64_t ldy);
 void s24_float_mm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t p0, int64_t p1,
                   int64_t kb0, int64_t kb1, float* acc, int64_t ld_acc);
 void s24_float_rows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1, int64_t kb0, int64_t kb1, float* acc);

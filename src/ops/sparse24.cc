@@ -388,13 +388,16 @@ Plan validate(const Sparse24MatmulArgs& a, const Sparse24MatmulParams& p) {
 }
 
 // Large m: the rows kernel (kernels/sparse24.h) from kS24RowsMinM rows on (measured: see
-// docs/design.md). Work item = (panel of 64 rows, 64 pairs = 128 channels); within an item k
-// runs in chunks of 8 blocks (64 deep), so the panel's x chunk (64 x 64 f32 = 16 KB) stays in L1
-// while the 64 pairs stream past it, and the item's accumulators (128 channels x 64 rows, 32 KB)
-// stay in L2. x is transposed once into panels, kRowsTransK columns of a panel at a time so the
-// strided writes land in a 128 KB region (L2).
+// docs/design.md). Work item = (panel of 64 rows, kRowsPairBlock = 512 pairs = 1024 channels);
+// within an item k runs in chunks of 8 blocks (64 deep), so the panel's x chunk (64 x 64 f32 =
+// 16 KB) stays in L1 while the item's pairs stream past it, and the item's accumulators (1024
+// channels x 64 rows, 256 KB) stay in L2. Every item re-reads its panel's x (1.8 MB at k = 7168,
+// 3.7 MB at 14336: from L3), so fewer, larger items read less of it: 512 pairs measured steadier
+// than 256 at k = 14336 on 2 threads (185-205 ms against 188-282, avx2; s24h). x is transposed
+// once into panels, kRowsTransK columns of a panel at a time so the strided writes land in a
+// 128 KB region (L2).
 constexpr int64_t kS24RowsMinM = 32;
-constexpr int64_t kRowsPairBlock = 256;
+constexpr int64_t kRowsPairBlock = 512;
 constexpr int64_t kRowsChunkKb = 8;
 constexpr int64_t kRowsTransK = 512;
 bool use_rows(int64_t m) { return m >= kS24RowsMinM; }
@@ -559,23 +562,10 @@ void run_float_rows(Context& ctx, const Plan& pl, const Sparse24MatmulArgs& a, c
       const float* xpan = xp + pan * panel_floats;
       for (int64_t k0 = 0; k0 < pl.kb; k0 += kRowsChunkKb)
         sk.float_rows(xpan, panels, p0, p1, k0, std::min(pl.kb, k0 + kRowsChunkKb), acc);
+      // acc is channel-major (acc[c][64]): the kernel table's rows_out transposes it into y.
       const int64_t c1 = std::min(pl.n, 2 * p1);
-      if (odt == DType::f32) {
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t col = 2 * p0; col < c1; ++col)
-            static_cast<float*>(yout)[(r0 + r) * pl.n + col] = acc[(col - 2 * p0) * kRowPanel + r];
-      } else {
-        // f16/bf16 out: gather the row's channels into the thread's row buffer and convert them
-        // with the vector converter (same RNE bits as store(); the scalar converter per element
-        // cost ~2-4 % of an m = 512 call).
-        static_assert(kRowsPairBlock * 2 <= kRowsTransK, "the row buffer holds an item's channels");
-        float* buf = rowbuf + static_cast<int64_t>(tid) * kRowsTransK;
-        const int64_t oes = dtype_size(odt);
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t col = 2 * p0; col < c1; ++col) buf[col - 2 * p0] = acc[(col - 2 * p0) * kRowPanel + r];
-          kt.from_f32(buf, c1 - 2 * p0, odt, static_cast<uint8_t*>(yout) + ((r0 + r) * pl.n + 2 * p0) * oes);
-        }
-      }
+      sk.rows_out(acc, false, rows, c1 - 2 * p0, nullptr, nullptr, odt,
+                  static_cast<uint8_t*>(yout) + (r0 * pl.n + 2 * p0) * dtype_size(odt), pl.n);
     }
   });
 }
@@ -648,7 +638,13 @@ void run_s8_rows(Context& ctx, const Plan& pl, const Sparse24MatmulArgs& a, cons
       sk.s8_rows(x + r0 * pl.k, pl.k, rows, pl.k, panels, sp0, sp1, acc,
                  scratch + static_cast<int64_t>(tid) * kernels::kS8RowsScratchBytes);
       const int64_t c0 = sp0 * kS8Channels, c1 = std::min(pl.n, sp1 * kS8Channels);
-      // Channel-major (acc[c][64]) or, for the avx512 kernel, row-major per super-panel.
+      if (!sk.s8_rows_row_major) {
+        // Channel-major acc[c][64]: the kernel table's rows_out (vector transposes on AVX2).
+        sk.rows_out(acc, true, rows, c1 - c0, scale ? scale + c0 : nullptr, pts ? pts + r0 : nullptr, odt,
+                    static_cast<uint8_t*>(yout) + (r0 * pl.n + c0) * dtype_size(odt), pl.n);
+        continue;
+      }
+      // Row-major per super-panel (the avx512 kernel).
       const int64_t cs = sk.s8_rows_row_major ? 1 : kRowPanel, rs = sk.s8_rows_row_major ? kS8Channels : 1;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = r0 + r;

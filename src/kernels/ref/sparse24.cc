@@ -131,6 +131,33 @@ void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S2
     }
 }
 
+// The op's epilogue: per output one conversion (int -> f32, RNE), the two f32 products in this
+// order, one RNE store.
+void s24_rows_out(const void* acc, bool s32_acc, int64_t rows, int64_t ncols, const float* scale, const float* pts,
+                  DType odt, void* y, int64_t ldy) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < ncols; ++c) {
+      const int64_t ai = c * kRowPanel + r, yi = r * ldy + c;
+      float f;
+      if (s32_acc) {
+        const int32_t v = static_cast<const int32_t*>(acc)[ai];
+        if (odt == DType::s32) {
+          static_cast<int32_t*>(y)[yi] = v;
+          continue;
+        }
+        f = static_cast<float>(v) * scale[c];
+        if (pts) f *= pts[r];
+      } else {
+        f = static_cast<const float*>(acc)[ai];
+      }
+      switch (odt) {
+        case DType::f16: static_cast<uint16_t*>(y)[yi] = f32_to_f16(f); break;
+        case DType::bf16: static_cast<uint16_t*>(y)[yi] = f32_to_bf16(f); break;
+        default: static_cast<float*>(y)[yi] = f; break;
+      }
+    }
+}
+
 }  // namespace ref
 
 #if QLLM_HAVE_AVX2
@@ -142,16 +169,16 @@ bool avx512_s8_rows() { return isa_supported(Isa::avx512) && cpu_features().avx5
 
 const Sparse24Kernels& sparse24_kernels(Isa isa) {
   static const Sparse24Kernels ref_k{Isa::ref, ref::s24_float_mm, ref::s24_float_rows, ref::s24_s8_xtable, ref::s24_s8_mm,
-                                     ref::s24_s8_rows};
+                                     ref::s24_s8_rows, false, 40, ref::s24_rows_out};
 #if QLLM_HAVE_AVX2
   // avx512: its own zmm rows kernel where the CPU runs AVX-512; the rest are the AVX2 kernels.
   static const Sparse24Kernels avx2_k{Isa::avx2, avx2::s24_float_mm, avx2::s24_float_rows, avx2::s24_s8_xtable, avx2::s24_s8_mm,
-                                      avx2::s24_s8_rows};
+                                      avx2::s24_s8_rows, false, 40, avx2::s24_rows_out};
   static const Sparse24Kernels avx512_k{Isa::avx512, avx2::s24_float_mm,
                                         isa_supported(Isa::avx512) ? avx512::s24_float_rows : avx2::s24_float_rows,
                                         avx2::s24_s8_xtable, avx2::s24_s8_mm,
                                         avx512_s8_rows() ? avx512::s24_s8_rows : avx2::s24_s8_rows, avx512_s8_rows(),
-                                        avx512_s8_rows() ? 6 : 40};
+                                        avx512_s8_rows() ? 6 : 40, avx2::s24_rows_out};
 #endif
   switch (isa) {
     case Isa::ref: return ref_k;

@@ -141,6 +141,24 @@ void fmm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t 
                         acc + r0 * ld_acc + (p - p0) * 8, ld_acc);
 }
 
+// a[q] += w * x[8q, 8q + 8) for q < 8 (one FMA each, the accumulator as the addend: the same
+// fused operation as _mm256_fmadd_ps(w, x, a)), in asm: with the intrinsics GCC 12 alternated
+// vfmadd231ps / vfmadd132ps forms and rotated one accumulator through a spare register (a
+// vmovaps per 32 FMAs) once the block loop was unrolled.
+[[gnu::always_inline]] inline void fma8(__m256 (&a)[8], __m256 w, const float* x) {
+  asm("vfmadd231ps (%[x]), %[w], %[a0]\n\t"
+      "vfmadd231ps 32(%[x]), %[w], %[a1]\n\t"
+      "vfmadd231ps 64(%[x]), %[w], %[a2]\n\t"
+      "vfmadd231ps 96(%[x]), %[w], %[a3]\n\t"
+      "vfmadd231ps 128(%[x]), %[w], %[a4]\n\t"
+      "vfmadd231ps 160(%[x]), %[w], %[a5]\n\t"
+      "vfmadd231ps 192(%[x]), %[w], %[a6]\n\t"
+      "vfmadd231ps 224(%[x]), %[w], %[a7]"
+      : [a0] "+x"(a[0]), [a1] "+x"(a[1]), [a2] "+x"(a[2]), [a3] "+x"(a[3]), [a4] "+x"(a[4]), [a5] "+x"(a[5]),
+        [a6] "+x"(a[6]), [a7] "+x"(a[7])
+      : [x] "r"(x), [w] "x"(w), "m"(*reinterpret_cast<const float(*)[64]>(x)));
+}
+
 // Large-m rows kernel (kernels/sparse24.h): one channel of pair p at a time over the chunk, 8
 // accumulators = 64 rows. Per kept weight one broadcast (vpermps) and 8 FMAs whose x operand is a memory
 // load at the kept k: 8 + 1/4 loads per 8 useful FMAs, one permute, and the 8 independent chains cover
@@ -153,6 +171,7 @@ void fmm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t 
   __m256 a[8];
   for (int q = 0; q < 8; ++q) a[q] = _mm256_loadu_ps(acc + 8 * q);
   for (int64_t kb = kb0; kb < kb1; kb += 2, vals += vstride, meta += mstride) {
+#pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       const uint8_t* xb = reinterpret_cast<const uint8_t*>(xp + (kb + h) * 8 * kRowPanel);
       const uint32_t m = meta[2 * h];
@@ -167,7 +186,7 @@ void fmm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t 
       for (int t = 0; t < 4; ++t) {
         const __m256 wb = _mm256_permutevar8x32_ps(vb, _mm256_set1_epi32(vi[t]));
         const float* xr = reinterpret_cast<const float*>(xb + off[t]);
-        for (int q = 0; q < 8; ++q) a[q] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(xr + 8 * q), a[q]);
+        fma8(a, wb, xr);
       }
     }
   }
@@ -436,6 +455,66 @@ void s24_float_rows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1,
   }
 }
 
+// 8 x 8 tiles: 8 channels' 8-row runs (one load each) transposed to 8 row vectors of 8 channels,
+// converted and stored as one vector per row (partial at the last columns / rows).
+void s24_rows_out(const void* acc, bool s32_acc, int64_t rows, int64_t ncols, const float* scale, const float* pts,
+                  DType odt, void* y, int64_t ldy) {
+  const int64_t es = dtype_size(odt);
+  const float* a = static_cast<const float*>(acc);  // s32 bits moved as f32 until converted
+  // Rows outer: an 8-row block's output rows are written left to right (channels inner), so
+  // each y line is completed while in L1 (y rows are n elements apart: a multiple of 4 KB at
+  // n = 4096, so a channels-outer order would keep 64 partial lines in one L1 set).
+  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+    for (int64_t c0 = 0; c0 < ncols; c0 += 8) {
+      const int nc = static_cast<int>(std::min<int64_t>(8, ncols - c0));
+      __m256 sc = _mm256_set1_ps(1.0f);
+      if (s32_acc && odt != DType::s32) {
+        if (nc == 8) {
+          sc = _mm256_loadu_ps(scale + c0);
+        } else {
+          alignas(32) float sb[8] = {};
+          for (int i = 0; i < nc; ++i) sb[i] = scale[c0 + i];
+          sc = _mm256_load_ps(sb);
+        }
+      }
+      __m256 v[8];
+      for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(a + (c0 + i) * kRowPanel + r0);
+      const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
+      const __m256 T[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+                           _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+                           _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+                           _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+      const int nr = static_cast<int>(std::min<int64_t>(8, rows - r0));
+      for (int j = 0; j < nr; ++j) {
+        uint8_t* out = static_cast<uint8_t*>(y) + ((r0 + j) * ldy + c0) * es;
+        if (odt == DType::s32) {
+          const __m256i iv = _mm256_castps_si256(T[j]);
+          if (nc == 8) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), iv);
+          else _mm256_maskstore_epi32(reinterpret_cast<int*>(out),
+                                      _mm256_cmpgt_epi32(_mm256_set1_epi32(nc), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), iv);
+          continue;
+        }
+        __m256 f = T[j];
+        if (s32_acc) {
+          // int -> f32 rounds to nearest even like static_cast<float>; then the two products in
+          // the reference's order (separate multiplies: nothing to contract into an FMA).
+          f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_castps_si256(f)), sc);
+          if (pts) f = _mm256_mul_ps(f, _mm256_set1_ps(pts[r0 + j]));
+        }
+        if (nc == 8) store8(odt, out, f);
+        else store8_partial(odt, out, f, nc);
+      }
+    }
+  }
+}
+
 void s24_s8_xtable(const int8_t* x, int64_t k, int64_t groups_pad, int32_t* tab) {
   // Both 128-bit lanes hold the group's 4 s16 in their low 8 bytes; dword e of the result takes
   // bytes {2 i0, 2 i0 + 1, 2 i1, 2 i1 + 1} for pair e; entries 6, 7 are zeroed (control 0x80).
@@ -485,15 +564,20 @@ void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels&
 namespace qllm::kernels::avx2 {
 
 
-// Chunk walk of the rows kernel: per chunk of kS8RowsChunkGroups groups (always inside one
-// 16-group block), build the table, then every super-panel's 32 channels. Prefetch: a super-panel's
-// chunk is 4 value lines + 1 code line, requested two super-panels ahead (at the end of the item:
-// the first super-panels of the next chunk); the next chunk's 64 x rows (one line each) are
-// requested spread over the super-panels.
+// Walk of the rows kernel. The table is built once per k range of kS8RowsRangeGroups groups
+// (192 KB, in L2), then the item's channels run in blocks of kS8RowsBlockPanels super-panels
+// (64 channels: their 64-row accumulators, 16 KB), chunk by chunk of kS8RowsChunkGroups groups
+// (one 12 KB slice of the table, read from L2 once per channel block and then hot in L1).
+// Session 4 built a 4-group table per chunk and swept all 512 channels of the item per chunk;
+// what the bare kernel (one panel, 4096 channels, k = 7168, 1 thread) says: the chunk size is
+// what matters (8 groups: 0.23 ns per vpmaddwd against 0.25 for 4, 0.28 for 16, with blocks of
+// 1 to 16 super-panels within 3 %: the accumulators' L2 round trips were not the cost). The range
+// table is what lets 8-group chunks pay off: a 12 KB table rebuilt per chunk was no faster than
+// 6 KB in session 4. Prefetch: a super-panel's data two chunks ahead (value lines + code lines).
 void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S24S8Panels& w, int64_t sp0, int64_t sp1,
                  int32_t* acc, void* scratch) {
-  static_assert(kRowPanel == 64 && kS8BlockGroups % kS8RowsChunkGroups == 0 && kS8RowsChunkGroups <= 8,
-                "s8rows_channel holds 64 rows in 8 accumulators; a chunk lies in one block and one 8x8 transpose");
+  static_assert(kRowPanel == 64 && kS8BlockGroups % kS8RowsChunkGroups == 0 && kS8RowsRangeGroups % kS8BlockGroups == 0,
+                "s8rows_channel holds 64 rows in 8 accumulators; a chunk lies in one block; ranges start at a block");
   constexpr int64_t kCodes = kS8BlockGroups * kS8Channels * 2;
   int32_t* rt = static_cast<int32_t*>(scratch);
   __m256i ctl[6];
@@ -501,38 +585,39 @@ void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S2
   const int64_t groups = k / 4, nsp = sp1 - sp0;
   if (groups == 0) std::memset(acc, 0, static_cast<size_t>(nsp * kS8Channels * kRowPanel) * sizeof(int32_t));
   constexpr int kCh = kS8RowsChunkGroups;
-  for (int64_t g0 = 0; g0 < groups; g0 += kCh) {
-    const int gn = static_cast<int>(std::min<int64_t>(kCh, groups - g0));
-    s8rows_table(x, ldx, rows, k, g0, gn, rt, ctl);
-    const int64_t b = g0 / kS8BlockGroups, gi0 = g0 % kS8BlockGroups;
-    const int64_t gnext = g0 + kCh;
-    for (int64_t sp = sp0; sp < sp1; ++sp) {
-      // Weights two super-panels ahead (or the next chunk's first ones).
-      constexpr int pfd = 2;
-      const int64_t ps = sp + pfd < sp1 ? sp + pfd : sp0 + (sp + pfd - sp1);
-      const int64_t pg = sp + pfd < sp1 ? g0 : gnext;
-      if (pg < groups && ps < sp1) {
-        const uint8_t* pb = w.block(ps, pg / kS8BlockGroups);
-        const int64_t pgi = pg % kS8BlockGroups;
-        for (int l = 0; l < kS8RowsChunkGroups; ++l)
-          _mm_prefetch(reinterpret_cast<const char*>(pb + (pgi + l) * kS8Channels * 2), _MM_HINT_T0);
-        for (int l = 0; l < kS8RowsChunkGroups * 12; l += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(pb + kCodes + pgi * 12 + l), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(pb + kCodes + pgi * 12 + kS8RowsChunkGroups * 12 - 1), _MM_HINT_T0);
-      }
-      if (gnext < groups)
-        for (int64_t r = kRowPanel * (sp - sp0) / nsp; r < kRowPanel * (sp - sp0 + 1) / nsp && r < rows; ++r)
-          for (int l = 0; l < 4 * kS8RowsChunkGroups; l += 32)
-            _mm_prefetch(reinterpret_cast<const char*>(x + r * ldx + 4 * gnext + l), _MM_HINT_T0);
-      const uint8_t* blk = w.block(sp, b);
-      int32_t* a = acc + (sp - sp0) * kS8Channels * kRowPanel;
-      for (int j = 0; j < 4; ++j) {
-        const uint8_t* codes = blk + kCodes + gi0 * 12 + 3 * j;
-        const uint8_t* vals = blk + gi0 * kS8Channels * 2 + 16 * j;
-        int32_t* aj = a + 8 * j * kRowPanel;
-        if (gn == kCh) s8rows_subpanel<kCh>(std::make_integer_sequence<int, 8>{}, rt, codes, vals, g0 == 0, aj);
-        else
-          for (int c = 0; c < 8; ++c) s8rows_channel_tail(rt, codes, vals + 2 * c, c, gn, g0 == 0, aj + c * kRowPanel);
+  constexpr int64_t kEntry = 6 * kRowPanel;  // s32 of one group of the table
+  for (int64_t r0g = 0; r0g < groups; r0g += kS8RowsRangeGroups) {
+    const int64_t r1g = std::min(groups, r0g + kS8RowsRangeGroups);
+    for (int64_t g = r0g; g < r1g; g += 8)
+      s8rows_table(x, ldx, rows, k, g, static_cast<int>(std::min<int64_t>(8, r1g - g)), rt + (g - r0g) * kEntry, ctl);
+    for (int64_t cb = sp0; cb < sp1; cb += kS8RowsBlockPanels) {
+      const int64_t cbe = std::min(sp1, cb + kS8RowsBlockPanels);
+      for (int64_t g0 = r0g; g0 < r1g; g0 += kCh) {
+        const int gn = static_cast<int>(std::min<int64_t>(kCh, r1g - g0));
+        const int32_t* rc = rt + (g0 - r0g) * kEntry;
+        const int64_t b = g0 / kS8BlockGroups, gi0 = g0 % kS8BlockGroups;
+        const int64_t pg = g0 + 2 * kCh;  // prefetch target group
+        for (int64_t sp = cb; sp < cbe; ++sp) {
+          if (pg < groups) {
+            const uint8_t* pb = w.block(sp, pg / kS8BlockGroups);
+            const int64_t pgi = pg % kS8BlockGroups;
+            for (int l = 0; l < kCh; ++l)
+              _mm_prefetch(reinterpret_cast<const char*>(pb + (pgi + l) * kS8Channels * 2), _MM_HINT_T0);
+            for (int l = 0; l < kCh * 12; l += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(pb + kCodes + pgi * 12 + l), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(pb + kCodes + pgi * 12 + kCh * 12 - 1), _MM_HINT_T0);
+          }
+          const uint8_t* blk = w.block(sp, b);
+          int32_t* a = acc + (sp - sp0) * kS8Channels * kRowPanel;
+          for (int j = 0; j < 4; ++j) {
+            const uint8_t* codes = blk + kCodes + gi0 * 12 + 3 * j;
+            const uint8_t* vals = blk + gi0 * kS8Channels * 2 + 16 * j;
+            int32_t* aj = a + 8 * j * kRowPanel;
+            if (gn == kCh) s8rows_subpanel<kCh>(std::make_integer_sequence<int, 8>{}, rc, codes, vals, g0 == 0, aj);
+            else
+              for (int c = 0; c < 8; ++c) s8rows_channel_tail(rc, codes, vals + 2 * c, c, gn, g0 == 0, aj + c * kRowPanel);
+          }
+        }
       }
     }
   }
