@@ -245,6 +245,16 @@ struct PagedSetup {
   int64_t maxb;
   std::vector<float> kc, vc;  // contiguous keys [sum lens, Hkv, D] as the cache holds them
   std::vector<int32_t> cu_k;
+  // paged_attention's arguments for one decode query row per sequence (q [B, Hq, D] f32).
+  PagedAttentionArgs decode_args(const std::vector<float>& q, int64_t Hq, int64_t D) {
+    const int64_t B = lens.size();
+    PagedAttentionArgs a;
+    a.q = TensorView(q.data(), DType::f32, {B, Hq, D});
+    a.cache = cache.view();
+    a.block_tables = TensorView(tables.data(), DType::s32, {B, maxb});
+    a.context_lens = TensorView(lens.data(), DType::s32, {B});
+    return a;
+  }
 };
 
 // B sequences with the given context lengths, blocks scattered in a shuffled order; the cache is
@@ -315,11 +325,7 @@ TEST(PagedAttention, DecodeEqualsFlashOnGatheredKeysAllCacheDtypes) {
           const auto q = test::rand_f32(B * Hq * D);
           std::vector<int32_t> cu_q(B + 1);
           std::iota(cu_q.begin(), cu_q.end(), 0);
-          PagedAttentionArgs a;
-          a.q = TensorView(q.data(), DType::f32, {B, Hq, D});
-          a.cache = s.cache.view();
-          a.block_tables = TensorView(s.tables.data(), DType::s32, {B, s.maxb});
-          a.context_lens = TensorView(s.lens.data(), DType::s32, {B});
+          PagedAttentionArgs a = s.decode_args(q, Hq, D);
           AttentionParams p;
           p.window = window;
           std::vector<float> first;
@@ -369,11 +375,7 @@ TEST(PagedAttention, FloatDecodeOddGroupsAllIsasIdentical) {
       const auto q = test::rand_f32(B * Hq * D);
       std::vector<int32_t> cu_q(B + 1);
       std::iota(cu_q.begin(), cu_q.end(), 0);
-      PagedAttentionArgs a;
-      a.q = TensorView(q.data(), DType::f32, {B, Hq, D});
-      a.cache = s.cache.view();
-      a.block_tables = TensorView(s.tables.data(), DType::s32, {B, s.maxb});
-      a.context_lens = TensorView(s.lens.data(), DType::s32, {B});
+      PagedAttentionArgs a = s.decode_args(q, Hq, D);
       std::vector<float> first;
       for (Isa isa : test::isas()) {
         std::vector<float> o(B * Hq * D, 123.0f);

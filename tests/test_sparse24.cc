@@ -140,6 +140,21 @@ void check_float(DType wdt, DType xdt, DType odt, int64_t m, int64_t k, int64_t 
     }
 }
 
+// The exact s32 product x [m, k] s8 times w [n, k] s8 (bytes as stored), in int64 per sum.
+std::vector<int32_t> exact_s8_product(const std::vector<uint8_t>& w, const std::vector<uint8_t>& x, int64_t m, int64_t n,
+                                      int64_t k) {
+  const int8_t* xs = reinterpret_cast<const int8_t*>(x.data());
+  const int8_t* ws = reinterpret_cast<const int8_t*>(w.data());
+  std::vector<int32_t> out(m * n);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t col = 0; col < n; ++col) {
+      int64_t sum = 0;
+      for (int64_t kk = 0; kk < k; ++kk) sum += static_cast<int64_t>(ws[col * k + kk]) * xs[r * k + kk];
+      out[r * n + col] = static_cast<int32_t>(sum);
+    }
+  return out;
+}
+
 std::vector<uint8_t> make_x(DType dt, int64_t m, int64_t k, uint32_t seed) {
   std::mt19937 g(seed);
   std::vector<uint8_t> x(static_cast<size_t>(m * k * dtype_size(dt)));
@@ -360,15 +375,7 @@ TEST(Sparse24, Int8SlabsAndPanelsExact) {
   for (int64_t kk = 0; kk < k; ++kk) reinterpret_cast<int8_t*>(x.data())[(m - 1) * k + kk] = -128;
   const PackedSparse24 pk = PackedSparse24::pack(TensorView(c.values.data(), DType::s8, {n, k / 2}),
                                                  TensorView(c.meta.data(), DType::u8, {n, sparse24_meta_cols(k)}));
-  std::vector<int32_t> want(m * n);
-  const int8_t* xs = reinterpret_cast<const int8_t*>(x.data());
-  const int8_t* ws = reinterpret_cast<const int8_t*>(c.dense.data());
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t col = 0; col < n; ++col) {
-      int64_t s = 0;
-      for (int64_t kk = 0; kk < k; ++kk) s += static_cast<int64_t>(ws[col * k + kk]) * xs[r * k + kk];
-      want[r * n + col] = static_cast<int32_t>(s);
-    }
+  const std::vector<int32_t> want = exact_s8_product(c.dense, x, m, n, k);
   Sparse24MatmulArgs a;
   a.x = TensorView(x.data(), DType::s8, {m, k});
   a.packed = &pk;
@@ -574,15 +581,7 @@ TEST(Sparse24, Int8SwitchPointsExact) {
     for (int64_t m : {1, 3, 5, 6, 17, 39, 40, 65}) {
       auto x = make_x(DType::s8, m, k, static_cast<uint32_t>(m * 13 + k));
       if (m > 2) std::memset(x.data() + 2 * k, 0, static_cast<size_t>(k));
-      const int8_t* xs = reinterpret_cast<const int8_t*>(x.data());
-      const int8_t* ws = reinterpret_cast<const int8_t*>(c.dense.data());
-      std::vector<int32_t> want(m * n);
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t col = 0; col < n; ++col) {
-          int64_t sum = 0;
-          for (int64_t kk = 0; kk < k; ++kk) sum += static_cast<int64_t>(ws[col * k + kk]) * xs[r * k + kk];
-          want[r * n + col] = static_cast<int32_t>(sum);
-        }
+      const std::vector<int32_t> want = exact_s8_product(c.dense, x, m, n, k);
       Sparse24MatmulArgs a;
       a.x = TensorView(x.data(), DType::s8, {m, k});
       a.packed = &pk;
