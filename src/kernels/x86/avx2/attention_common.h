@@ -32,6 +32,15 @@ void attn_decode(const float* q, const int16_t* q16, const int8_t* q8, const flo
 void attn_merge(const float* part, int64_t nsplit, int64_t stride, int64_t D, float* o);
 }  // namespace QLLM_ATTN_ISA
 
+#if QLLM_ATTN_VNNI
+namespace avx512 {
+// The s8-cache tile of the avx512 decode kernel (x86/avx512/attention_decode_s8.cc): head by
+// head in zmm, the same integer sums and 7-bit P.V weights as the AVX2 and reference kernels.
+void attn_decode_s8(const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
+                    const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* m, float* l, float* acc);
+}  // namespace avx512
+#endif
+
 namespace {
 
 using avx2::exp8;
@@ -72,6 +81,29 @@ inline __m512 exp16(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 #endif
+
+
+// ---- decode pieces shared by attention_decode.cc and avx512/attention_decode_s8.cc ----
+
+constexpr int64_t kMaxTile = 128;  // Problem::Tk() <= 128
+
+// One prefetcht1 of the line holding p. A register operand: with a memory operand ("m") g++
+// kept the P.V accumulators in memory across the asm (a store of all 16 per key).
+inline void prefetch_line_t1(const void* p) { asm volatile("prefetcht1 (%0)" : : "r"(p)); }
+inline void prefetch_line_t0(const void* p) { asm volatile("prefetcht0 (%0)" : : "r"(p)); }
+
+// Calls f.template operator()<R>(r) for the row groups of g rows: 4 at a time, then the rest.
+template <class F>
+inline void for_groups(int64_t g, F&& f) {
+  int64_t r = 0;
+  for (; r + 4 <= g; r += 4) f.template operator()<4>(r);
+  switch (g - r) {
+    case 3: f.template operator()<3>(r); break;
+    case 2: f.template operator()<2>(r); break;
+    case 1: f.template operator()<1>(r); break;
+    default: break;
+  }
+}
 
 }  // namespace
 
