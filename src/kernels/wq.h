@@ -119,6 +119,15 @@ struct WqVnniGeometry {
     digits_at = info_at + w.groups * cpg * 16;
     floats = digits_at + up16(kp);
   }
+  // Chunk c of group g in a prepared row: its 16 info words, and its digits from k offset c0
+  // (blocks of 8 k x 4 digits x 1 byte for 4-bit weights, 4 k x 4 digits for 8-bit).
+  const int32_t* info(const float* row, int64_t g, int64_t c) const {
+    return reinterpret_cast<const int32_t*>(row + info_at) + (g * cpg + c) * 16;
+  }
+  const int8_t* digits(const float* row, int64_t kgroup, int bits, int64_t g, int64_t c0) const {
+    const int64_t kb = bits == 8 ? 4 : 8;
+    return reinterpret_cast<const int8_t*>(row + digits_at) + (g * kgroup + c0) / kb * (kb * 4);
+  }
 };
 // Defined in baseline code (ref/wq.cc): workspace sizing calls it for any ISA.
 int64_t wq_vnni_prep_floats(const WqPanels& w);

@@ -221,8 +221,8 @@ void gemv_panel(const WqPanels& w, const Geo& geo, const float* const* prow, int
       const int8_t* dg[MR];
       int smax = 0, cost = 0;
       for (int r = 0; r < MR; ++r) {
-        inf[r] = reinterpret_cast<const int32_t*>(prow[r] + geo.info_at) + (g * geo.cpg + c) * 16;
-        dg[r] = reinterpret_cast<const int8_t*>(prow[r] + geo.digits_at) + ((g * w.kgroup + c0) / KB) * (BITS == 8 ? 16 : 32);
+        inf[r] = geo.info(prow[r], g, c);
+        dg[r] = geo.digits(prow[r], w.kgroup, BITS, g, c0);
         smax = std::max(smax, inf[r][0]);
         if (inf[r][0] > 0) cost += 8 + 9 * inf[r][0];  // twice the estimate above
       }
@@ -285,8 +285,8 @@ void gemv1_panels(const WqPanels& w, const Geo& geo, const float* prow, int64_t 
       const int64_t c0 = c * geo.chunk;
       if (c0 >= len) break;
       const int64_t nkb = (std::min(len, c0 + geo.chunk) - c0 + KB - 1) / KB;
-      const int32_t* inf = reinterpret_cast<const int32_t*>(prow + geo.info_at) + (g * geo.cpg + c) * 16;
-      const int8_t* dg = reinterpret_cast<const int8_t*>(prow + geo.digits_at) + ((g * w.kgroup + c0) / KB) * (BITS == 8 ? 16 : 32);
+      const int32_t* inf = geo.info(prow, g, c);
+      const int8_t* dg = geo.digits(prow, w.kgroup, BITS, g, c0);
       const int S = inf[0];
       const int32_t* const infs[1] = {inf};
       if (S == 0) {

@@ -205,8 +205,8 @@ void gemv_panel(const WqPanels& w, const Geo& geo, const float* const* prow, int
       const int8_t* dg[MR];
       int S = 0;
       for (int r = 0; r < MR; ++r) {
-        inf[r] = reinterpret_cast<const int32_t*>(prow[r] + geo.info_at) + (g * geo.cpg + c) * 16;
-        dg[r] = reinterpret_cast<const int8_t*>(prow[r] + geo.digits_at) + ((g * w.kgroup + c0) / KB) * (BITS == 8 ? 16 : 32);
+        inf[r] = geo.info(prow[r], g, c);
+        dg[r] = geo.digits(prow[r], w.kgroup, BITS, g, c0);
         S = std::max(S, inf[r][0]);
       }
       switch (S) {
