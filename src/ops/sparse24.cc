@@ -431,11 +431,12 @@ int64_t s8_slab_rows(int64_t m, int64_t k) {
 
 // Large-m s8 path (kernels/sparse24.h, s8 rows kernel) from kS24S8RowsMinM rows on: a 64-row
 // panel costs the same at any fill (k = 7168, n = 4096: ~8.2 ms at m = 32 and 48), the tiled
-// kernel ~0.21 ms per row (6.4 ms at m = 31), so they cross at ~40 rows (docs/design.md). Work item = (panel of 64 rows, kS8RowsPanelBlock super-panels = 512
-// channels): the item's accumulators (512 x 64 s32 = 128 KB) stay in L2 across the k chunks, and
-// the panel's x and the chunk tables are built once per item (~2 % of its work), so no table
-// memory outside the per-thread 6 KB scratch. 512 channels per item keeps the x panel's re-reads
-// (once per item) small against the weight stream (once per panel).
+// kernel ~0.21 ms per row (6.4 ms at m = 31), so they cross at ~40 rows (docs/design.md). Work
+// item = (panel of 64 rows, kS8RowsPanelBlock super-panels = 512 channels): the item's
+// accumulators (512 x 64 s32 = 128 KB) stay in L2 across the k chunks, and the kernel builds its
+// x tables per item in the per-thread scratch (kernels::kS8RowsScratchBytes), so no table memory
+// outside it. 512 channels per item keeps the x panel's re-reads (once per item) small against
+// the weight stream (once per panel).
 constexpr int64_t kS24S8RowsMinM = 40;
 constexpr int64_t kS8RowsPanelBlock = 16;
 // The avx512 rows kernel (vpermb + vpdpbusd) costs ~3 ms per full 64-row panel at k = 7168 and
@@ -644,13 +645,12 @@ void run_s8_rows(Context& ctx, const Plan& pl, const Sparse24MatmulArgs& a, cons
                     static_cast<uint8_t*>(yout) + (r0 * pl.n + c0) * dtype_size(odt), pl.n);
         continue;
       }
-      // Row-major per super-panel (the avx512 kernel).
-      const int64_t cs = sk.s8_rows_row_major ? 1 : kRowPanel, rs = sk.s8_rows_row_major ? kS8Channels : 1;
+      // Row-major per super-panel (the avx512 kernel): acc[sp - sp0][r][32].
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = r0 + r;
         for (int64_t col = c0; col < c1; ++col) {
           const int64_t cc = col - c0;
-          const int32_t v = acc[(cc / kS8Channels) * kS8Channels * kRowPanel + (cc % kS8Channels) * cs + r * rs];
+          const int32_t v = acc[(cc / kS8Channels) * kS8Channels * kRowPanel + r * kS8Channels + cc % kS8Channels];
           const int64_t yi = row * pl.n + col;
           if (odt == DType::s32) static_cast<int32_t*>(yout)[yi] = v;
           else store(odt, yout, yi, (static_cast<float>(v) * scale[col]) * (pts ? pts[row] : 1.0f));
