@@ -22,12 +22,23 @@ struct Case {
   const char* mode;  // prefill | decode
   int64_t batch, queries, context, D;
   DType kv;
+  int64_t block_size;
 };
 
-// A paged cache holding `batch` sequences of `context` tokens (blocks of 16, shuffled), filled
-// through reshape_and_cache from uniform random keys/values.
+// A paged cache holding `batch` sequences of `context` tokens (blocks of `bs` tokens in shuffled
+// order, as a pool's free list hands them out after some churn), filled through
+// reshape_and_cache from Gaussian keys/values.
+//
+// The block size decides how far decode can stream: a block holds bs * Hkv * D elements of K
+// (and as many of V) in one place, and every block starts a new DRAM stream at a random
+// address. At 16 tokens an int8 D 128 or f16 D 64 block is 16 KiB, and a plain read of 16 KiB
+// blocks in random order gets ~0.6 of the sequential DRAM rate on this machine (8 KiB: ~0.55;
+// 64 KiB: ~0.93; docs/design.md, "Paged decode and the block size"). The default, 128 tokens,
+// is the block size of Ascend's paged attention (CANN requires it with prefix caching and
+// chunked prefill) and of vLLM's CPU backend with its optimised (IPEX) attention; 16 is the
+// vLLM GPU default and can be measured with --block-size 16.
 struct BenchCache {
-  int64_t nb, bs = 16, Hkv, D;
+  int64_t nb, bs = 128, Hkv, D;
   DType dt;
   // K and V pools (and the s8 scales) come from aligned_malloc, as a serving engine's KV pool
   // would: huge pages for large pools (docs/design.md decision 11), so decode streams them
@@ -62,6 +73,7 @@ struct BenchCache {
   BenchCache clone() const {
     BenchCache c;
     c.nb = nb;
+    c.bs = bs;
     c.Hkv = Hkv;
     c.D = D;
     c.dt = dt;
@@ -79,8 +91,9 @@ struct BenchCache {
   }
 };
 
-BenchCache make_cache(Context& ctx, int64_t batch, int64_t context, int64_t Hkv, int64_t D, DType dt, uint32_t seed) {
+BenchCache make_cache(Context& ctx, int64_t batch, int64_t context, int64_t Hkv, int64_t D, DType dt, int64_t bs, uint32_t seed) {
   BenchCache c;
+  c.bs = bs;
   c.Hkv = Hkv;
   c.D = D;
   c.dt = dt;
@@ -120,18 +133,20 @@ int bench_attention(const Options& o) {
   const int64_t Hq = 32, Hkv = 8;
   std::vector<Case> cases;
   const std::vector<int64_t> Ds = o.quick ? std::vector<int64_t>{64} : std::vector<int64_t>{128, 64};
-  for (DType kv : {DType::f16, DType::s8})
-    for (int64_t D : Ds) {
-      if (o.quick) {
-        cases.push_back({"prefill", 1, 64, 256, D, kv});
-        cases.push_back({"decode", 2, 1, 1024, D, kv});
-        continue;
+  const std::vector<int64_t> block_sizes = o.block_sizes.empty() ? std::vector<int64_t>{128} : o.block_sizes;
+  for (int64_t bs : block_sizes)
+    for (DType kv : {DType::f16, DType::s8})
+      for (int64_t D : Ds) {
+        if (o.quick) {
+          cases.push_back({"prefill", 1, 64, 256, D, kv, bs});
+          cases.push_back({"decode", 2, 1, 1024, D, kv, bs});
+          continue;
+        }
+        cases.push_back({"prefill", 1, 512, 4096, D, kv, bs});  // a 512-token chunk after 3584 cached tokens
+        cases.push_back({"prefill", 1, 2048, 2048, D, kv, bs});  // a 2048-token prompt, causal
+        for (int64_t batch : {1, 8})
+          for (int64_t context : {1024, 4096, 16384}) cases.push_back({"decode", batch, 1, context, D, kv, bs});
       }
-      cases.push_back({"prefill", 1, 512, 4096, D, kv});  // a 512-token chunk after 3584 cached tokens
-      cases.push_back({"prefill", 1, 2048, 2048, D, kv});  // a 2048-token prompt, causal
-      for (int64_t batch : {1, 8})
-        for (int64_t context : {1024, 4096, 16384}) cases.push_back({"decode", batch, 1, context, D, kv});
-    }
 
   if (!o.mode.empty())
     cases.erase(std::remove_if(cases.begin(), cases.end(), [&](const Case& c) { return o.mode != c.mode; }), cases.end());
@@ -155,12 +170,12 @@ int bench_attention(const Options& o) {
     j["threads"] = peak.threads;
     rep.row(j);
   }
-  // Median decode time of the f16 case with the same (batch, context, D), for int8's speedup.
-  std::vector<std::pair<std::tuple<int64_t, int64_t, int64_t>, double>> f16_decode;
+  // Median decode time of the f16 case with the same (batch, context, D, block size), for int8's speedup.
+  std::vector<std::pair<std::tuple<int64_t, int64_t, int64_t, int64_t>, double>> f16_decode;
 
   uint32_t seed = 1;
   for (const Case& c : cases) {
-    BenchCache cache = make_cache(ctx, c.batch, c.context, Hkv, c.D, c.kv, seed++);
+    BenchCache cache = make_cache(ctx, c.batch, c.context, Hkv, c.D, c.kv, c.block_size, seed++);
     const bool decode = std::string(c.mode) == "decode";
     // Decode must read the KV from DRAM, as in serving, where the other layers' KV and weights
     // pass through the 32 MiB L3 between two steps of one layer: like the matmul benchmarks'
@@ -210,6 +225,7 @@ int bench_attention(const Options& o) {
                  {"batch", c.batch},       {"queries", c.queries},
                  {"context", c.context},   {"head_size", c.D},
                  {"q_heads", Hq},          {"kv_heads", Hkv},
+                 {"block_size", c.block_size},
                  {"threads", ctx.threads()}, {"isa", isa_name(ctx.isa())}};
     j["median_ms"] = t * 1e3;
     // Flops of the visible (query, key) pairs only: QK^T and PV, 2 flops per multiply-add each.
@@ -237,7 +253,7 @@ int bench_attention(const Options& o) {
     j["stream_ratio"] = decode ? nlohmann::ordered_json(kv_bytes / t / 1e9 / stream_now) : nlohmann::ordered_json();
     j["speedup_vs_f16_kv"] = nullptr;
     if (decode) {
-      const auto key = std::make_tuple(c.batch, c.context, c.D);
+      const auto key = std::make_tuple(c.batch, c.context, c.D, c.block_size);
       if (c.kv == DType::f16) f16_decode.push_back({key, t});
       for (const auto& [k2, tf] : f16_decode)
         if (c.kv == DType::s8 && k2 == key) j["speedup_vs_f16_kv"] = tf / t;

@@ -20,6 +20,7 @@ struct Options {
   bool quick = false;     // small shapes, for smoke tests
   std::vector<int64_t> rows;  // moe-ffn: rows per expert to run (empty: the standard list)
   std::vector<int64_t> tokens;  // moe-layer: tokens per call to run (empty: the standard list)
+  std::vector<int64_t> block_sizes;  // attention: KV cache block sizes in tokens (empty: 128)
   bool no_peers = false;  // skip the comparison runs (for quick tuning)
   std::string mode;       // attention: run only the cases of this mode (prefill | decode); empty: all
   std::vector<std::string> formats;  // wq-gemm, sparse24: case.format values to run (empty: all)

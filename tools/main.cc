@@ -71,6 +71,7 @@ int main(int argc, char** argv) {
   bench->add_option("--rows", o.rows, "moe-ffn: rows per expert to run (default 1,4,16,64,256,512); wq-gemm, sparse24: m values (default 1,4,16,512)")->delimiter(',');
   bench->add_option("--formats", o.formats, "wq-gemm, sparse24: case.format values to run (default all), e.g. s24_s8,s24_f16; attention: KV dtypes (f16,int8)")->delimiter(',');
   bench->add_option("--tokens", o.tokens, "moe-layer: tokens per call to run (default 1,8,64,512); moe-routing: (default 1,64,512); attention: contexts")->delimiter(',');
+  bench->add_option("--block-size", o.block_sizes, "attention: KV cache block sizes in tokens (default 128), e.g. 16,128")->delimiter(',')->check(CLI::Range(1, 4096));
   bench->add_flag("--no-peers", o.no_peers, "skip the comparison runs (unfused chain, 1 thread)");
   bench->add_option("--mode", o.mode, "attention: only the cases of this mode")->check(CLI::IsMember({"prefill", "decode"}));
   CLI11_PARSE(app, argc, argv);
