@@ -92,7 +92,8 @@ struct DecTile {
 // Prefetch distance: one tile ahead, spread over this tile's work (a few lines per head and key
 // pair) so the requests overlap the arithmetic instead of stalling it in one burst, into L2
 // (prefetcht1): measured, T0 into the 32 KB L1 (and bursts of a whole tile, and no software
-// prefetch) stay at ~11 GB/s from DRAM on 2 cores, T1 reaches ~20 GB/s (B8 16k f16).
+// prefetch) stay at ~11 GB/s from DRAM on 2 cores, T1 reaches ~20 GB/s (B8 16k f16). Which
+// tile's rows each phase prefetches (one or half a tile ahead): DecPf below.
 inline void prefetch_head(const uint8_t* p, int64_t bytes) {
   if (!p) return;
   // asm volatile: g++ 12 -O2 deleted these _mm_prefetch calls (and the address walk feeding
@@ -100,6 +101,27 @@ inline void prefetch_head(const uint8_t* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) asm volatile("prefetcht1 %0" : : "m"(p[b]));
 }
 
+
+// Prefetch schedules of the float decode path (measured from DRAM with an in-process A/B
+// driver, 2 threads, B1 16k / B8 4k; docs/design.md "Float decode prefetch schedules"):
+// one_tile: the score loop prefetches the next tile's K, the P.V passes its V (one tile ahead
+//   each). s8 (AVX2 build) and the AVX2 build's float path at tiles of < 64 keys or blocks of
+//   >= Tk tokens.
+// phase: the score loop prefetches this tile's V (used by the P.V passes right after), the P.V
+//   passes the next tile's K: each array half a tile ahead. AVX-512 build where score_phase is
+//   not chosen: 1-4% faster than one_tile at D 128 and D 64 with 128-token blocks; on the AVX2
+//   build 5-8% slower at 16-token blocks, so not used there.
+// score_phase: the score loop prefetches both (this tile's V, the next tile's K), the P.V
+//   passes none. For tiles of >= 64 keys (Dp <= 64) spanning several cache blocks
+//   (block_size < Tk): at 16-token blocks, D 64, 6-9% faster than one_tile (f16, both builds),
+//   f32 D 64 12-15%, bf16 ~10%; at Tk 32 (D 128) 8-12% slower, and at blocks of >= Tk tokens
+//   2-4% behind phase on the AVX-512 build, so only there.
+enum class DecPf { one_tile, phase, score_phase };
+inline DecPf dec_pf_schedule(bool s8, int64_t Tk, int64_t block_size) {
+  if (s8) return DecPf::one_tile;
+  if (Tk >= 64 && block_size < Tk) return DecPf::score_phase;
+  return QLLM_ATTN_VNNI ? DecPf::phase : DecPf::one_tile;
+}
 
 // Rows r < R of the scores f0 (key j) and f1 (key j + 1): s[r * Tk] = f0[r], s[r * Tk + 1] = f1[r].
 template <int R>
@@ -586,6 +608,11 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
   // 16 registers), every head's rows (the group's K rows of all heads are KS contiguous runs of
   // H * D elements, read once). A tile's tail takes groups of 2 and 1.
   constexpr int64_t KS = QLLM_ATTN_VNNI ? 4 : 2;
+  // Prefetch schedule (DecPf): which tile's K and V rows the score loop and the P.V passes
+  // prefetch. Chosen from the shapes only; it moves no arithmetic (docs/design.md, "Float decode
+  // prefetch schedules").
+  const DecPf pf_sched = dec_pf_schedule(s8, Tk, src.block_size);
+  const bool pf_v_now = pf_sched != DecPf::one_tile, pf_k_next = pf_sched != DecPf::phase;
   for (int64_t j = 0; j < n;) {
     const int64_t nk = n - j >= KS ? KS : n - j >= 2 ? 2 : 1;
     for (int64_t h = 0; h < H; ++h) {
@@ -593,7 +620,8 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
       float ksc[4] = {};
       for (int64_t i = 0; i < nk; ++i) {
         kr[i] = t.kp[j + i] + h * hs;
-        if (t.kn[j + i]) prefetch_head(t.kn[j + i] + h * hs, hs);
+        if (pf_v_now) prefetch_head(t.vp[j + i] + h * hs, hs);  // this tile's V, for the P.V below
+        if (pf_k_next && t.kn[j + i]) prefetch_head(t.kn[j + i] + h * hs, hs);
         if (s8) ksc[i] = t.ksp[j + i][h];
       }
       for_groups(g, [&]<int R>(int64_t r) {
@@ -692,13 +720,15 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
       for (int64_t j = 0; j < n; ++j) {
         vr[j] = t.vp[j] + h * hs;
         // Past the last key: this tile's row (in cache), so the passes need no null test.
-        pf[j] = t.vn[j] ? t.vn[j] + h * hs : vr[j];
+        const uint8_t* nx = pf_sched == DecPf::phase ? t.kn[j] : t.vn[j];  // the next tile's K or V
+        pf[j] = nx ? nx + h * hs : vr[j];
       }
       for_groups(g, [&]<int R>(int64_t r) {
         const float* wp = s + (h * g + r) * Tk;
         float* ap = acc + (h * RH + r) * Dp;
         const float* al = fold_alpha ? alpha + h * g + r : ones;
-        const uint8_t* const* p = r == 0 ? pf : nullptr;  // the first row group prefetches
+        // The first row group prefetches (nothing in the score-phase schedule).
+        const uint8_t* const* p = r == 0 && pf_sched != DecPf::score_phase ? pf : nullptr;
         int64_t d = 0;
 #if QLLM_ATTN_VNNI
         for (; d + 64 <= Df; d += 64) dec_pv_pass_z<R, L, 4>(wp, Tk, vr, n, d, al, ap, Dp, p, hs);
