@@ -105,21 +105,21 @@ inline void prefetch_head(const uint8_t* p, int64_t bytes) {
 // Prefetch schedules of the float decode path (measured from DRAM with an in-process A/B
 // driver, 2 threads, B1 16k / B8 4k; docs/design.md "Float decode prefetch schedules"):
 // one_tile: the score loop prefetches the next tile's K, the P.V passes its V (one tile ahead
-//   each). s8 (AVX2 build) and the AVX2 build's float path at tiles of < 64 keys or blocks of
-//   >= Tk tokens.
+//   each). s8 (AVX2 build) and the AVX2 build's float path at tiles of < 64 keys (D > 64).
 // phase: the score loop prefetches this tile's V (used by the P.V passes right after), the P.V
 //   passes the next tile's K: each array half a tile ahead. AVX-512 build where score_phase is
 //   not chosen: 1-4% faster than one_tile at D 128 and D 64 with 128-token blocks; on the AVX2
 //   build 5-8% slower at 16-token blocks, so not used there.
 // score_phase: the score loop prefetches both (this tile's V, the next tile's K), the P.V
-//   passes none. For tiles of >= 64 keys (Dp <= 64) spanning several cache blocks
-//   (block_size < Tk): at 16-token blocks, D 64, 6-9% faster than one_tile (f16, both builds),
-//   f32 D 64 12-15%, bf16 ~10%; at Tk 32 (D 128) 8-12% slower, and at blocks of >= Tk tokens
-//   2-4% behind phase on the AVX-512 build, so only there.
+//   passes none. For tiles of >= 64 keys (Dp <= 64): at 16-token blocks, D 64, 6-19% faster
+//   than one_tile on the AVX-512 build, 5-8% on AVX2 (f16; f32 D 64 12-15%, bf16 ~10%); at
+//   128-token blocks equal to one_tile or up to 9% faster on AVX2, but 1-4% behind phase on the
+//   AVX-512 build, so that build takes it only for tiles spanning several blocks
+//   (block_size < Tk). At Tk 32 (D 128) it was 8-12% slower: not used there.
 enum class DecPf { one_tile, phase, score_phase };
 inline DecPf dec_pf_schedule(bool s8, int64_t Tk, int64_t block_size) {
   if (s8) return DecPf::one_tile;
-  if (Tk >= 64 && block_size < Tk) return DecPf::score_phase;
+  if (Tk >= 64 && (!QLLM_ATTN_VNNI || block_size < Tk)) return DecPf::score_phase;
   return QLLM_ATTN_VNNI ? DecPf::phase : DecPf::one_tile;
 }
 
