@@ -555,7 +555,7 @@ inline void dec_pv_s8(const uint8_t* const* wq, const float* sw, const uint8_t* 
 }
 
 
-template <class L>
+template <class L, DecPf S>
 void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
               const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* m, float* l, float* acc) {
   constexpr bool s8 = std::is_same_v<L, LoadS8>;
@@ -608,11 +608,10 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
   // 16 registers), every head's rows (the group's K rows of all heads are KS contiguous runs of
   // H * D elements, read once). A tile's tail takes groups of 2 and 1.
   constexpr int64_t KS = QLLM_ATTN_VNNI ? 4 : 2;
-  // Prefetch schedule (DecPf): which tile's K and V rows the score loop and the P.V passes
-  // prefetch. Chosen from the shapes only; it moves no arithmetic (docs/design.md, "Float decode
-  // prefetch schedules").
-  const DecPf pf_sched = dec_pf_schedule(s8, Tk, src.block_size);
-  const bool pf_v_now = pf_sched != DecPf::one_tile, pf_k_next = pf_sched != DecPf::phase;
+  // Prefetch schedule S (DecPf, a template parameter so that each schedule compiles to its own
+  // loops with no flag tests): which tile's K and V rows the score loop and the P.V passes
+  // prefetch. It moves no arithmetic (docs/design.md, "Float decode prefetch schedules").
+  constexpr bool pf_v_now = S != DecPf::one_tile, pf_k_next = S != DecPf::phase;
   for (int64_t j = 0; j < n;) {
     const int64_t nk = n - j >= KS ? KS : n - j >= 2 ? 2 : 1;
     for (int64_t h = 0; h < H; ++h) {
@@ -620,7 +619,7 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
       float ksc[4] = {};
       for (int64_t i = 0; i < nk; ++i) {
         kr[i] = t.kp[j + i] + h * hs;
-        if (pf_v_now) prefetch_head(t.vp[j + i] + h * hs, hs);  // this tile's V, for the P.V below
+        if constexpr (pf_v_now) prefetch_head(t.vp[j + i] + h * hs, hs);  // this tile's V, for the P.V below
         if (pf_k_next && t.kn[j + i]) prefetch_head(t.kn[j + i] + h * hs, hs);
         if (s8) ksc[i] = t.ksp[j + i][h];
       }
@@ -720,7 +719,7 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
       for (int64_t j = 0; j < n; ++j) {
         vr[j] = t.vp[j] + h * hs;
         // Past the last key: this tile's row (in cache), so the passes need no null test.
-        const uint8_t* nx = pf_sched == DecPf::phase ? t.kn[j] : t.vn[j];  // the next tile's K or V
+        const uint8_t* nx = S == DecPf::phase ? t.kn[j] : t.vn[j];  // the next tile's K or V
         pf[j] = nx ? nx + h * hs : vr[j];
       }
       for_groups(g, [&]<int R>(int64_t r) {
@@ -728,7 +727,7 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
         float* ap = acc + (h * RH + r) * Dp;
         const float* al = fold_alpha ? alpha + h * g + r : ones;
         // The first row group prefetches (nothing in the score-phase schedule).
-        const uint8_t* const* p = r == 0 && pf_sched != DecPf::score_phase ? pf : nullptr;
+        const uint8_t* const* p = r == 0 && S != DecPf::score_phase ? pf : nullptr;
         int64_t d = 0;
 #if QLLM_ATTN_VNNI
         for (; d + 64 <= Df; d += 64) dec_pv_pass_z<R, L, 4>(wp, Tk, vr, n, d, al, ap, Dp, p, hs);
@@ -750,11 +749,23 @@ namespace QLLM_ATTN_ISA {
 void attn_decode(const float* q, const int16_t* q16, const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
             const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* /*tmp*/, float* m, float* l,
             float* acc) {
+  // Float caches: the build's two prefetch schedules (dec_pf_schedule); s8: one_tile.
+  constexpr DecPf kOther = QLLM_ATTN_VNNI ? DecPf::phase : DecPf::one_tile;
+  const bool sp = dec_pf_schedule(src.dtype == DType::s8, Tk, src.block_size) == DecPf::score_phase;
   switch (src.dtype) {
-    case DType::f16: decode_t<LoadF16>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
-    case DType::bf16: decode_t<LoadBF16>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
-    case DType::s8: decode_t<LoadS8>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
-    default: decode_t<LoadF32>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
+    case DType::f16:
+      if (sp) decode_t<LoadF16, DecPf::score_phase>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
+      else decode_t<LoadF16, kOther>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
+      break;
+    case DType::bf16:
+      if (sp) decode_t<LoadBF16, DecPf::score_phase>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
+      else decode_t<LoadBF16, kOther>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
+      break;
+    case DType::s8: decode_t<LoadS8, DecPf::one_tile>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
+    default:
+      if (sp) decode_t<LoadF32, DecPf::score_phase>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
+      else decode_t<LoadF32, kOther>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
+      break;
   }
 }
 
