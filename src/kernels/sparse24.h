@@ -122,19 +122,10 @@ constexpr int64_t kS8RowsGroupBytes = 6 * kRowPanel * 4;
 // row's 64 x bytes) + one vpdpbusd (its 4 kept s8 weights) per 16 channels; the tile's sums live in
 // acc itself (row-major per super-panel) between chunks, so the panel's x chunk (16 KB) is reused
 // by every super-panel of the call.
-constexpr int kS8Rows512ChunkBlocks = 2;
-constexpr int kS8RowsMaxPanels = 16;  // super-panels per call (sp1 - sp0) the avx512 kernel's scratch holds
-// Mixed design (session 6, s24i): half of every super-panel (16 channels) runs as above, the other
-// half with the rows in the lanes against a table of the 36 code combinations of each group pair
-// (kS8Rows512TabGp bytes per pair: [36][64 rows] dwords, built per chunk), so the permute pipe and
-// the load ports share the work.
-constexpr int64_t kS8Rows512TabGp = 36 * kRowPanel * 4;
-constexpr int64_t kS8Rows512ScratchBytes =  // decoded chunk of every super-panel, the panel's x chunk biased
-    kS8RowsMaxPanels * kS8Rows512ChunkBlocks * 8 * 256 + kRowPanel * kS8Rows512ChunkBlocks * 64 +  // to u8,
-    kS8RowsMaxPanels * kS8Channels * 4 +                   // weight sums,
-    kS8Rows512ChunkBlocks * 8 * kRowPanel * 8 +            // the x chunk by pair: [pair][64 rows] qwords,
-    kS8Rows512ChunkBlocks * 8 * kS8Rows512TabGp +          // the chunk's combination table,
-    kS8Channels * kRowPanel * 4;                           // epilogue row buffer
+constexpr int kS8Rows512ChunkBlocks = 4;
+constexpr int kS8RowsMaxPanels = 16;  // super-panels per call (sp1 - sp0) the avx512 kernel's scratch holds sums of
+constexpr int64_t kS8Rows512ScratchBytes =  // decoded chunk, the panel's x chunk biased to u8, weight sums
+    kS8Rows512ChunkBlocks * 8 * 256 + kRowPanel * kS8Rows512ChunkBlocks * 64 + kS8RowsMaxPanels * kS8Channels * 4;
 // AVX2 walk (session 5, s24h): the table is built once per k range of kS8RowsRangeGroups groups
 // (192 KB of scratch, in L2) and the channels run in blocks of kS8RowsBlockPanels super-panels
 // (64 channels: 16 KB of accumulators) chunk by chunk over the range. Chunks of 8 groups (12 KB

@@ -33,7 +33,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <utility>
 
@@ -47,10 +46,6 @@ constexpr int kRT = 8;                      // rows per register tile (8 x rows 
 constexpr int kChunkBlocks = kS8Rows512ChunkBlocks;  // blocks (8 group pairs each) per decoded chunk
 constexpr int64_t kCodes = kS8BlockGroups * kS8Channels * 2;  // the codes' offset in a block
 static_assert(kRowPanel % kRT == 0 && kS8BlockGroups == 16, "a block is one 64-byte x window (8 group pairs)");
-constexpr int64_t kTabGp = kS8Rows512TabGp;  // table bytes per group pair: [36 combinations][4 row vectors][64]
-// Full-panel calls (rows >= kMixMinRows) run the mixed design; the table half costs all 64 rows
-// whatever the fill, so small m keeps the vpermb-only kernel.
-constexpr int64_t kMixMinRows = 33;
 
 // Slot s of a decoded half -> its channel: vpunpcklwd leaves channels 8L + {0..3} of each 128-bit
 // lane L in dwords 4L + {0..3} (the low half), vpunpckhwd channels 8L + {4..7} (the high half).
@@ -69,9 +64,6 @@ struct Consts {
   __m512i cshift[2];   // vpmultishiftqb bit offsets of each output byte's code (low / high half)
   __m512i bsel;        // 8 b for byte b of every dword
   __m512i lut[8];      // per window slot j: [t + 8 b] = 8 j + position of byte b for pair code t
-  // Mixed design's table build: vpermi2b of a pair's 16 row qwords (rows 0-7 | 8-15) -> lane l
-  // = row l, bytes 0-1 = the group g pair t (tl[t]), bytes 2-3 = the group g + 1 pair t (th[t]).
-  __m512i tl[6], th[6];
   Consts() {
     constexpr int kPos[6][2] = {{0, 1}, {0, 2}, {0, 3}, {1, 2}, {1, 3}, {2, 3}};  // kernels/sparse24.h codes
     alignas(64) uint8_t p[64], m[2][64], bs[64], l[64];
@@ -97,27 +89,17 @@ struct Consts {
       }
       lut[j] = _mm512_load_si512(l);
     }
-    for (int t = 0; t < 6; ++t) {
-      for (int q = 0; q < 64; ++q) {
-        const int lane = q / 4, e = q % 4;
-        l[q] = static_cast<uint8_t>(8 * lane + (e < 2 ? kPos[t][e] : 0));
-        m[0][q] = static_cast<uint8_t>(8 * lane + (e >= 2 ? 4 + kPos[t][e - 2] : 0));
-      }
-      tl[t] = _mm512_load_si512(l);
-      th[t] = _mm512_load_si512(m[0]);
-    }
   }
 };
 
 // Decode blocks [b0, b0 + nb) of one super-panel into dec (8 pairs per block); ws[2] += the kept
 // weights per channel (slot order).
-// Mixed (the mixed design): the high half's ihi slot holds instead, per channel, the table offset
-// of its code combination, pair * kTabGp + (6 t0 + t1) * 256 (pair: within the chunk).
-template <bool Mixed>
 void decode(const uint8_t* panel, int64_t b0, int64_t nb, Pair* dec, __m512i (&wsum)[2], const Consts& k) {
-  // Locals: with the sums and constants behind references GCC kept the sums in memory (a
-  // store-forwarded chain per pair) and reloaded the constants after every store.
+  // Locals: with the sums and constants behind references GCC 12 kept the sums in memory (a
+  // store-forwarded vpdpbusd chain per pair and half) and reloaded the constants after every
+  // store to dec.
   const __m512i ones = _mm512_set1_epi8(1), cperm = k.cperm, cs0 = k.cshift[0], cs1 = k.cshift[1], bsel = k.bsel;
+  const __m512i seven = _mm512_set1_epi8(7);
   __m512i ws0 = wsum[0], ws1 = wsum[1];
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = panel + (b0 + b) * kS8BlockBytes;
@@ -134,31 +116,22 @@ void decode(const uint8_t* panel, int64_t b0, int64_t nb, Pair* dec, __m512i (&w
       const __m512i cw = _mm512_permutexvar_epi8(
           cperm, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kCodes + 24 * j))));
       // (code & 7) | 8 b, then the slot's LUT.
-      const __m512i qlo = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(cs0, cw), _mm512_set1_epi8(7), bsel, 0xea);
+      const __m512i qlo = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(cs0, cw), seven, bsel, 0xea);
+      const __m512i qhi = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(cs1, cw), seven, bsel, 0xea);
       d.ilo = _mm512_permutexvar_epi8(qlo, k.lut[j]);
-      const __m512i mhi = _mm512_multishift_epi64_epi8(cs1, cw);
-      if constexpr (Mixed) {
-        // The high half runs on the table (mtile): its entry offsets instead of an index vector.
-        // Bytes 0 and 2 of each high-half dword hold t0 and t1 in their low 3 bits: one vpmaddwd
-        // gives t0 * 1536 + t1 * 256 (an entry = 4 row vectors of 64 bytes).
-        const __m512i tt = _mm512_and_si512(mhi, _mm512_set1_epi32(0x00070007));
-        const int32_t pair = static_cast<int32_t>(b * 8 + j);
-        _mm512_store_si512(&d.ihi, _mm512_add_epi32(_mm512_madd_epi16(tt, _mm512_set1_epi32(0x01000600)),
-                                                              _mm512_set1_epi32(pair * static_cast<int32_t>(kTabGp))));
-      } else {
-        d.ihi = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(mhi, _mm512_set1_epi8(7), bsel, 0xea), k.lut[j]);
-      }
+      d.ihi = _mm512_permutexvar_epi8(qhi, k.lut[j]);
     }
   }
   wsum[0] = ws0;
   wsum[1] = ws1;
 }
 
+
 // The chunk's x for the panel, biased to u8 once (x + 128, i.e. x ^ 0x80) into xb [64][256]: rows
 // past `rows` and bytes past k read as x = 0 (their weights are the packing's zero groups). Done
 // per chunk, not per super-panel and tile: the bias and the tail masks in the tile loop cost
 // ~10 % (bare kernel 0.48-0.49 -> 0.44 ns per 64 products).
-[[gnu::noinline]] void bias_chunk(const int8_t* x, int64_t ldx, int64_t rows, int64_t kvalid, int64_t nb, uint8_t* xb) {
+void bias_chunk(const int8_t* x, int64_t ldx, int64_t rows, int64_t kvalid, int64_t nb, uint8_t* xb) {
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t r = 0; r < kRowPanel; ++r)
     for (int64_t b = 0; b < nb; ++b) {
@@ -194,94 +167,6 @@ void tile(const uint8_t* xb, const Pair* dec, int64_t nb, int32_t* acc) {
     for (int h = 0; h < 2; ++h) _mm512_store_si512(acc + r * 32 + 16 * h, a[r][h]);
 }
 
-// The chunk's x by pair, xq[pair][64 rows] (8 bytes each), from the biased chunk: the table
-// build reads 16 rows of one pair as two zmm.
-[[gnu::noinline]] void pair_rows(const uint8_t* xb, int64_t nb, uint64_t* xq) {
-  for (int64_t b = 0; b < nb; ++b)
-    for (int j = 0; j < 8; ++j)
-      for (int r = 0; r < kRowPanel; ++r) std::memcpy(xq + (b * 8 + j) * kRowPanel + r, xb + r * kChunkBlocks * 64 + 64 * b + 8 * j, 8);
-}
-
-// The combination table of the chunk: tab[pair][q = 6 t0 + t1][row vector v][16 rows] dwords
-// (x[g, i0(t0)], x[g, i1(t0)], x[g + 1, i0(t1)], x[g + 1, i1(t1)]), biased. Per pair and 16 rows:
-// 12 zero-masked vpermi2b (the 6 pair forms of each group, in disjoint bytes), then 36 vpord +
-// stores (the ALU pipes, not the permute pipe).
-[[gnu::noinline]] void build_table(const uint64_t* xq, int64_t npairs, uint8_t* tab, const Consts& k) {
-  const __mmask64 mlo = 0x3333333333333333ull, mhi = 0xccccccccccccccccull;
-  for (int64_t p = 0; p < npairs; ++p)
-    for (int v = 0; v < 4; ++v) {
-      const __m512i a = _mm512_load_si512(xq + p * kRowPanel + 16 * v), b = _mm512_load_si512(xq + p * kRowPanel + 16 * v + 8);
-      __m512i lo[6], hi[6];
-      for (int t = 0; t < 6; ++t) {
-        lo[t] = _mm512_maskz_permutex2var_epi8(mlo, a, k.tl[t], b);
-        hi[t] = _mm512_maskz_permutex2var_epi8(mhi, a, k.th[t], b);
-      }
-      uint8_t* e = tab + p * kTabGp + 64 * v;
-      for (int t0 = 0; t0 < 6; ++t0)
-        for (int t1 = 0; t1 < 6; ++t1) _mm512_store_si512(e + (6 * t0 + t1) * 256, _mm512_or_si512(lo[t0], hi[t1]));
-    }
-}
-
-// Mixed call (rows >= kMixMinRows): per chunk the table half of every super-panel is walked
-// window by window (2 pairs: 18 KB of the table, hot in L1; a whole-chunk sweep per tile, 147 KB
-// from L2, ran at 0.41-0.43 ns per vpdpbusd in a microbenchmark against 0.28 for 18 KB), while
-// the vpermb half walks tile by tile with its sums in registers across the chunk. One call =
-// one vpermb tile (8 rows x 16 low-half channels x the chunk's S pairs) interleaved step by step
-// with S table items (a channel x one window x 64 rows: its 4 sums loaded, 2 pairs x 4 row vectors
-// of vpdpbusd with the channel's weights broadcast, stored back). Per step: 8 vpermb + 16
-// vpdpbusd and ~18 loads (the loads are what bounds it: ~1.1 zmm load slots per vpdpbusd).
-// Inline asm with a fixed register plan: zmm0-7 vpermb sums, 8-15 table sums (two items in
-// flight), 16-23 x rows, 24/25 index / values, 26/27 broadcast weights, 28-31 temporaries (GCC 12
-// rotated values through spare registers and spilled the x rows: 0.36 against 0.33 ns per
-// vpdpbusd in isolation).
-// Operands: xb = the tile's first biased x row (block 0), dp = the vpermb super-panel's decoded
-// chunk, tb = the table super-panel's decoded window + 4 * (first item's channel), ta = the first
-// item's sums ([item][64 rows]), alo = the tile's sums ([8 rows][16]), tab = the chunk's table.
-#define S24M_TAB(V, OFF, W, TMP, T) \
-  "vmovdqa64 " #V "*64(%[tab],%%" #OFF "), %%zmm" #TMP "\n\t" "vpdpbusd %%zmm" #W ", %%zmm" #TMP ", %%zmm" #T "\n\t"
-#define S24M_MIX(X, A, PTMP, V, OFF, W, TMP, T) \
-  "vpermb %%zmm" #X ", %%zmm24, %%zmm" #PTMP "\n\t" "vpdpbusd %%zmm25, %%zmm" #PTMP ", %%zmm" #A "\n\t" S24M_TAB(V, OFF, W, TMP, T)
-#define S24M_TLD(J, R, V) "vmovdqa64 " #J "*256+" #V "*64(%[ta]), %%zmm" #R "\n\t"
-#define S24M_TST(J, R, V) "vmovdqa64 %%zmm" #R ", " #J "*256+" #V "*64(%[ta])\n\t"
-// Step J: pair J of the vpermb tile, item J of the table walk (its sums in zmm T0..T3).
-#define S24M_STEP(J, T0, T1, T2, T3)                                                                            \
-  "vmovdqa64 " #J "*256(%[dp]), %%zmm24\n\t" "vmovdqa64 " #J "*256+64(%[dp]), %%zmm25\n\t"                      \
-  "movslq " #J "*4+128(%[tb]), %%rax\n\t" "movslq " #J "*4+384(%[tb]), %%rdx\n\t"                                \
-  "vpbroadcastd " #J "*4+192(%[tb]), %%zmm26\n\t" "vpbroadcastd " #J "*4+448(%[tb]), %%zmm27\n\t"                \
-  S24M_TLD(J, T0, 0) S24M_TLD(J, T1, 1) S24M_TLD(J, T2, 2) S24M_TLD(J, T3, 3)                                   \
-  S24M_MIX(16, 0, 28, 0, rax, 26, 30, T0) S24M_MIX(17, 1, 29, 1, rax, 26, 31, T1)                                \
-  S24M_MIX(18, 2, 28, 2, rax, 26, 30, T2) S24M_MIX(19, 3, 29, 3, rax, 26, 31, T3)                                \
-  S24M_MIX(20, 4, 28, 0, rdx, 27, 30, T0) S24M_MIX(21, 5, 29, 1, rdx, 27, 31, T1)                                \
-  S24M_MIX(22, 6, 28, 2, rdx, 27, 30, T2) S24M_MIX(23, 7, 29, 3, rdx, 27, 31, T3)                                \
-  S24M_TST(J, T0, 0) S24M_TST(J, T1, 1) S24M_TST(J, T2, 2) S24M_TST(J, T3, 3)
-#define S24M_EVEN(J) S24M_STEP(J, 8, 9, 10, 11)
-#define S24M_ODD(J) S24M_STEP(J, 12, 13, 14, 15)
-#define S24M_XR(B)                                                                                              \
-  "vmovdqa64 0*%c[rs]+" #B "*64(%[xb]), %%zmm16\n\t" "vmovdqa64 1*%c[rs]+" #B "*64(%[xb]), %%zmm17\n\t"         \
-  "vmovdqa64 2*%c[rs]+" #B "*64(%[xb]), %%zmm18\n\t" "vmovdqa64 3*%c[rs]+" #B "*64(%[xb]), %%zmm19\n\t"         \
-  "vmovdqa64 4*%c[rs]+" #B "*64(%[xb]), %%zmm20\n\t" "vmovdqa64 5*%c[rs]+" #B "*64(%[xb]), %%zmm21\n\t"         \
-  "vmovdqa64 6*%c[rs]+" #B "*64(%[xb]), %%zmm22\n\t" "vmovdqa64 7*%c[rs]+" #B "*64(%[xb]), %%zmm23\n\t"
-#define S24M_A(M)                                                                                               \
-  M("0", "%%zmm0") M("1", "%%zmm1") M("2", "%%zmm2") M("3", "%%zmm3") M("4", "%%zmm4") M("5", "%%zmm5")            \
-  M("6", "%%zmm6") M("7", "%%zmm7")
-#define S24M_ALD(I, R) "vmovdqa64 " I "*64(%[alo]), " R "\n\t"
-#define S24M_AST(I, R) "vmovdqa64 " R ", " I "*64(%[alo])\n\t"
-#define S24M_BLOCK0 S24M_XR(0) S24M_EVEN(0) S24M_ODD(1) S24M_EVEN(2) S24M_ODD(3) S24M_EVEN(4) S24M_ODD(5) S24M_EVEN(6) S24M_ODD(7)
-#define S24M_BLOCK1 S24M_XR(1) S24M_EVEN(8) S24M_ODD(9) S24M_EVEN(10) S24M_ODD(11) S24M_EVEN(12) S24M_ODD(13) S24M_EVEN(14) S24M_ODD(15)
-#define S24M_OPERANDS                                                                                             \
-  : : [xb] "r"(xb), [dp] "r"(dp), [tb] "r"(tb), [ta] "r"(ta), [alo] "r"(alo), [tab] "r"(tab), [rs] "i"(kChunkBlocks * 64) \
-  : "rax", "rdx", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",      \
-    "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21",   \
-    "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31"
-static_assert(kChunkBlocks == 2, "the mixed call is written for chunks of 2 blocks (16 steps; 8 for a last odd block)");
-template <int Blocks>
-[[gnu::noinline]] void mcall(const uint8_t* xb, const Pair* dp, const uint8_t* tb, int32_t* ta, int32_t* alo, const uint8_t* tab) {
-  if constexpr (Blocks == 2)
-    asm volatile(S24M_A(S24M_ALD) S24M_BLOCK0 S24M_BLOCK1 S24M_A(S24M_AST) S24M_OPERANDS);
-  else
-    asm volatile(S24M_A(S24M_ALD) S24M_BLOCK0 S24M_A(S24M_AST) S24M_OPERANDS);
-}
-
 }  // namespace
 
 // Per chunk of kChunkBlocks blocks (256 k: the panel's x chunk, 16 KB, stays in L1/L2 while
@@ -293,16 +178,9 @@ template <int Blocks>
 void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S24S8Panels& w, int64_t sp0, int64_t sp1,
                  int32_t* acc, void* scratch) {
   static const Consts kc;
-  Pair* dec = static_cast<Pair*>(scratch);  // [super-panel][pair of the chunk]
-  uint8_t* xb = static_cast<uint8_t*>(scratch) + kS8RowsMaxPanels * kChunkBlocks * 8 * sizeof(Pair);
+  Pair* dec = static_cast<Pair*>(scratch);
+  uint8_t* xb = static_cast<uint8_t*>(scratch) + kChunkBlocks * 8 * sizeof(Pair);
   int32_t* wsum = reinterpret_cast<int32_t*>(xb + kRowPanel * kChunkBlocks * 64);
-  uint64_t* xq = reinterpret_cast<uint64_t*>(wsum + kS8RowsMaxPanels * kS8Channels);
-  uint8_t* tab = reinterpret_cast<uint8_t*>(xq + kChunkBlocks * 8 * kRowPanel);
-  int32_t* rowbuf = reinterpret_cast<int32_t*>(tab + kChunkBlocks * 8 * kTabGp);
-  static_assert(kS8Rows512ScratchBytes == kS8RowsMaxPanels * kChunkBlocks * 8 * 256 + kRowPanel * kChunkBlocks * 64 +
-                                              kS8RowsMaxPanels * kS8Channels * 4 + kChunkBlocks * 8 * kRowPanel * 8 +
-                                              kChunkBlocks * 8 * kTabGp + kS8Channels * kRowPanel * 4,
-                "scratch layout");
   const int64_t kb = (k / 4 + kS8BlockGroups - 1) / kS8BlockGroups;  // blocks holding k
   const int64_t nsp = sp1 - sp0;
   constexpr int64_t kSp = kS8Channels * kRowPanel;  // s32 per super-panel in acc
@@ -310,51 +188,15 @@ void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S2
     std::memset(acc, 0, static_cast<size_t>(nsp * kSp) * sizeof(int32_t));
     return;
   }
-  static const bool kNoMix = std::getenv("S24I_NOMIX") != nullptr;  // TEMP experiment knob
-  const bool mixed = rows >= kMixMinRows && !kNoMix;
-  if (mixed) std::memset(acc, 0, static_cast<size_t>(nsp * kSp) * sizeof(int32_t));
   for (int64_t b0 = 0; b0 < kb; b0 += kChunkBlocks) {
     const int64_t nb = std::min<int64_t>(kChunkBlocks, kb - b0);
     bias_chunk(x + 64 * b0, ldx, rows, k - 64 * b0, nb, xb);
-    if (mixed) {
-      const int64_t np = nb * 8;  // pairs in the chunk
-      pair_rows(xb, nb, xq);
-      build_table(xq, np, tab, kc);
-      for (int64_t sp = sp0; sp < sp1; ++sp) {
-        int32_t* wsp = wsum + (sp - sp0) * kS8Channels;
-        __m512i ws[2] = {b0 == 0 ? _mm512_setzero_si512() : _mm512_load_si512(wsp),
-                         b0 == 0 ? _mm512_setzero_si512() : _mm512_load_si512(wsp + 16)};
-        decode<true>(w.block(sp, 0), b0, nb, dec + (sp - sp0) * np, ws, kc);
-        _mm512_store_si512(wsp, ws[0]);
-        _mm512_store_si512(wsp + 16, ws[1]);
-      }
-      // The next chunk's weights of every super-panel (their decode follows this chunk's calls):
-      // a few lines per call.
-      const int64_t nbn = std::min<int64_t>(kChunkBlocks, kb - b0 - nb), lines_sp = nbn * kS8BlockBytes / 64;
-      const int64_t ncalls = nsp * 8, pf_per_call = (lines_sp * nsp + ncalls - 1) / ncalls;
-      // Calls per window: the windows (np / 2 of them) share the calls evenly; each call takes np
-      // consecutive table channels (np divides the 16 of a half super-panel).
-      const int64_t cpw = ncalls / (np / 2);
-      for (int64_t n = 0; n < ncalls; ++n) {
-        for (int64_t q = n * pf_per_call; q < std::min(lines_sp * nsp, (n + 1) * pf_per_call); ++q)
-          _mm_prefetch(reinterpret_cast<const char*>(w.block(sp0 + q / lines_sp, b0 + nb) + 64 * (q % lines_sp)), _MM_HINT_T0);
-        const int64_t spp = n / 8, t = n % 8, win = n / cpw, item = (n % cpw) * np, spt = item / 16, s0 = item % 16;
-        const uint8_t* xt = xb + 8 * t * kChunkBlocks * 64;
-        const Pair* dp = dec + spp * np;
-        const uint8_t* tb = reinterpret_cast<const uint8_t*>(dec + spt * np + 2 * win) + 4 * s0;
-        int32_t* ta = acc + spt * kSp + kRowPanel * 16 + s0 * kRowPanel;
-        int32_t* alo = acc + spp * kSp + 8 * t * 16;
-        if (nb == 2) mcall<2>(xt, dp, tb, ta, alo, tab);
-        else mcall<1>(xt, dp, tb, ta, alo, tab);
-      }
-      continue;
-    }
     for (int64_t sp = sp0; sp < sp1; ++sp) {
       __m512i ws[2];
       int32_t* wsp = wsum + (sp - sp0) * kS8Channels;
       ws[0] = b0 == 0 ? _mm512_setzero_si512() : _mm512_load_si512(wsp);
       ws[1] = b0 == 0 ? _mm512_setzero_si512() : _mm512_load_si512(wsp + 16);
-      decode<false>(w.block(sp, 0), b0, nb, dec, ws, kc);
+      decode(w.block(sp, 0), b0, nb, dec, ws, kc);
       _mm512_store_si512(wsp, ws[0]);
       _mm512_store_si512(wsp + 16, ws[1]);
       // The next super-panel's chunk (or the first one of the next chunk): one line in 8 per
@@ -383,24 +225,11 @@ void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S2
     int32_t* a = acc + (sp - sp0) * kSp;
     const int32_t* ws = wsum + (sp - sp0) * kS8Channels;
     const __m512i clo = _mm512_slli_epi32(_mm512_load_si512(ws), 7), chi = _mm512_slli_epi32(_mm512_load_si512(ws + 16), 7);
-    if (mixed) {
-      // Low half [r][16], high half [slot][64 rows]: each row assembled in rowbuf, then copied back.
-      for (int64_t r = 0; r < nr; ++r) {
-        alignas(64) int32_t h[16];
-        for (int s = 0; s < 16; ++s) h[s] = a[kRowPanel * 16 + s * kRowPanel + r];
-        const __m512i lo = _mm512_sub_epi32(_mm512_load_si512(a + r * 16), clo);
-        const __m512i hi = _mm512_sub_epi32(_mm512_load_si512(h), chi);
-        _mm512_store_si512(rowbuf + r * 32, _mm512_permutex2var_epi32(lo, plo, hi));
-        _mm512_store_si512(rowbuf + r * 32 + 16, _mm512_permutex2var_epi32(lo, phi, hi));
-      }
-      std::memcpy(a, rowbuf, static_cast<size_t>(nr * 32) * sizeof(int32_t));
-    } else {
-      for (int64_t r = 0; r < nr; ++r) {
-        const __m512i lo = _mm512_sub_epi32(_mm512_load_si512(a + r * 32), clo);
-        const __m512i hi = _mm512_sub_epi32(_mm512_load_si512(a + r * 32 + 16), chi);
-        _mm512_store_si512(a + r * 32, _mm512_permutex2var_epi32(lo, plo, hi));
-        _mm512_store_si512(a + r * 32 + 16, _mm512_permutex2var_epi32(lo, phi, hi));
-      }
+    for (int64_t r = 0; r < nr; ++r) {
+      const __m512i lo = _mm512_sub_epi32(_mm512_load_si512(a + r * 32), clo);
+      const __m512i hi = _mm512_sub_epi32(_mm512_load_si512(a + r * 32 + 16), chi);
+      _mm512_store_si512(a + r * 32, _mm512_permutex2var_epi32(lo, plo, hi));
+      _mm512_store_si512(a + r * 32 + 16, _mm512_permutex2var_epi32(lo, phi, hi));
     }
     std::memset(a + nr * 32, 0, static_cast<size_t>((kRowPanel - nr) * 32) * sizeof(int32_t));
   }
