@@ -126,7 +126,6 @@ void decode(const uint8_t* panel, int64_t b0, int64_t nb, Pair* dec, __m512i (&w
   wsum[1] = ws1;
 }
 
-
 // The chunk's x for the panel, biased to u8 once (x + 128, i.e. x ^ 0x80) into xb [64][256]: rows
 // past `rows` and bytes past k read as x = 0 (their weights are the packing's zero groups). Done
 // per chunk, not per super-panel and tile: the bias and the tail masks in the tile loop cost
