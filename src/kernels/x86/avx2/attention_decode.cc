@@ -542,6 +542,11 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
     avx512::attn_decode_s8(q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
     return;
   }
+#else
+  if constexpr (s8) {  // head by head, keys in lanes, with its own tile walk (x86/avx2/attention_decode_s8.cc)
+    avx2::attn_decode_s8(q16, qs, g, H, RH, D, Dp, src, j0, n, Tk, m, l, acc);
+    return;
+  }
 #endif
   DecTile t;
   const int64_t es = L::es, hs = D * es;  // bytes between the heads of a token
