@@ -61,9 +61,12 @@ template <int R, int NC>
 [[gnu::always_inline]] inline __m256i s8_dot2(const int16_t* q16, int64_t Dq, int64_t D, const uint8_t* ka, const uint8_t* kb,
                                               const uint8_t* pfa, const uint8_t* pfb) {
   __m256i a0 = _mm256_setzero_si256(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0;  // row r: keys a, b
-  const int16_t* q1 = q16 + Dq;
-  const int16_t* q2 = q16 + 2 * Dq;
-  const int16_t* q3 = q16 + 3 * Dq;
+  // With NC > 0 the row stride is the constant 16 NC (= decode_q16_width(D)): the rows' chunks are
+  // one base register + displacements (a runtime stride made g++ keep 4 x NC pointers on the stack).
+  const int64_t qstride = NC > 0 ? 16 * NC : Dq;
+  const int16_t* q1 = q16 + qstride;
+  const int16_t* q2 = q16 + 2 * qstride;
+  const int16_t* q3 = q16 + 3 * qstride;
   const int64_t nfull = NC > 0 ? NC : D / 16;
   #pragma GCC unroll 16
   for (int64_t i = 0; i < nfull; ++i) {
