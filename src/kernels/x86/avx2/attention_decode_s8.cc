@@ -1,10 +1,12 @@
 // The avx2 ISA's decode tile for s8 KV caches (AttnKernels::decode with an s8 cache calls it from
 // attention_decode.cc's decode_t in its AVX2 build; the avx512 ISA has its own, VNNI, in
 // x86/avx512/attention_decode_s8.cc). The structure of the AVX-512 tile adapted to AVX2's 16 ymm
-// registers and no VNNI: head by head, per group of <= 4 query rows, scores of 8 keys per pass
-// with the keys in the lanes, softmax and the 7-bit P.V weights of the rows at once, then the
-// integer P.V of all the rows per V interleave. The arithmetic is kernels/attention.h's (exact
-// int32 q.k and P.V sums), so ref, avx2 and avx512 give the same bits.
+// registers and no VNNI: its own block-wise walk of the block table, the scales of 8 heads
+// transposed once per tile, then head by head, per group of <= 4 query rows: scores of 4 rows x
+// 2 keys per pass (exact int32 vpmaddwd sums), softmax and the 7-bit P.V weights of the 4 rows at
+// once on the scores in key-pair order, then the integer P.V of all 4 rows per V interleave. Each
+// pass prefetches the next tile's rows from the bytes it reads. The arithmetic is
+// kernels/attention.h's (exact int32 q.k and P.V sums), so ref, avx2 and avx512 give the same bits.
 
 #include <immintrin.h>
 
@@ -30,16 +32,6 @@ namespace {
 // + vpmaddwd by 1 + the vpsignb; biased u8 k + 128 would saturate, docs/design.md session 4.)
 // The horizontal sums use unpack / blend / vperm2i128 + add, never vphaddd.
 
-// Scores of R rows of one head for 2 keys (rows ka, kb): per 16 dims, each key's 16 bytes
-// sign-extended once and multiplied into 8 int32 lane accumulators per (row, key) with the rows'
-// q16 (vpmaddwd, exact: |pair| <= 2 * 127 * 128). Returns the sums as [key a: rows 0-3 | key b:
-// rows 0-3] (rows >= R: 0): each accumulator's 128-bit halves are folded (blend + vperm2i128 +
-// add: [a.lo + a.hi | b.hi + b.lo]), then a 4 x 4 transposing reduction (unpack32 / unpack64 +
-// add) of the 4 rows. Integer sums: any order gives the same value. Live: 8 accumulators + 2 K
-// + 1 q of the 16 ymm. NC > 0: D = 16 NC, the chunk loop fully unrolled (no loop overhead, and
-// g++ keeps the accumulators in place: its rolled loop copied all 8 with vmovdqa per chunk);
-// NC = 0: any D, bytes past D load as 0 in the tail step (q16 is zero padded). pfa / pfb
-// (nullable): the next tile's rows of the two keys, one prefetch per 64 bytes read.
 // acc_a += q.ka, acc_b += q.kb for one row and 16 dims (ka / kb sign-extended K, q from memory),
 // in place. Inline asm, expanded in the function body (a macro: through references or lambdas
 // g++ kept the accumulators in memory): with the intrinsics, g++ 12 reassociated the unrolled
@@ -57,6 +49,15 @@ namespace {
         : [q] "m"(*reinterpret_cast<const __m256i*>(qp)), [k0] "x"(ka), [k1] "x"(kb));               \
   } while (0)
 
+// Scores of R rows of one head for 2 keys (rows ka, kb): per 16 dims, each key's 16 bytes
+// sign-extended once and multiplied into 8 int32 lane accumulators per (row, key) with the rows'
+// q16 (vpmaddwd, exact: |pair| <= 2 * 127 * 128). Returns the sums as [key a: rows 0-3 | key b:
+// rows 0-3] (rows >= R: 0): each accumulator's 128-bit halves are folded (blend + vperm2i128 +
+// add: [a.lo + a.hi | b.hi + b.lo]), then a 4 x 4 transposing reduction (unpack32 / unpack64 +
+// add) of the 4 rows. Integer sums: any order gives the same value. Live: 8 accumulators + 2 K
+// + 1 q of the 16 ymm. NC > 0: D = 16 NC, the chunk loop fully unrolled (no loop overhead);
+// NC = 0: any D, bytes past D load as 0 in the tail step (q16 is zero padded). pfa / pfb
+// (nullable): the next tile's rows of the two keys, one prefetch per 64 bytes read.
 template <int R, int NC>
 [[gnu::always_inline]] inline __m256i s8_dot2(const int16_t* q16, int64_t Dq, int64_t D, const uint8_t* ka, const uint8_t* kb,
                                               const uint8_t* pfa, const uint8_t* pfb) {
@@ -67,18 +68,24 @@ template <int R, int NC>
   const int16_t* q1 = q16 + qstride;
   const int16_t* q2 = q16 + 2 * qstride;
   const int16_t* q3 = q16 + 3 * qstride;
-  const int64_t nfull = NC > 0 ? NC : D / 16;
-  #pragma GCC unroll 16
-  for (int64_t i = 0; i < nfull; ++i) {
-    const int64_t d = 16 * i;
-    if (pfa && d % 64 == 0) prefetch_line_t1(pfa + d), prefetch_line_t1(pfb + d);
-    const __m256i k0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ka + d)));
-    const __m256i k1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kb + d)));
-    QLLM_S8_ROW_DOT(a0, b0, q16 + d, k0, k1);
-    if constexpr (R > 1) QLLM_S8_ROW_DOT(a1, b1, q1 + d, k0, k1);
-    if constexpr (R > 2) QLLM_S8_ROW_DOT(a2, b2, q2 + d, k0, k1);
-    if constexpr (R > 3) QLLM_S8_ROW_DOT(a3, b3, q3 + d, k0, k1);
+  // One 16-dim step from byte d (a macro, not a lambda: see QLLM_S8_ROW_DOT).
+#define QLLM_S8_DOT_STEP(d)                                                                            \
+  do {                                                                                                 \
+    if (pfa && (d) % 64 == 0) prefetch_line_t1(pfa + (d)), prefetch_line_t1(pfb + (d));                \
+    const __m256i k0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ka + (d)))); \
+    const __m256i k1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kb + (d)))); \
+    QLLM_S8_ROW_DOT(a0, b0, q16 + (d), k0, k1);                                                        \
+    if constexpr (R > 1) QLLM_S8_ROW_DOT(a1, b1, q1 + (d), k0, k1);                                    \
+    if constexpr (R > 2) QLLM_S8_ROW_DOT(a2, b2, q2 + (d), k0, k1);                                    \
+    if constexpr (R > 3) QLLM_S8_ROW_DOT(a3, b3, q3 + (d), k0, k1);                                    \
+  } while (0)
+  if constexpr (NC > 0) {
+    #pragma GCC unroll 16
+    for (int i = 0; i < NC; ++i) QLLM_S8_DOT_STEP(16 * i);
+  } else {
+    for (int64_t d = 0; d + 16 <= D; d += 16) QLLM_S8_DOT_STEP(d);
   }
+#undef QLLM_S8_DOT_STEP
   if (NC == 0 && D % 16 != 0) {  // the last D % 16 bytes, zero padded (never read past the row)
     const int64_t d = D / 16 * 16;
     if (pfa && d % 64 == 0) prefetch_line_t1(pfa + d), prefetch_line_t1(pfb + d);
@@ -223,20 +230,6 @@ template <bool Tail>
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
 }
 
-// Integer P.V of R rows of one head over the tile (blocks of 32 keys), for 16 of the 32 dims
-// from d: Hi = false dims d + 0-7 and d + 16-23, Hi = true d + 8-15 and d + 24-31. 4 keys at a
-// time, their V rows byte-interleaved (one unpack8 level, lo or hi, and two unpack16) so that
-// X[i] dword lane holds one dim of the 4 keys; vpmaddubsw with the row's broadcast 4 weights
-// (u8 <= 127 x s8: a pair is at most 2 * 127 * 128 < 32768, exact) then vpmaddwd by 1 adds
-// sum_j wq_j v_j into int32, exact. Two 16-dim halves (not one 32-dim pass) so that all R <= 4
-// rows share each interleave in 8 accumulators (4 rows x 32 dims would need 16, all of AVX2's
-// registers; the old AVX2 form took 2 rows at a time and redid the interleave per row pair),
-// at no extra shuffle: each half uses only its own unpack8 outputs. Per block and row, the sums
-// go into acc with one FMA per dim (vperm2i128 puts the dims back in order), acc first
-// multiplied by the row's alpha in block 0 (the same product as the reference's rescale); a
-// row whose block adds nothing (sw = 0) keeps acc (block 0: acc * alpha), as the reference.
-// vr[j] (j < round_up(n, 4)) is key j's V row (+ vo); keys past n have weight 0. pf (nullable):
-// the next tile's rows of this head, prefetched one line per 4-key group and 64 bytes of V.
 // a0 += sum over the 4 keys of w_j x0_j, a1 likewise for x1 (int32 lanes): one row's 7-bit
 // weights broadcast from wp (vpbroadcastd), vpmaddubsw (u8 weights x s8 values, pairs into
 // int16: exact) then vpmaddwd by 1 (into int32). Inline asm in the function body (a macro), so
@@ -279,6 +272,21 @@ template <bool Tail>
   QLLM_S8_PV4_ROW(a20, a21, w2)                  \
   QLLM_S8_PV4_ROW(a30, a31, w3)
 
+// Integer P.V of R rows of one head over the tile (blocks of 32 keys), for 16 of the 32 dims
+// from d: Hi = false dims d + 0-7 and d + 16-23, Hi = true d + 8-15 and d + 24-31. 4 keys at a
+// time, their V rows byte-interleaved (one unpack8 level, lo or hi, and two unpack16) so that
+// X[i] dword lane holds one dim of the 4 keys; vpmaddubsw with the row's broadcast 4 weights
+// (u8 <= 127 x s8: a pair is at most 2 * 127 * 128 < 32768, exact) then vpmaddwd by 1 adds
+// sum_j wq_j v_j into int32, exact. Two 16-dim halves (not one 32-dim pass) so that all R <= 4
+// rows share each interleave in 8 accumulators (4 rows x 32 dims would need 16, all of AVX2's
+// registers; the old AVX2 form took 2 rows at a time and redid the interleave per row pair),
+// at no extra shuffle: each half uses only its own unpack8 outputs. Per block and row, the sums
+// go into acc with one FMA per dim (vperm2i128 puts the dims back in order), acc first
+// multiplied by the row's alpha in block 0 (the same product as the reference's rescale); a
+// row whose block adds nothing (sw = 0) keeps acc (block 0: acc * alpha), as the reference.
+// vr[j] (j < round_up(n, 4)) is key j's V row (+ vo); keys past n have weight 0. pf (nullable):
+// the next tile's rows of this head, prefetched one line per 4-key group and 64 bytes of V. The
+// weights of row r for keys 4 gi .. 4 gi + 3 are the dword at wq + 16 gi + 4 r (s8_softmax_quant).
 template <int R, bool Hi, bool Tail>
 [[gnu::always_inline]] inline void s8_pv16(const uint8_t* wq, const float* sw, const float* alpha, const uint8_t* const* vr,
                                            int64_t vo, int64_t n, int64_t d, int64_t D, int64_t Dp, float* acc, int64_t acc_stride,
