@@ -442,8 +442,7 @@ namespace avx2 {
 // The s8 tile of decode_t on the AVX2 build: per head, per group of <= 4 rows, scores,
 // softmax + weights and P.V as above.
 void attn_decode_s8(const int16_t* q16, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
-                    const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* m, float* l, float* acc) {
-  (void)Tk;
+                    const KvSource& src, int64_t j0, int64_t n, float* m, float* l, float* acc) {
   const int64_t hs = D, Dq = decode_q16_width(D), n8 = (n + 7) / 8 * 8;
   // K / V rows of the tile's keys (head 0) and their scale offsets (floats from k_scale /
   // v_scale: the same layout), padded to 8 keys with key 0 (scores ignored, weight 0).
