@@ -62,8 +62,9 @@ template <int R, int NC>
 [[gnu::always_inline]] inline __m256i s8_dot2(const int16_t* q16, int64_t Dq, int64_t D, const uint8_t* ka, const uint8_t* kb,
                                               const uint8_t* pfa, const uint8_t* pfb) {
   __m256i a0 = _mm256_setzero_si256(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0;  // row r: keys a, b
-  // With NC > 0 the row stride is the constant 16 NC (= decode_q16_width(D)): the rows' chunks are
-  // one base register + displacements (a runtime stride made g++ keep 4 x NC pointers on the stack).
+  // With NC > 0 the row stride is the constant 16 NC (= decode_q16_width(D)), so the rows' chunks
+  // can be one base register + displacements (in the tile g++ still reloads some row pointers
+  // from the stack: the tile's other pointers take the GPRs).
   const int64_t qstride = NC > 0 ? 16 * NC : Dq;
   const int16_t* q1 = q16 + qstride;
   const int16_t* q2 = q16 + 2 * qstride;
