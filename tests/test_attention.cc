@@ -487,6 +487,38 @@ TEST(PagedAttention, Int8DecodeOddShapesAllIsasIdentical) {
     }
 }
 
+TEST(PagedAttention, Int8DecodeManyKvHeadsAllIsasIdentical) {
+  // The s8 decode tiles with 8 and 10 KV heads per task (the AVX2 tile transposes the k / v
+  // scales of 8 heads at a time in registers and takes the last 2 heads one by one), GQA groups
+  // 4 and 2, head sizes 128 / 64 (the unrolled 16-dim steps), 48 (steps without a tail) and 100
+  // (a 4-byte tail), block sizes 5 (tiles cutting blocks at odd offsets) and 128, contexts 1,
+  // 33 (odd tile tails: a padding key in the last key pair), 301 and 1100 (key splits + merge).
+  // Every ISA bit for bit, and the oracle with the tolerance derived for the s8 decode path.
+  const std::vector<int32_t> lens = {1, 33, 301, 1100};
+  for (auto [Hq, Hkv] : {std::pair<int64_t, int64_t>{32, 8}, {20, 10}})
+    for (int64_t D : {128, 64, 48, 100})
+      for (int64_t bs : {5, 128}) {
+        if (bs == 5 && (D == 64 || Hkv == 10)) continue;  // keep the test short: bs 5 once per head size
+        PagedSetup s = make_paged(lens, bs, Hkv, D, DType::s8);
+        const int64_t B = lens.size();
+        const auto q = test::rand_f32(B * Hq * D);
+        PagedAttentionArgs a = s.decode_args(q, Hq, D);
+        std::vector<float> first;
+        for (Isa isa : test::isas()) {
+          std::vector<float> o(B * Hq * D, 123.0f);
+          paged_attention(context(isa), a, TensorView(o.data(), DType::f32, {B, Hq, D}));
+          if (first.empty()) first = o;
+          ASSERT_EQ(o, first) << "ref vs " << isa_name(isa) << " D " << D << " Hq/Hkv " << Hq << "/" << Hkv << " bs " << bs;
+        }
+        for (int64_t b = 0; b < B; ++b) {
+          const Oracle want = naive(q.data() + b * Hq * D, 1, Hq, s.kc.data() + s.cu_k[b] * Hkv * D, s.vc.data() + s.cu_k[b] * Hkv * D,
+                                    lens[b], Hkv, D, 1.0f / std::sqrt(float(D)), true, 0, DType::f32, true);
+          for (int64_t i = 0; i < Hq * D; ++i)
+            ASSERT_NEAR(first[b * Hq * D + i], want.o[i], want.tol[i]) << "D " << D << " Hq/Hkv " << Hq << "/" << Hkv << " len " << lens[b];
+        }
+      }
+}
+
 TEST(PagedAttention, Int8KvAccuracyVsF32) {
   // Gaussian q/k/v, head size 128, 32/8 heads, 2048 keys: the int8 cache's output vs the f32
   // cache's (same inputs). Target of the issue: cosine similarity >= 0.999.

@@ -2,7 +2,8 @@
 // kernels/attention.h, bit-identical to ref and to the flash path's tile kernels in
 // attention.cc). Compiled again as the avx512 ISA with QLLM_ATTN_VNNI (x86/avx512/
 // attention_decode.cc), where the float passes use zmm and s8 caches go to
-// avx512::attn_decode_s8 (x86/avx512/attention_decode_s8.cc, VNNI).
+// avx512::attn_decode_s8 (x86/avx512/attention_decode_s8.cc, VNNI); the AVX2 build's s8 caches go
+// to avx2::attn_decode_s8 (x86/avx2/attention_decode_s8.cc).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -540,6 +541,11 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
 #if QLLM_ATTN_VNNI
   if constexpr (s8) {  // head by head in zmm, with its own tile walk (x86/avx512/attention_decode_s8.cc)
     avx512::attn_decode_s8(q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
+    return;
+  }
+#else
+  if constexpr (s8) {  // head by head, 4 rows per pass, with its own tile walk (x86/avx2/attention_decode_s8.cc)
+    avx2::attn_decode_s8(q16, qs, g, H, RH, D, Dp, src, j0, n, m, l, acc);
     return;
   }
 #endif
