@@ -126,6 +126,28 @@ inline __m128 hmax4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), z));
 }
 
+// exp16 for x <= kExpHi (here x = s - m' <= 0; lanes past n may exceed it, but are discarded): exp16 without its
+// upper clamp, which is then the identity, and with p * 2^n as one vscalefps instead of building
+// 2^n in the exponent field (cvt, add, shift) and multiplying: n is an integer in [-126, 127]
+// (the lower clamp), so 2^n is a normal float and both forms round the same exact product p 2^n
+// once (to a subnormal only below 2^-126): the same bits as exp16 / exp_qllm.
+inline __m512 exp16_le(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpLo));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpC6);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC5));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  p = _mm512_fmadd_ps(p, r2, r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
 // Softmax step of R rows (row i: scores s + i * Tk, state m[i], l[i]) over the tile's n keys,
 // then the rows' 7-bit P.V weights (kernels/attention.h): wq + i * kMaxTile gets the bytes of
 // every 32-key block (lanes past n zero), sw[i * 4 + b] the scale of block b (0 for a block that
@@ -166,12 +188,12 @@ template <int R>
       const float* sr = s + i * Tk + b0;
       const __m512 mv = _mm512_set1_ps(mn[i]);
       // Lanes past n: 0 (added to the lane sums: exact). Lane i of sum sums keys j % 8 == i in order.
-      const __m512 e0 = _mm512_maskz_mov_ps(k0, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k0, sr), mv)));
+      const __m512 e0 = _mm512_maskz_mov_ps(k0, exp16_le(_mm512_sub_ps(_mm512_maskz_loadu_ps(k0, sr), mv)));
       sum[i] = _mm256_add_ps(sum[i], _mm512_castps512_ps256(e0));
       sum[i] = _mm256_add_ps(sum[i], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e0), 1)));
       w0[i] = _mm512_mul_ps(e0, vs0);
       if (k1) {
-        const __m512 e1 = _mm512_maskz_mov_ps(k1, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k1, sr + 16), mv)));
+        const __m512 e1 = _mm512_maskz_mov_ps(k1, exp16_le(_mm512_sub_ps(_mm512_maskz_loadu_ps(k1, sr + 16), mv)));
         sum[i] = _mm256_add_ps(sum[i], _mm512_castps512_ps256(e1));
         sum[i] = _mm256_add_ps(sum[i], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e1), 1)));
         w1[i] = _mm512_mul_ps(e1, vs1);
@@ -206,26 +228,6 @@ template <int R>
     m[i] = mn[i];
     alpha[i] = al[i];
   }
-}
-
-// exp16 for x <= kExpHi (here x = s - m' <= 0, or -inf for masked lanes): exp16 without its
-// upper clamp, which is then the identity, so the same bits.
-inline __m512 exp16_le(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(kExpLo));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(kExpC6);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC5));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC4));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
-  const __m512 r2 = _mm512_mul_ps(r, r);
-  p = _mm512_fmadd_ps(p, r2, r);
-  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
 // s8_softmax_quant's arithmetic in phases, each a loop of independent work (s8_softmax_quant
@@ -292,13 +294,13 @@ template <int R>
     _mm_store_ps(swb, _mm_and_ps(ok, _mm_div_ps(wmax, _mm_set1_ps(127.0f))));
     for (int i = 0; i < R; ++i) sw[i * 4 + b] = swb[i];
   }
-  const __m512i top = _mm512_set1_epi32(127);
   for (int64_t j = 0; j < n16; j += 16) {
     #pragma GCC unroll 4
     for (int i = 0; i < R; ++i) {
       // cvtps rounds to nearest even (MXCSR default), like nearbyint; values in [0, 127].
       const __m512 iv = _mm512_set1_ps(inv[j / kDecPvBlock][i]);
-      const __m512i q = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(s + i * Tk + j), iv)), top);
+      // No min with 127: w <= wmax, so w * fl(127 / wmax) <= 127 (1 + 2^-24) rounds to <= 127.
+      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(s + i * Tk + j), iv));
       _mm_store_si128(reinterpret_cast<__m128i*>(wq + i * kMaxTile + j), _mm512_cvtepi32_epi8(q));
     }
   }
@@ -371,7 +373,7 @@ template <int R>
       for (int i = 0; i < 4; ++i) {
         if (16 * i >= nd) break;
         __m512 a = _mm512_maskz_loadu_ps(st_mask[i], ap + 16 * i);
-        if (b0 == 0) a = _mm512_mul_ps(a, _mm512_set1_ps(alpha[r]));
+        if (b0 == 0 && alpha[r] != 1.0f) a = _mm512_mul_ps(a, _mm512_set1_ps(alpha[r]));  // (alpha 1: a * 1 == a)
         _mm512_mask_storeu_ps(ap + 16 * i, st_mask[i], _mm512_fmadd_ps(_mm512_cvtepi32_ps(O[i]), sv, a));
       }
     }
@@ -596,7 +598,7 @@ template <int R>
         #pragma GCC unroll 4
         for (int i = 0; i < 4; ++i) {
           __m512 x = _mm512_loadu_ps(ap + 16 * i);
-          if (b == 0) x = _mm512_mul_ps(x, _mm512_set1_ps(alpha[r]));
+          if (b == 0 && alpha[r] != 1.0f) x = _mm512_mul_ps(x, _mm512_set1_ps(alpha[r]));  // x * 1 == x
           _mm512_storeu_ps(ap + 16 * i, _mm512_fmadd_ps(_mm512_cvtepi32_ps(O[i]), sv, x));
         }
       }
@@ -623,18 +625,19 @@ void attn_decode_s8(const int8_t* q8, const float* qs, int64_t g, int64_t H, int
   const uint8_t* kn0[kMaxTile];
   const uint8_t* vn0[kMaxTile];
   const int64_t nn = std::min(n, src.tokens - j0 - n);
-  if (nn > 0) s8_walk(src, j0 + n, nn, 0, kn0, vn0, nullptr);
+  alignas(64) int32_t son[kMaxTile];  // the next tile's scale offsets
+  if (nn > 0) s8_walk(src, j0 + n, nn, 0, kn0, vn0, son);
   for (int64_t j = std::max<int64_t>(nn, 0); j < n16; ++j) kn0[j] = kp[j], vn0[j] = vp[j];
   if (nn > 0) {
     // The next tile's K/V scales (a separate [block, token, head] f32 array, 32 B per token at 8
     // KV heads): without this prefetch every block's scale lines missed to DRAM, stalling the
     // score and softmax loops (~8% of the s8 decode time in perf, session 4). One line per 16
     // keys covers a block of 16 tokens x 8 heads... per key where the lines change.
+    // (The offsets come from s8_walk: a per-key block lookup with a 64-bit division cost ~5
+    // cycles per key-head at D 128.)
     const char* last = nullptr;
     for (int64_t j = 0; j < nn; ++j) {
-      const int64_t jj = j0 + n + j;
-      const int64_t blk = jj / src.block_size, phys = src.block_table ? src.block_table[blk] : blk;
-      const int64_t so_n = phys * src.scale_block_stride + (jj % src.block_size) * src.scale_token_stride;
+      const int64_t so_n = son[j];
       const char* sl = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(src.k_scale + so_n) & ~uintptr_t{63});
       if (sl == last) continue;
       last = sl;
