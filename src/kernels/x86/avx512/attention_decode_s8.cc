@@ -28,6 +28,8 @@ namespace {
 // (s8_softmax_quant), then the integer P.V of all the rows' weights at once (s8_pv), all in zmm.
 // Each pass keeps its working set in the 32 registers (the session-4 version transposed through
 // an out-of-line function and spilled its 16 + 16 vectors: stack stores and reloads per key).
+// Head sizes that are a multiple of 64 take the session-6 forms of the three steps further down
+// (s8_scores_pipe, s8_softmax_phased, s8_pv_defer: the same arithmetic, fewer stalls).
 
 // acc + vpdpbusd(u8 a, s8 of the dword at p broadcast): the sums of _mm512_dpbusd_epi32(acc, a,
 // set1(*p)) in one instruction with an embedded broadcast. Inline asm: g++ 12 copies the
@@ -610,7 +612,7 @@ template <int R>
 namespace avx512 {
 
 // The s8 tile of decode_t on the AVX-512 VNNI build: per head, per group of <= 4 rows, scores,
-// softmax + weights and P.V as above.
+// softmax + weights and P.V as above (D % 64 == 0: the pipelined / phased / deferred forms).
 void attn_decode_s8(const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
                     const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* m, float* l, float* acc) {
   const int64_t hs = D, Dq8 = decode_q8_width(D), n16 = (n + 15) / 16 * 16;
