@@ -487,6 +487,38 @@ TEST(PagedAttention, Int8DecodeOddShapesAllIsasIdentical) {
     }
 }
 
+TEST(PagedAttention, Int8DecodeManyKvHeadsAllIsasIdentical) {
+  // The s8 decode tiles with 8 and 10 KV heads per task (the AVX2 tile transposes the k / v
+  // scales of 8 heads at a time in registers and takes the last 2 heads one by one), GQA groups
+  // 4 and 2, head sizes 128 / 64 (the unrolled 16-dim steps), 48 (steps without a tail) and 100
+  // (a 4-byte tail), block sizes 5 (tiles cutting blocks at odd offsets) and 128, contexts 1,
+  // 33 (odd tile tails: a padding key in the last key pair), 301 and 1100 (key splits + merge).
+  // Every ISA bit for bit, and the oracle with the tolerance derived for the s8 decode path.
+  const std::vector<int32_t> lens = {1, 33, 301, 1100};
+  for (auto [Hq, Hkv] : {std::pair<int64_t, int64_t>{32, 8}, {20, 10}})
+    for (int64_t D : {128, 64, 48, 100})
+      for (int64_t bs : {5, 128}) {
+        if (bs == 5 && (D == 64 || Hkv == 10)) continue;  // keep the test short: bs 5 once per head size
+        PagedSetup s = make_paged(lens, bs, Hkv, D, DType::s8);
+        const int64_t B = lens.size();
+        const auto q = test::rand_f32(B * Hq * D);
+        PagedAttentionArgs a = s.decode_args(q, Hq, D);
+        std::vector<float> first;
+        for (Isa isa : test::isas()) {
+          std::vector<float> o(B * Hq * D, 123.0f);
+          paged_attention(context(isa), a, TensorView(o.data(), DType::f32, {B, Hq, D}));
+          if (first.empty()) first = o;
+          ASSERT_EQ(o, first) << "ref vs " << isa_name(isa) << " D " << D << " Hq/Hkv " << Hq << "/" << Hkv << " bs " << bs;
+        }
+        for (int64_t b = 0; b < B; ++b) {
+          const Oracle want = naive(q.data() + b * Hq * D, 1, Hq, s.kc.data() + s.cu_k[b] * Hkv * D, s.vc.data() + s.cu_k[b] * Hkv * D,
+                                    lens[b], Hkv, D, 1.0f / std::sqrt(float(D)), true, 0, DType::f32, true);
+          for (int64_t i = 0; i < Hq * D; ++i)
+            ASSERT_NEAR(first[b * Hq * D + i], want.o[i], want.tol[i]) << "D " << D << " Hq/Hkv " << Hq << "/" << Hkv << " len " << lens[b];
+        }
+      }
+}
+
 TEST(PagedAttention, Int8KvAccuracyVsF32) {
   // Gaussian q/k/v, head size 128, 32/8 heads, 2048 keys: the int8 cache's output vs the f32
   // cache's (same inputs). Target of the issue: cosine similarity >= 0.999.
@@ -658,6 +690,64 @@ TEST(AttentionErrors, BadInputIsRejectedAndNothingWritten) {
   pp.block_tables = pa.block_tables;
   pp.context_lens = TensorView(short_lens.data(), DType::s32, {2});
   test::expect_error([&] { paged_prefill_attention(ctx, pp, odv); }, {"paged_prefill_attention", "context_lens[0] = 0", "new tokens"});
+}
+
+
+// The s8 decode over an int8 cache with block size bs, every ISA bit for bit and the oracle
+// (derived tolerance). Key 0 of each head scores `sink` (q.k0 * scale) above ~0.
+void int8_decode_check(const std::vector<int32_t>& lens, int64_t bs, int64_t Hq, int64_t Hkv, int64_t D, double sink) {
+  const int64_t B = lens.size();
+  const auto q = test::rand_f32(B * Hq * D);
+  PagedSetup s = make_paged(lens, bs, Hkv, D, DType::f32);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const float* qr = q.data() + (b * Hq + h * (Hq / Hkv)) * D;
+      double n2 = 0;
+      for (int64_t d = 0; d < D; ++d) n2 += double(qr[d]) * qr[d];
+      for (int64_t d = 0; d < D; ++d) s.kc[(s.cu_k[b] * Hkv + h) * D + d] = float(qr[d] * sink * std::sqrt(double(D)) / n2);
+    }
+  const int64_t T = s.cu_k.back();
+  Cache c8(s.cache.nb, bs, Hkv, D, DType::s8);
+  std::vector<int32_t> slots(T);
+  for (int64_t b = 0, t = 0; b < B; ++b)
+    for (int64_t j = 0; j < lens[b]; ++j, ++t) slots[t] = s.tables[b * s.maxb + j / bs] * bs + j % bs;
+  reshape_and_cache(test::default_context(), TensorView(s.kc.data(), DType::f32, {T, Hkv, D}),
+                    TensorView(s.vc.data(), DType::f32, {T, Hkv, D}), c8.view(), TensorView(slots.data(), DType::s32, {T}));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t d = 0; d < D; ++d) {
+        s.kc[(t * Hkv + h) * D + d] = c8.at(true, slots[t], h, d);
+        s.vc[(t * Hkv + h) * D + d] = c8.at(false, slots[t], h, d);
+      }
+  PagedAttentionArgs a;
+  a.q = TensorView(q.data(), DType::f32, {B, Hq, D});
+  a.cache = c8.view();
+  a.block_tables = TensorView(s.tables.data(), DType::s32, {B, s.maxb});
+  a.context_lens = TensorView(s.lens.data(), DType::s32, {B});
+  std::vector<float> first;
+  for (Isa isa : test::isas()) {
+    std::vector<float> o(B * Hq * D, 123.0f);
+    paged_attention(context(isa), a, TensorView(o.data(), DType::f32, {B, Hq, D}));
+    if (first.empty()) first = o;
+    ASSERT_EQ(o, first) << "ref vs " << isa_name(isa) << " D " << D << " Hq/Hkv " << Hq << "/" << Hkv << " bs " << bs << " sink " << sink;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const Oracle want = naive(q.data() + b * Hq * D, 1, Hq, s.kc.data() + s.cu_k[b] * Hkv * D, s.vc.data() + s.cu_k[b] * Hkv * D,
+                              lens[b], Hkv, D, 1.0f / std::sqrt(float(D)), true, 0, DType::f32, true);
+    for (int64_t i = 0; i < Hq * D; ++i)
+      ASSERT_NEAR(first[b * Hq * D + i], want.o[i], want.tol[i]) << "D " << D << " len " << lens[b] << " sink " << sink;
+  }
+}
+
+TEST(PagedAttention, Int8DecodeWideHeadsFarKeysAllIsasIdentical) {
+  // The avx512 s8 decode's paths for D % 64 == 0 beyond the odd-shapes test: head sizes 192 / 256
+  // (3 and 4 64-dim chunks, 16-key tiles) at block sizes 16 and 128, and a sink 120 above the
+  // other scores at D 64 / 128, so their probabilities underflow: exp_qllm's clamp (2^-126
+  // scales), and 32-key weight blocks that no row uses (skipped by every ISA's P.V).
+  int8_decode_check({1, 16, 17, 40, 300}, 16, 8, 2, 256, 4.0);
+  int8_decode_check({33, 200}, 128, 4, 1, 192, 4.0);
+  int8_decode_check({100, 700}, 16, 8, 2, 64, 120.0);
+  int8_decode_check({100, 300}, 128, 8, 2, 128, 120.0);
 }
 
 }  // namespace

@@ -56,6 +56,11 @@ struct StreamSpan {
 };
 double measure_stream(int threads, const std::vector<StreamSpan>& bufs, int reps);
 
+// Read bandwidth of blocks of `block_bytes` (a multiple of 128) visited in the given order, the
+// list split into one contiguous range per thread, each thread reading `in_flight` blocks at
+// once, a 128-byte step of each in turn (bench paged-read).
+double measure_paged_read(int threads, const std::vector<const uint8_t*>& blocks, size_t block_bytes, int in_flight, int reps);
+
 // The limits as one benchmark row (`bench` = "peak"), printed first by every benchmark so its
 // ratios can be checked against the limits of the same run.
 nlohmann::ordered_json peak_row(const Peak& p);

@@ -199,6 +199,39 @@ double stream_gbps(int threads, const std::vector<StreamSpan>& bufs, int reps) {
   return best;
 }
 
+// Read bandwidth (GB/s) of equal-sized blocks visited in list order, the list split into one
+// contiguous range per thread; each thread keeps `in_flight` blocks open and reads one 128-byte
+// step of each in turn, so that many sequential streams run at once (the hardware prefetcher
+// follows each; one block at a time, every block start waits for a new stream to ramp up).
+// Median of `reps` passes.
+double paged_read_gbps(int threads, const std::vector<const uint8_t*>& blocks, size_t block_bytes, int in_flight, int reps) {
+  const size_t steps = block_bytes / 128;
+  const double bytes = static_cast<double>(blocks.size() / threads * threads) * static_cast<double>(steps * 128);
+  std::vector<double> rates;
+  for (int rep = 0; rep < reps; ++rep) {
+    const double s = run_threads(threads, [&](int t) {
+      const size_t per = blocks.size() / threads, b0 = t * per, b1 = b0 + per;
+      __m256i x0 = _mm256_setzero_si256(), x1 = x0, x2 = x0, x3 = x0;
+      for (size_t b = b0; b < b1; b += in_flight) {
+        const size_t open = std::min<size_t>(in_flight, b1 - b);
+        for (size_t i = 0; i < steps; ++i)
+          for (size_t f = 0; f < open; ++f) {
+            const __m256i* p = reinterpret_cast<const __m256i*>(blocks[b + f] + i * 128);
+            x0 = _mm256_xor_si256(x0, _mm256_loadu_si256(p));
+            x1 = _mm256_xor_si256(x1, _mm256_loadu_si256(p + 1));
+            x2 = _mm256_xor_si256(x2, _mm256_loadu_si256(p + 2));
+            x3 = _mm256_xor_si256(x3, _mm256_loadu_si256(p + 3));
+          }
+      }
+      const __m256i x = _mm256_xor_si256(_mm256_xor_si256(x0, x1), _mm256_xor_si256(x2, x3));
+      g_sink += static_cast<uint64_t>(_mm256_extract_epi64(x, 0));
+    });
+    rates.push_back(bytes / s / 1e9);
+  }
+  std::sort(rates.begin(), rates.end());
+  return rates[rates.size() / 2];
+}
+
 // Streaming read of a fresh 1 GiB buffer: the DRAM limit every benchmark reports against.
 double dram_gbps(int threads, int reps) {
   const size_t bytes = size_t{1} << 30;
@@ -235,6 +268,10 @@ double measure_dram(int threads, int reps) { return dram_gbps(threads, reps); }
 
 double measure_stream(int threads, const std::vector<StreamSpan>& bufs, int reps) {
   return stream_gbps(threads, bufs, reps);
+}
+
+double measure_paged_read(int threads, const std::vector<const uint8_t*>& blocks, size_t block_bytes, int in_flight, int reps) {
+  return paged_read_gbps(threads, blocks, block_bytes, in_flight, reps);
 }
 
 Peak measure_peak(int threads, double seconds) {

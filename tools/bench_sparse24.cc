@@ -110,13 +110,15 @@ int bench_sparse24(const Options& o) {
         const bool memory_bound = m <= 4;
         const double dram_now = memory_bound ? measure_dram(ctx.threads(), o.quick ? 1 : 3) : peak.dram_gbps;
         size_t it = 0;
-        const double t = median_seconds(o, [&] {
+        const auto sparse_call = [&] {
           a.packed = &sps[it++ % sps.size()];
           sparse24_matmul(ctx, a, yv, {odt});
-        });
+        };
 
-        double t_dense = 0, t_blas = 0;
-        if (!o.no_peers) {
+        double t = 0, t_dense = 0, t_blas = 0;
+        if (o.no_peers) {
+          t = median_seconds(o, sparse_call);
+        } else {
           std::vector<int64_t> gl = {m};
           GroupedMatmulArgs g;
           g.x = a.x;
@@ -128,10 +130,15 @@ int bench_sparse24(const Options& o) {
           }
           GroupedMatmulParams gp;
           gp.out_dtype = odt;
-          t_dense = median_seconds(o, [&] {
-            g.packed_w = &pws[it2++ % pws.size()];
-            grouped_matmul(ctx, g, TensorView(y2.data(), odt, {m, n}), gp);
-          });
+          // Sparse and dense calls alternate (median of each): the host's load drifts by 10-30%
+          // over seconds, and timing the two in separate windows had moved speedup_vs_dense by
+          // as much (s8 m = 512 on AVX2: 1.09 in one run, 1.59-1.61 in the next two).
+          const std::vector<double> ts = median_seconds_paired(o, {sparse_call, [&] {
+                                                                    g.packed_w = &pws[it2++ % pws.size()];
+                                                                    grouped_matmul(ctx, g, TensorView(y2.data(), odt, {m, n}), gp);
+                                                                  }});
+          t = ts[0];
+          t_dense = ts[1];
 #if QLLM_HAVE_OPENBLAS
           if (!quant) {
             // y[m, n] = x[m, k] @ W[n, k]^T in f32 (OpenBLAS has no f16 GEMM: the f16 case runs it on

@@ -13,6 +13,7 @@ int bench_moe_routing(const Options& o);
 int bench_wq_gemm(const Options& o);
 int bench_sparse24(const Options& o);
 int bench_attention(const Options& o);
+int bench_paged_read(const Options& o);
 }
 
 namespace {
@@ -32,6 +33,7 @@ constexpr BenchEntry kBenches[] = {
     {"wq-gemm", qllm::bench::bench_wq_gemm},
     {"sparse24", qllm::bench::bench_sparse24},
     {"attention", qllm::bench::bench_attention},
+    {"paged-read", qllm::bench::bench_paged_read},
 };
 }  // namespace
 

@@ -39,6 +39,13 @@ namespace avx512 {
 void attn_decode_s8(const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
                     const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* m, float* l, float* acc);
 }  // namespace avx512
+#else
+namespace avx2 {
+// The s8-cache tile of the avx2 decode kernel (x86/avx2/attention_decode_s8.cc): head by head,
+// the same integer sums and 7-bit P.V weights as the reference and avx512 kernels.
+void attn_decode_s8(const int16_t* q16, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
+                    const KvSource& src, int64_t j0, int64_t n, float* m, float* l, float* acc);
+}  // namespace avx2
 #endif
 
 namespace {

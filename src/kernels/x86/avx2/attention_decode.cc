@@ -2,7 +2,8 @@
 // kernels/attention.h, bit-identical to ref and to the flash path's tile kernels in
 // attention.cc). Compiled again as the avx512 ISA with QLLM_ATTN_VNNI (x86/avx512/
 // attention_decode.cc), where the float passes use zmm and s8 caches go to
-// avx512::attn_decode_s8 (x86/avx512/attention_decode_s8.cc, VNNI).
+// avx512::attn_decode_s8 (x86/avx512/attention_decode_s8.cc, VNNI); the AVX2 build's s8 caches go
+// to avx2::attn_decode_s8 (x86/avx2/attention_decode_s8.cc).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -105,7 +106,8 @@ inline void prefetch_head(const uint8_t* p, int64_t bytes) {
 // Prefetch schedules of the float decode path (measured from DRAM with an in-process A/B
 // driver, 2 threads, B1 16k / B8 4k; docs/design.md "Float decode prefetch schedules"):
 // one_tile: the score loop prefetches the next tile's K, the P.V passes its V (one tile ahead
-//   each). s8 (AVX2 build) and the AVX2 build's float path at tiles of < 64 keys (D > 64).
+//   each). The AVX2 build's float path at tiles of < 64 keys (D > 64). (s8 caches have their own
+//   tile kernels in both builds, attention_decode_s8.cc, and do not come here.)
 // phase: the score loop prefetches this tile's V (used by the P.V passes right after), the P.V
 //   passes the next tile's K: each array half a tile ahead. AVX-512 build where score_phase is
 //   not chosen: 1-4% faster than one_tile at D 128 and D 64 with 128-token blocks; on the AVX2
@@ -562,6 +564,11 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
 #if QLLM_ATTN_VNNI
   if constexpr (s8) {  // head by head in zmm, with its own tile walk (x86/avx512/attention_decode_s8.cc)
     avx512::attn_decode_s8(q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
+    return;
+  }
+#else
+  if constexpr (s8) {  // head by head, 4 rows per pass, with its own tile walk (x86/avx2/attention_decode_s8.cc)
+    avx2::attn_decode_s8(q16, qs, g, H, RH, D, Dp, src, j0, n, m, l, acc);
     return;
   }
 #endif

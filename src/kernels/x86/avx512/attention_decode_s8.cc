@@ -28,6 +28,8 @@ namespace {
 // (s8_softmax_quant), then the integer P.V of all the rows' weights at once (s8_pv), all in zmm.
 // Each pass keeps its working set in the 32 registers (the session-4 version transposed through
 // an out-of-line function and spilled its 16 + 16 vectors: stack stores and reloads per key).
+// Head sizes that are a multiple of 64 take the session-6 forms of the three steps further down
+// (s8_scores_pipe, s8_softmax_phased, s8_pv_defer: the same arithmetic, fewer stalls).
 
 // acc + vpdpbusd(u8 a, s8 of the dword at p broadcast): the sums of _mm512_dpbusd_epi32(acc, a,
 // set1(*p)) in one instruction with an embedded broadcast. Inline asm: g++ 12 copies the
@@ -126,6 +128,28 @@ inline __m128 hmax4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), z));
 }
 
+// exp16 for x <= kExpHi (here x = s - m' <= 0; lanes past n may exceed it, but are discarded): exp16 without its
+// upper clamp, which is then the identity, and with p * 2^n as one vscalefps instead of building
+// 2^n in the exponent field (cvt, add, shift) and multiplying: n is an integer in [-126, 127]
+// (the lower clamp), so 2^n is a normal float and both forms round the same exact product p 2^n
+// once (to a subnormal only below 2^-126): the same bits as exp16 / exp_qllm.
+inline __m512 exp16_le(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpLo));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpC6);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC5));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  p = _mm512_fmadd_ps(p, r2, r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
 // Softmax step of R rows (row i: scores s + i * Tk, state m[i], l[i]) over the tile's n keys,
 // then the rows' 7-bit P.V weights (kernels/attention.h): wq + i * kMaxTile gets the bytes of
 // every 32-key block (lanes past n zero), sw[i * 4 + b] the scale of block b (0 for a block that
@@ -166,12 +190,12 @@ template <int R>
       const float* sr = s + i * Tk + b0;
       const __m512 mv = _mm512_set1_ps(mn[i]);
       // Lanes past n: 0 (added to the lane sums: exact). Lane i of sum sums keys j % 8 == i in order.
-      const __m512 e0 = _mm512_maskz_mov_ps(k0, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k0, sr), mv)));
+      const __m512 e0 = _mm512_maskz_mov_ps(k0, exp16_le(_mm512_sub_ps(_mm512_maskz_loadu_ps(k0, sr), mv)));
       sum[i] = _mm256_add_ps(sum[i], _mm512_castps512_ps256(e0));
       sum[i] = _mm256_add_ps(sum[i], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e0), 1)));
       w0[i] = _mm512_mul_ps(e0, vs0);
       if (k1) {
-        const __m512 e1 = _mm512_maskz_mov_ps(k1, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k1, sr + 16), mv)));
+        const __m512 e1 = _mm512_maskz_mov_ps(k1, exp16_le(_mm512_sub_ps(_mm512_maskz_loadu_ps(k1, sr + 16), mv)));
         sum[i] = _mm256_add_ps(sum[i], _mm512_castps512_ps256(e1));
         sum[i] = _mm256_add_ps(sum[i], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e1), 1)));
         w1[i] = _mm512_mul_ps(e1, vs1);
@@ -204,6 +228,92 @@ template <int R>
   for (int i = 0; i < R; ++i) {
     l[i] = ln[i];
     m[i] = mn[i];
+    alpha[i] = al[i];
+  }
+}
+
+// s8_softmax_quant's arithmetic in phases, each a loop of independent work (s8_softmax_quant
+// runs a block's exps, its max, the divisions and the quantisation as one dependent chain per
+// block, which the core did not overlap with the next block's): (1) the row maxima, m' and
+// alpha; (2) per 16 keys and row, p = exp16, the lane sums, w = p * v_scale stored over the
+// scores, and each block's running max vector; (3) per block, the 4 rows' wmax, 127 / wmax and
+// wmax / 127 in the lanes of one vector; (4) the quantisation. Needs Tk >= round_up(n, 16).
+template <int R>
+[[gnu::always_inline]] inline void s8_softmax_phased(float* s, int64_t Tk, int64_t n, const float* vs, float* m, float* l,
+                                                     uint8_t* wq, float* sw, float* alpha) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const __m512 ninf = _mm512_set1_ps(kNegInf);
+  const int64_t n16 = (n + 15) / 16 * 16, nb = (n + kDecPvBlock - 1) / kDecPvBlock;
+  const __mmask16 tail = keys_mask(n - (n16 - 16));  // lanes of the last 16 keys that exist
+  __m512 mx[4] = {ninf, ninf, ninf, ninf};
+  for (int64_t j = 0; j < n16; j += 16) {
+    const __mmask16 k = j + 16 < n16 ? __mmask16(0xffff) : tail;
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) mx[i] = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, k, s + i * Tk + j), mx[i]);
+  }
+  alignas(16) float mo[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
+  for (int i = 0; i < R; ++i) mo[i] = m[i];
+  const __m128 mov = _mm_load_ps(mo);
+  const __m128 mnv = _mm_max_ps(hmax4(mx[0], mx[1], mx[2], mx[3]), mov);  // max_ps(mt, m)
+  const __m128 e4 = _mm256_castps256_ps128(exp8(_mm256_zextps128_ps256(_mm_sub_ps(mov, mnv))));
+  const __m128 av = _mm_andnot_ps(_mm_cmpeq_ps(mov, _mm_set1_ps(kNegInf)), e4);
+  __m512 mv[4];
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) mv[i] = _mm512_broadcastss_ps(_mm_permutevar_ps(mnv, _mm_set1_epi32(i)));
+  __m256 sum[4];
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) sum[i] = _mm256_setzero_ps();
+  alignas(64) float bmax[kMaxTile / kDecPvBlock][4][16];  // per block and row: max of w per lane
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 bm[4] = {zero, zero, zero, zero};
+  for (int64_t j = 0; j < n16; j += 16) {
+    const bool last = j + 16 >= n16;
+    const __m512 vsv = _mm512_load_ps(vs + j);  // 0 past n
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      float* sr = s + i * Tk + j;
+      __m512 e = exp16_le(_mm512_sub_ps(_mm512_loadu_ps(sr), mv[i]));
+      if (last) e = _mm512_maskz_mov_ps(tail, e);  // keys past n: 0 (added to the sums: exact)
+      // Lane i of sum sums keys j % 8 == i in order.
+      sum[i] = _mm256_add_ps(sum[i], _mm512_castps512_ps256(e));
+      sum[i] = _mm256_add_ps(sum[i], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+      const __m512 w = _mm512_mul_ps(e, vsv);
+      _mm512_storeu_ps(sr, w);
+      bm[i] = _mm512_max_ps(bm[i], w);
+    }
+    if (last || (j + 16) % kDecPvBlock == 0) {
+      #pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) _mm512_store_ps(bmax[j / kDecPvBlock][i], bm[i]), bm[i] = zero;
+    }
+  }
+  alignas(16) float inv[kMaxTile / kDecPvBlock][4];
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m128 wmax = hmax4(_mm512_load_ps(bmax[b][0]), _mm512_load_ps(bmax[b][1]), _mm512_load_ps(bmax[b][2]),
+                              _mm512_load_ps(bmax[b][3]));
+    const __m128 ok = _mm_cmpge_ps(wmax, _mm_set1_ps(kDecPvMinWeight));
+    alignas(16) float swb[4];
+    _mm_store_ps(inv[b], _mm_and_ps(ok, _mm_div_ps(_mm_set1_ps(127.0f), wmax)));
+    _mm_store_ps(swb, _mm_and_ps(ok, _mm_div_ps(wmax, _mm_set1_ps(127.0f))));
+    for (int i = 0; i < R; ++i) sw[i * 4 + b] = swb[i];
+  }
+  for (int64_t j = 0; j < n16; j += 16) {
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      // cvtps rounds to nearest even (MXCSR default), like nearbyint; values in [0, 127].
+      const __m512 iv = _mm512_set1_ps(inv[j / kDecPvBlock][i]);
+      // No min with 127: w <= wmax, so w * fl(127 / wmax) <= 127 (1 + 2^-24) rounds to <= 127.
+      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(s + i * Tk + j), iv));
+      _mm_store_si128(reinterpret_cast<__m128i*>(wq + i * kMaxTile + j), _mm512_cvtepi32_epi8(q));
+    }
+  }
+  // l = l * alpha + lane_tree8(lane sums), the 4 rows at once.
+  alignas(16) float lo[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ln[4], al[4];
+  for (int i = 0; i < R; ++i) lo[i] = l[i];
+  _mm_store_ps(ln, _mm_add_ps(_mm_mul_ps(_mm_load_ps(lo), av), tree4(sum[0], sum[1], sum[2], sum[3])));
+  _mm_store_ps(al, av);
+  for (int i = 0; i < R; ++i) {
+    l[i] = ln[i];
+    m[i] = mnv[i];
     alpha[i] = al[i];
   }
 }
@@ -265,7 +375,7 @@ template <int R>
       for (int i = 0; i < 4; ++i) {
         if (16 * i >= nd) break;
         __m512 a = _mm512_maskz_loadu_ps(st_mask[i], ap + 16 * i);
-        if (b0 == 0) a = _mm512_mul_ps(a, _mm512_set1_ps(alpha[r]));
+        if (b0 == 0 && alpha[r] != 1.0f) a = _mm512_mul_ps(a, _mm512_set1_ps(alpha[r]));  // (alpha 1: a * 1 == a)
         _mm512_mask_storeu_ps(ap + 16 * i, st_mask[i], _mm512_fmadd_ps(_mm512_cvtepi32_ps(O[i]), sv, a));
       }
     }
@@ -329,12 +439,180 @@ inline void s8_scales8(const float* sc, const int32_t* so, int64_t n, int64_t nh
   }
 }
 
+
+// ---- fast path: D a multiple of 64 (no partial 64-byte chunk) ------------------------------
+//
+// The passes above cost ~2x their vpdpbusd count (L1-resident driver, session 6): each 16-key
+// score pass and each 32-key P.V block is a chain (loads -> transposes -> 8-deep vpdpbusd
+// chains -> convert / fold -> store) of ~60 cycles, ~200 instructions long, and the core's
+// scheduler holds too few of them to overlap one pass with the next. The passes below are
+// software-pipelined: while the vpdpbusd of one unit (16 keys x 64 dims of K; 4 keys x 64 dims
+// of V) run, the next unit's rows are loaded and transposed, so the vpdpbusd never wait for
+// loads. Rows are addressed as head 0's row pointer + the head's offset (no per-head pointer
+// arrays) and loaded unmasked (full 64-byte chunks).
+
+// Loads 4 K rows (p[i] + off), biased to unsigned, transposed in-lane (tr4x4).
+[[gnu::always_inline]] inline void ld_k4(const uint8_t* const* p, int64_t off, __m512i bias, __m512i& a, __m512i& b, __m512i& c,
+                                         __m512i& d) {
+  a = _mm512_xor_si512(_mm512_loadu_si512(p[0] + off), bias);
+  b = _mm512_xor_si512(_mm512_loadu_si512(p[1] + off), bias);
+  c = _mm512_xor_si512(_mm512_loadu_si512(p[2] + off), bias);
+  d = _mm512_xor_si512(_mm512_loadu_si512(p[3] + off), bias);
+  tr4x4(a, b, c, d);
+}
+
+// s8_scores16 for all the tile's 16-key passes of R rows, pipelined (see above). kp: head 0's K
+// rows of the tile (padded to 16 keys with key 0), hoff: this head's byte offset; ks: the head's
+// k scales (0 past n); pf: the next tile's rows (head 0) to prefetch, or nullptr.
+template <int R>
+[[gnu::always_inline]] inline void s8_scores_pipe(const int8_t* q8, int64_t Dq8, const int32_t* qc, const float* qs, int64_t D,
+                                                  const uint8_t* const* kp, int64_t hoff, const float* ks, int64_t n, float* s,
+                                                  int64_t Tk, const uint8_t* const* pf) {
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t C = D / 64, P = (n + 15) / 16;
+  __m512i u[16];
+  #pragma GCC unroll 4
+  for (int grp = 0; grp < 4; ++grp) ld_k4(kp + 4 * grp, hoff, bias, u[4 * grp], u[4 * grp + 1], u[4 * grp + 2], u[4 * grp + 3]);
+  __m512i acc[R], acc2[R];
+  #pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_set1_epi32(qc[r]), acc2[r] = _mm512_setzero_si512();
+  int64_t p = 0, c = 0;
+  for (;;) {
+    // The next unit: the next chunk of this pass, else the next pass (the last unit reloads itself).
+    int64_t pn = p, cn = c + 1;
+    if (cn == C) cn = 0, ++pn;
+    const bool last = pn == P;
+    const uint8_t* const* kn = kp + 16 * (last ? p : pn);
+    const int64_t offn = hoff + 64 * (last ? c : cn);
+    const int8_t* q = q8 + 64 * c;
+    __m512i nu[16];
+    #pragma GCC unroll 4
+    for (int m = 0; m < 4; ++m) {
+      const __m512i x0 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x88), x1 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xdd);
+      const __m512i x2 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x88), x3 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xdd);
+      const __m512i T0 = _mm512_shuffle_i32x4(x0, x2, 0x88), T8 = _mm512_shuffle_i32x4(x0, x2, 0xdd);
+      const __m512i T4 = _mm512_shuffle_i32x4(x1, x3, 0x88), T12 = _mm512_shuffle_i32x4(x1, x3, 0xdd);
+      ld_k4(kn + 4 * m, offn, bias, nu[4 * m], nu[4 * m + 1], nu[4 * m + 2], nu[4 * m + 3]);
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const int8_t* qd = q + r * Dq8 + 4 * m;
+        acc[r] = dpbusd_b(acc[r], T0, qd);
+        acc2[r] = dpbusd_b(acc2[r], T4, qd + 16);
+        acc[r] = dpbusd_b(acc[r], T8, qd + 32);
+        acc2[r] = dpbusd_b(acc2[r], T12, qd + 48);
+      }
+    }
+    if (pf)
+      for (int i = 0; i < 16; ++i) prefetch_line_t1(pf[16 * p + i] + hoff + 64 * c);
+    #pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) u[i] = nu[i];
+    if (c == C - 1) {  // the pass's scores, then the next pass's accumulators
+      const __m512 ksv = _mm512_load_ps(ks + 16 * p);
+      const __mmask16 keep = keys_mask(n - 16 * p);
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[r], acc2[r])), ksv), _mm512_set1_ps(qs[r]));
+        _mm512_mask_storeu_ps(s + r * Tk + 16 * p, keep, f);
+        acc[r] = _mm512_set1_epi32(qc[r]), acc2[r] = _mm512_setzero_si512();
+      }
+    }
+    if (last) break;
+    p = pn, c = cn;
+  }
+}
+
+// Loads 4 V rows (p[i] + off) and byte-interleaves them (s8_pv64's X layout).
+[[gnu::always_inline]] inline void ld_v4(const uint8_t* const* p, int64_t off, __m512i* X) {
+  const __m512i v0 = _mm512_loadu_si512(p[0] + off), v1 = _mm512_loadu_si512(p[1] + off);
+  const __m512i v2 = _mm512_loadu_si512(p[2] + off), v3 = _mm512_loadu_si512(p[3] + off);
+  const __m512i a = _mm512_unpacklo_epi8(v0, v1), b = _mm512_unpackhi_epi8(v0, v1);
+  const __m512i c = _mm512_unpacklo_epi8(v2, v3), e = _mm512_unpackhi_epi8(v2, v3);
+  X[0] = _mm512_unpacklo_epi16(a, c), X[1] = _mm512_unpackhi_epi16(a, c);
+  X[2] = _mm512_unpacklo_epi16(b, e), X[3] = _mm512_unpackhi_epi16(b, e);
+}
+
+// s8_pv64 over all the head's 64-dim chunks with the block folds deferred: the vpdpbusd pass
+// stores each block's 16 int32 accumulators (64 B each) to isum and moves on, and a second
+// loop does the folds (4 x 4 transpose of 128-bit lanes, convert, one FMA per dim; acc * alpha
+// in the first block), in block order per dim as s8_pv64 does. In s8_pv64 each block's fold
+// (~100 instructions for 4 rows, a third of them on the FMA pipes that vpdpbusd uses) sat
+// between two blocks' vpdpbusd chains: 4 rows x 64 dims cost ~7 cycles per key (L1-resident)
+// against 4 for the vpdpbusd alone. vp: head 0's V rows (padded to 4-key groups with key 0,
+// weight 0), hoff: the head's byte offset. Blocks no row uses are skipped, as in s8_pv64.
+template <int R>
+[[gnu::always_inline]] inline void s8_pv_defer(const uint8_t* wq, const float* sw, const float* alpha, const uint8_t* const* vp,
+                                               int64_t hoff, int64_t n, int64_t D, float* acc, int64_t acc_stride,
+                                               const uint8_t* const* pf) {
+  const int64_t C = D / 64, nb = (n + kDecPvBlock - 1) / kDecPvBlock;
+  bool act[kMaxTile / kDecPvBlock];
+  for (int64_t b = 0; b < nb; ++b) {
+    bool any = b == 0;  // the first block also applies alpha
+    for (int r = 0; r < R; ++r) any = any || sw[r * 4 + b] != 0.0f;
+    act[b] = any;
+  }
+  alignas(64) int32_t isum[4][4][4][16];  // [chunk x block (<= 4: Tk * D <= 4096 * 4)][row][i][lane]
+  int64_t u = 0;
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t b = 0; b < nb; ++b, ++u) {
+      if (!act[b]) continue;
+      const int64_t b0 = b * kDecPvBlock, groups = (std::min<int64_t>(n, b0 + kDecPvBlock) - b0 + 3) / 4;
+      const int64_t off = hoff + 64 * c;
+      __m512i A[R][4];
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+        #pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) A[r][i] = _mm512_setzero_si512();
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        const int64_t j = b0 + 4 * gi;
+        __m512i X[4];
+        ld_v4(vp + j, off, X);
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          int32_t wd;
+          std::memcpy(&wd, wq + r * kMaxTile + j, 4);
+          const __m512i W = _mm512_set1_epi32(wd);
+          #pragma GCC unroll 4
+          for (int i = 0; i < 4; ++i) A[r][i] = dpbusd(A[r][i], W, X[i]);
+        }
+        if (pf)
+          for (int i = 0; i < 4; ++i) prefetch_line_t1(pf[j + i] + off);
+      }
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+        #pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) _mm512_store_si512(isum[u][r][i], A[r][i]);
+    }
+  u = 0;
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t b = 0; b < nb; ++b, ++u) {
+      if (!act[b]) continue;
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m512i a0 = _mm512_load_si512(isum[u][r][0]), a1 = _mm512_load_si512(isum[u][r][1]);
+        const __m512i a2 = _mm512_load_si512(isum[u][r][2]), a3 = _mm512_load_si512(isum[u][r][3]);
+        // a_i lane (L, w) = dim 16L + 4i + w: O[L] = [a0.L, a1.L, a2.L, a3.L] = dims 16L .. 16L + 15.
+        const __m512i t0 = _mm512_shuffle_i32x4(a0, a1, 0x44), t1 = _mm512_shuffle_i32x4(a2, a3, 0x44);
+        const __m512i t2 = _mm512_shuffle_i32x4(a0, a1, 0xee), t3 = _mm512_shuffle_i32x4(a2, a3, 0xee);
+        const __m512i O[4] = {_mm512_shuffle_i32x4(t0, t1, 0x88), _mm512_shuffle_i32x4(t0, t1, 0xdd), _mm512_shuffle_i32x4(t2, t3, 0x88),
+                              _mm512_shuffle_i32x4(t2, t3, 0xdd)};
+        const __m512 sv = _mm512_set1_ps(sw[r * 4 + b]);
+        float* ap = acc + r * acc_stride + 64 * c;
+        #pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          __m512 x = _mm512_loadu_ps(ap + 16 * i);
+          if (b == 0 && alpha[r] != 1.0f) x = _mm512_mul_ps(x, _mm512_set1_ps(alpha[r]));  // x * 1 == x
+          _mm512_storeu_ps(ap + 16 * i, _mm512_fmadd_ps(_mm512_cvtepi32_ps(O[i]), sv, x));
+        }
+      }
+    }
+}
+
 }  // namespace
 
 namespace avx512 {
 
 // The s8 tile of decode_t on the AVX-512 VNNI build: per head, per group of <= 4 rows, scores,
-// softmax + weights and P.V as above.
+// softmax + weights and P.V as above (D % 64 == 0: the pipelined / phased / deferred forms).
 void attn_decode_s8(const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
                     const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* m, float* l, float* acc) {
   const int64_t hs = D, Dq8 = decode_q8_width(D), n16 = (n + 15) / 16 * 16;
@@ -349,30 +627,36 @@ void attn_decode_s8(const int8_t* q8, const float* qs, int64_t g, int64_t H, int
   const uint8_t* kn0[kMaxTile];
   const uint8_t* vn0[kMaxTile];
   const int64_t nn = std::min(n, src.tokens - j0 - n);
-  if (nn > 0) s8_walk(src, j0 + n, nn, 0, kn0, vn0, nullptr);
+  alignas(64) int32_t son[kMaxTile];  // the next tile's scale offsets
+  if (nn > 0) s8_walk(src, j0 + n, nn, 0, kn0, vn0, son);
   for (int64_t j = std::max<int64_t>(nn, 0); j < n16; ++j) kn0[j] = kp[j], vn0[j] = vp[j];
   if (nn > 0) {
     // The next tile's K/V scales (a separate [block, token, head] f32 array, 32 B per token at 8
     // KV heads): without this prefetch every block's scale lines missed to DRAM, stalling the
-    // score and softmax loops (~8% of the s8 decode time in perf, session 4). One line per 16
-    // keys covers a block of 16 tokens x 8 heads... per key where the lines change.
-    const char* last = nullptr;
-    for (int64_t j = 0; j < nn; ++j) {
-      const int64_t jj = j0 + n + j;
-      const int64_t blk = jj / src.block_size, phys = src.block_table ? src.block_table[blk] : blk;
-      const int64_t so_n = phys * src.scale_block_stride + (jj % src.block_size) * src.scale_token_stride;
-      const char* sl = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(src.k_scale + so_n) & ~uintptr_t{63});
-      if (sl == last) continue;
-      last = sl;
-      prefetch_line_t0(sl);
-      prefetch_line_t0(src.v_scale + so_n);
+    // score and softmax loops (~8% of the s8 decode time in perf, session 4). Per block segment
+    // of the next tile (its tokens' scale rows are consecutive, scale_token_stride floats apart)
+    // every line of the H heads' scales, once: the per-key loop with a line test before (and a
+    // 64-bit division per key before that) was ~20% of the tile's fixed work at D 128.
+    const auto lines = [](const float* a, int64_t nf) {
+      const uintptr_t e = reinterpret_cast<uintptr_t>(a + nf);
+      for (uintptr_t p = reinterpret_cast<uintptr_t>(a) & ~uintptr_t{63}; p < e; p += 64)
+        prefetch_line_t0(reinterpret_cast<const void*>(p));
+    };
+    for (int64_t j = 0, seg = std::min(src.block_size - (j0 + n) % src.block_size, nn); j < nn;
+         j += seg, seg = std::min(src.block_size, nn - j)) {
+      const int64_t nf = (seg - 1) * src.scale_token_stride + H;
+      lines(src.k_scale + son[j], nf);
+      lines(src.v_scale + son[j], nf);
     }
   }
   // V rows of the current head, padded to 4-key groups with key 0's (weight 0).
   const uint8_t* vr[kMaxTile];
   alignas(64) float kst[8 * kMaxTile], vst[8 * kMaxTile];  // scales of 8 heads (s8_scales8)
+  // D a multiple of 64: the pipelined passes (full 64-byte chunks, head offsets into kp / vp).
+  const bool fast = D % 64 == 0;
   for (int64_t h = 0; h < H; ++h) {
-    for (int64_t j = 0; j < (n + 3) / 4 * 4; ++j) vr[j] = vp[j] + h * hs;
+    if (!fast)
+      for (int64_t j = 0; j < (n + 3) / 4 * 4; ++j) vr[j] = vp[j] + h * hs;
     if (h % 8 == 0) {  // the scales of heads h .. h + 7, transposed to [head][key]
       s8_scales8(src.k_scale + h, so, n, std::min<int64_t>(8, H - h), kst);
       s8_scales8(src.v_scale + h, so, n, std::min<int64_t>(8, H - h), vst);
@@ -385,7 +669,8 @@ void attn_decode_s8(const int8_t* q8, const float* qs, int64_t g, int64_t H, int
     // L2 in the order it reads them, one tile's work later.
     const uint8_t* kn[kMaxTile];
     const uint8_t* vn[kMaxTile];
-    for (int64_t j = 0; j < (n + 15) / 16 * 16; ++j) kn[j] = kn0[j] + h * hs, vn[j] = vn0[j] + h * hs;
+    if (!fast)
+      for (int64_t j = 0; j < (n + 15) / 16 * 16; ++j) kn[j] = kn0[j] + h * hs, vn[j] = vn0[j] + h * hs;
     for_groups(g, [&]<int R>(int64_t r) {
       const int64_t row = h * RH + r;
       const int8_t* qr = q8 + row * Dq8;
@@ -398,6 +683,17 @@ void attn_decode_s8(const int8_t* q8, const float* qs, int64_t g, int64_t H, int
         qc[i] = -128 * _mm512_reduce_add_epi32(sum);
       }
       float* sr = s + (h * g + r) * Tk;
+      if (fast) {
+        s8_scores_pipe<R>(qr, Dq8, qc, qs + row, D, kp, h * hs, kst + (h % 8) * kMaxTile, n, sr, Tk, r == 0 && nn > 0 ? kn0 : nullptr);
+        alignas(64) uint8_t wq[4 * kMaxTile];
+        float sw[4 * 4], alpha[4];
+        // The phased softmax pays a fixed cost per call that a 32-key tile (D 128) does not
+        // recover; the one-chain form is as fast there.
+        if (n > kDecPvBlock) s8_softmax_phased<R>(sr, Tk, n, vs, m + row, l + row, wq, sw, alpha);
+        else s8_softmax_quant<R>(sr, Tk, n, vs, m + row, l + row, wq, sw, alpha);
+        s8_pv_defer<R>(wq, sw, alpha, vp, h * hs, n, D, acc + row * Dp, Dp, r == 0 && nn > 0 ? vn0 : nullptr);
+        return;
+      }
       for (int64_t j = 0; j < n; j += 16) {
         const uint8_t* kr[16];
         for (int i = 0; i < 16; ++i) kr[i] = kp[j + i] + h * hs;

@@ -94,28 +94,36 @@ struct Consts {
 
 // Decode blocks [b0, b0 + nb) of one super-panel into dec (8 pairs per block); ws[2] += the kept
 // weights per channel (slot order).
-void decode(const uint8_t* panel, int64_t b0, int64_t nb, Pair* dec, __m512i (&ws)[2], const Consts& k) {
-  const __m512i ones = _mm512_set1_epi8(1);
+void decode(const uint8_t* panel, int64_t b0, int64_t nb, Pair* dec, __m512i (&wsum)[2], const Consts& k) {
+  // Locals: with the sums and constants behind references GCC 12 kept the sums in memory (a
+  // store-forwarded vpdpbusd chain per pair and half) and reloaded the constants after every
+  // store to dec.
+  const __m512i ones = _mm512_set1_epi8(1), cperm = k.cperm, cs0 = k.cshift[0], cs1 = k.cshift[1], bsel = k.bsel;
+  const __m512i seven = _mm512_set1_epi8(7);
+  __m512i ws0 = wsum[0], ws1 = wsum[1];
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = panel + (b0 + b) * kS8BlockBytes;
     for (int j = 0; j < 8; ++j) {
       Pair& d = dec[b * 8 + j];
       const __m512i v0 = _mm512_loadu_si512(blk + 2 * j * kS8Channels * 2);
       const __m512i v1 = _mm512_loadu_si512(blk + (2 * j + 1) * kS8Channels * 2);
-      d.wlo = _mm512_unpacklo_epi16(v0, v1);
-      d.whi = _mm512_unpackhi_epi16(v0, v1);
-      ws[0] = _mm512_dpbusd_epi32(ws[0], ones, d.wlo);
-      ws[1] = _mm512_dpbusd_epi32(ws[1], ones, d.whi);
+      const __m512i wlo = _mm512_unpacklo_epi16(v0, v1), whi = _mm512_unpackhi_epi16(v0, v1);
+      d.wlo = wlo;
+      d.whi = whi;
+      ws0 = _mm512_dpbusd_epi32(ws0, ones, wlo);
+      ws1 = _mm512_dpbusd_epi32(ws1, ones, whi);
       // The pair's 24 code bytes (the buffer is padded past the last block).
       const __m512i cw = _mm512_permutexvar_epi8(
-          k.cperm, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kCodes + 24 * j))));
+          cperm, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kCodes + 24 * j))));
       // (code & 7) | 8 b, then the slot's LUT.
-      const __m512i qlo = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.cshift[0], cw), _mm512_set1_epi8(7), k.bsel, 0xea);
-      const __m512i qhi = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.cshift[1], cw), _mm512_set1_epi8(7), k.bsel, 0xea);
+      const __m512i qlo = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(cs0, cw), seven, bsel, 0xea);
+      const __m512i qhi = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(cs1, cw), seven, bsel, 0xea);
       d.ilo = _mm512_permutexvar_epi8(qlo, k.lut[j]);
       d.ihi = _mm512_permutexvar_epi8(qhi, k.lut[j]);
     }
   }
+  wsum[0] = ws0;
+  wsum[1] = ws1;
 }
 
 // The chunk's x for the panel, biased to u8 once (x + 128, i.e. x ^ 0x80) into xb [64][256]: rows
