@@ -109,9 +109,9 @@ inline void prefetch_head(const uint8_t* p, int64_t bytes) {
 //   each). The AVX2 build's float path at tiles of < 64 keys (D > 64). (s8 caches have their own
 //   tile kernels in both builds, attention_decode_s8.cc, and do not come here.)
 // phase: the score loop prefetches this tile's V (used by the P.V passes right after), the P.V
-//   passes the next tile's K: each array half a tile ahead. AVX-512 build where score_phase is
-//   not chosen: 1-4% faster than one_tile at D 128 and D 64 with 128-token blocks; on the AVX2
-//   build 5-8% slower at 16-token blocks, so not used there.
+//   passes the next tile's K: each array half a tile ahead. AVX-512 build, D 64 with blocks of
+//   >= Tk tokens (2-6% faster than one_tile) and D 128 with blocks of < Tk tokens (1-4%); on the
+//   AVX2 build 5-8% slower at 16-token blocks, so not used there.
 // score_phase: the score loop prefetches both (this tile's V, the next tile's K), the P.V
 //   passes none. For tiles of >= 64 keys (Dp <= 64): at 16-token blocks, D 64, 6-19% faster
 //   than one_tile on the AVX-512 build, 5-8% on AVX2 (f16; f32 D 64 12-15%, bf16 ~10%); at
@@ -122,7 +122,9 @@ enum class DecPf { one_tile, phase, score_phase };
 inline DecPf dec_pf_schedule(bool s8, int64_t Tk, int64_t block_size) {
   if (s8) return DecPf::one_tile;
   if (Tk >= 64 && (!QLLM_ATTN_VNNI || block_size < Tk)) return DecPf::score_phase;
-  return QLLM_ATTN_VNNI ? DecPf::phase : DecPf::one_tile;
+  // phase at Tk < 64 (D 128) only over small blocks: with blocks of >= Tk tokens its gain was
+  // 0-4% and one run read 5% slower (B8 4k), so those keep the old schedule.
+  return QLLM_ATTN_VNNI && (Tk >= 64 || block_size < Tk) ? DecPf::phase : DecPf::one_tile;
 }
 
 // Rows r < R of the scores f0 (key j) and f1 (key j + 1): s[r * Tk] = f0[r], s[r * Tk + 1] = f1[r].
@@ -757,8 +759,17 @@ void attn_decode(const float* q, const int16_t* q16, const int8_t* q8, const flo
             const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* /*tmp*/, float* m, float* l,
             float* acc) {
   // Float caches: the build's two prefetch schedules (dec_pf_schedule); s8: one_tile.
+  const DecPf sched = dec_pf_schedule(src.dtype == DType::s8, Tk, src.block_size);
   constexpr DecPf kOther = QLLM_ATTN_VNNI ? DecPf::phase : DecPf::one_tile;
-  const bool sp = dec_pf_schedule(src.dtype == DType::s8, Tk, src.block_size) == DecPf::score_phase;
+  const bool sp = sched == DecPf::score_phase;
+  if (!sp && sched != kOther) {  // AVX-512 build, D 128 over large blocks: one_tile
+    switch (src.dtype) {
+      case DType::f16: decode_t<LoadF16, DecPf::one_tile>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); return;
+      case DType::bf16: decode_t<LoadBF16, DecPf::one_tile>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); return;
+      case DType::s8: break;
+      default: decode_t<LoadF32, DecPf::one_tile>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); return;
+    }
+  }
   switch (src.dtype) {
     case DType::f16:
       if (sp) decode_t<LoadF16, DecPf::score_phase>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
