@@ -10,7 +10,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 
 #include "kernels/attention.h"
 #include "kernels/norm.h"
@@ -28,9 +27,10 @@ namespace {
 // converted once in registers (F16C / widening) and used by the 4 rows, with no f32 tile stored
 // and reloaded. All KV heads of the tile are done in one call, token-major (key pair j, j + 1,
 // then heads 0 .. H-1), so the [block, token, head, D] cache streams sequentially. Scores keep
-// 4 rows x 2 keys = 8 accumulators (one tree4 per key gives the 4 rows' lane_tree8 sums; s8:
-// int32 vpmaddwd sums); P.V keeps the pair's 4 x 2 probabilities broadcast in registers while
-// V streams by, the accumulators (H x 4 rows x Dp f32 = 16 KB at D = 128) staying in L1.
+// 4 rows x 2 keys = 8 accumulators (one tree4 per key gives the 4 rows' lane_tree8 sums); P.V
+// keeps the pair's 4 x 2 probabilities broadcast in registers while V streams by, the
+// accumulators (H x 4 rows x Dp f32 = 16 KB at D = 128) staying in L1. (Float caches only: s8
+// caches go to their own tile kernels, attention_decode_s8.cc.)
 
 // Loaders of 8 cache elements as f32 (exactly the values load_row produces).
 // The AVX-512 build's load16: 16 elements as one zmm (the P.V passes on zmm).
@@ -57,13 +57,6 @@ struct LoadBF16 {
   }
 #endif
 };
-struct LoadS8 {  // V of an s8 cache: f32(v8), the scale is in the P.V weight
-  static constexpr int64_t es = 1;
-  static __m256 load(const uint8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  }
-};
-
 // Elements [d, D) (< 8 of them) zero padded to 8: the tail chunk of a head size that is not a
 // multiple of 8, without reading past the row.
 template <class L>
@@ -73,19 +66,10 @@ __m256 load_tail(const uint8_t* row, int64_t d, int64_t D) {
   return L::load(buf);
 }
 
-// Sums of 4 int32 vectors (any order: integer sums are exact).
-inline __m128i tree4_epi32(__m256i a, __m256i b, __m256i c, __m256i d) {
-  const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
-  return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-}
-
-// Tile geometry of one decode call: row addresses of head 0 (head h is h * D elements further),
-// and for s8 the scales of every (key, head).
+// Tile geometry of one decode call: row addresses of head 0 (head h is h * D elements further).
 struct DecTile {
   const uint8_t* kp[kMaxTile];
   const uint8_t* vp[kMaxTile];
-  const float* ksp[kMaxTile];  // s8: scale of (key j, head 0); head h at + h
-  const float* vsp[kMaxTile];
   const uint8_t* kn[kMaxTile];  // the next tile's rows (prefetch), nullptr past the keys
   const uint8_t* vn[kMaxTile];
 };
@@ -119,8 +103,7 @@ inline void prefetch_head(const uint8_t* p, int64_t bytes) {
 //   AVX-512 build, so that build takes it only for tiles spanning several blocks
 //   (block_size < Tk). At Tk 32 (D 128) it was 8-12% slower: not used there.
 enum class DecPf { one_tile, phase, score_phase };
-inline DecPf dec_pf_schedule(bool s8, int64_t Tk, int64_t block_size) {
-  if (s8) return DecPf::one_tile;
+inline DecPf dec_pf_schedule(int64_t Tk, int64_t block_size) {
   if (Tk >= 64 && (!QLLM_ATTN_VNNI || block_size < Tk)) return DecPf::score_phase;
   // phase at Tk < 64 (D 128) only over small blocks: with blocks of >= Tk tokens its gain was
   // 0-4% and one run read 5% slower (B8 4k), so those keep the old schedule.
@@ -194,42 +177,6 @@ inline void dec_scores_f(const float* q, int64_t D, int64_t Dp, const uint8_t* c
     for (int i = 0; i < NK; ++i) f[i] = tree4(c[0][i], c[1][i], c[2][i], c[3][i]);
     store_scores<R, NK>(f, s, Tk);
   }
-}
-
-// 16 int8 of a K row as int16 (zero padded past D).
-inline __m256i load_k16(const uint8_t* row, int64_t d, int64_t D) {
-  if (d + 16 <= D) return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)));
-  alignas(16) uint8_t buf[16] = {};
-  std::memcpy(buf, row + d, D - d);
-  return _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
-}
-
-// s8 scores of R rows for NK (1, 2 or 4) consecutive keys (K rows k[i], scales ks[i]): exact
-// int32 q16.k8 dot products (vpmaddwd: 16 products per instruction, pairs summed in int32,
-// |pair| <= 2 * 127 * 128, no saturation).
-// The AVX2 build's s8 path (the AVX-512 VNNI build has its own: avx512::attn_decode_s8 in
-// x86/avx512/attention_decode_s8.cc).
-template <int R, int NK>
-inline void dec_scores_s8(const int16_t* q16, __m128 qsv, int64_t D, const uint8_t* const* k, const float* ks, float* s,
-                          int64_t Tk) {
-  const int64_t Dq = decode_q16_width(D);
-  __m256i c[4][NK];
-  for (int r = 0; r < 4; ++r)
-    for (int i = 0; i < NK; ++i) c[r][i] = _mm256_setzero_si256();
-  for (int64_t d = 0; d < Dq; d += 16) {
-    __m256i kv[NK];
-    for (int i = 0; i < NK; ++i) kv[i] = load_k16(k[i], d, D);
-    for (int r = 0; r < R; ++r) {
-      const __m256i qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(q16 + r * Dq + d));
-      for (int i = 0; i < NK; ++i) {
-        c[r][i] = _mm256_add_epi32(c[r][i], _mm256_madd_epi16(qv, kv[i]));
-      }
-    }
-  }
-  __m128 f[NK];
-  for (int i = 0; i < NK; ++i)
-    f[i] = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(tree4_epi32(c[0][i], c[1][i], c[2][i], c[3][i])), _mm_set1_ps(ks[i])), qsv);
-  store_scores<R, NK>(f, s, Tk);
 }
 
 // P.V of R rows of one head over all n keys of the tile for C 8-dim chunks from dim d, the
@@ -306,12 +253,12 @@ template <int R, class L, int CZ>
 #endif
 
 // Online-softmax step of one row over all n keys of the tile (the arithmetic of attend with
-// a = 0, b = n); s8 caches fold the value scale into the stored P.V weight. Returns alpha; with
+// a = 0, b = n). Returns alpha; with
 // acc non-null it also does acc *= alpha (the float caches' P.V applies alpha as it loads acc).
 // Only the tile's last partial chunk is masked. The AVX-512 build takes 16 keys per exp (the
 // same element-wise arithmetic) and adds each 16-key vector's halves to the 8 lane sums in key
 // order (lane i sums the keys j % 8 == i in order, as the definition requires).
-inline float dec_softmax(float* sr, int64_t n, const float* vs, float* m, float* l, float* acc, int64_t Dp) {
+inline float dec_softmax(float* sr, int64_t n, float* m, float* l, float* acc, int64_t Dp) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   float mt;
 #if QLLM_ATTN_VNNI
@@ -346,20 +293,20 @@ inline float dec_softmax(float* sr, int64_t n, const float* vs, float* m, float*
     const __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sr + j), mv16)));
     sum = _mm256_add_ps(sum, _mm512_castps512_ps256(e));
     sum = _mm256_add_ps(sum, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
-    _mm512_mask_storeu_ps(sr + j, mk, vs ? _mm512_mul_ps(e, _mm512_maskz_loadu_ps(mk, vs + j)) : e);
+    _mm512_mask_storeu_ps(sr + j, mk, e);
   }
 #else
   const __m256 mv = _mm256_set1_ps(mn);
   for (j = 0; j + 8 <= n; j += 8) {
     const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
     sum = _mm256_add_ps(sum, e);
-    _mm256_storeu_ps(sr + j, vs ? _mm256_mul_ps(e, _mm256_loadu_ps(vs + j)) : e);
+    _mm256_storeu_ps(sr + j, e);
   }
   if (j < n) {  // s has Tk >= round_up(n, 8) slots: lanes past n get 0
     const __m256 mk = _mm256_castsi256_ps(lane_mask(0, n - j));
     const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv)), mk);
     sum = _mm256_add_ps(sum, e);
-    _mm256_storeu_ps(sr + j, vs ? _mm256_mul_ps(e, _mm256_loadu_ps(vs + j)) : e);
+    _mm256_storeu_ps(sr + j, e);
   }
 #endif
   alignas(32) float sl[8];
@@ -386,7 +333,7 @@ inline __m128 max4x8(__m256 x0, __m256 x1, __m256 x2, __m256 x3) {
 // at a time is a chain of dependent steps (max, its reduction, alpha = exp, the exps, lane sums,
 // l) that the core did not overlap across rows (perf: ~12% of an avx512 f16 D = 64 decode, more
 // than its exps' arithmetic); here each loop runs R independent chains. Per row the arithmetic
-// is dec_softmax's (vs = nullptr, acc = nullptr): the same max, alpha (exp8's lanes are
+// is dec_softmax's (acc = nullptr): the same max, alpha (exp8's lanes are
 // exp_qllm), exps, 8 lane sums in key order, their lane_tree8 (tree4 is 4 of them) and
 // l * alpha + sum, so the bits are the same. Writes alpha[0 .. R).
 template <int R>
@@ -479,101 +426,9 @@ inline void dec_softmax_f(float* s, int64_t Tk, int64_t n, float* m, float* l, f
   }
 }
 
-// s8 P.V weights of one row's block (keys [b0, b1) of the tile, b1 - b0 <= 32): the 7-bit
-// quantisation of kernels/attention.h, stored as 32 bytes (4-key groups = one dword each, keys
-// past b1 zero). Returns the block's scale wmax / 127, or 0 for a block that adds nothing.
-inline float dec_quant_block(const float* sr, int64_t b0, int64_t b1, uint8_t* wq) {
-  static_assert(kDecPvBlock == 32);
-  __m256 w[4];
-  __m256 mx = _mm256_setzero_ps();
-  for (int i = 0; i < 4; ++i) {  // masked: lanes past b1 read nothing and hold 0
-    w[i] = _mm256_maskload_ps(sr + b0 + 8 * i, lane_mask(0, b1 - b0 - 8 * i));
-    mx = _mm256_max_ps(mx, w[i]);
-  }
-  alignas(32) float ml[8];
-  _mm256_store_ps(ml, mx);
-  float wmax = 0.0f;
-  for (int i = 0; i < 8; ++i) wmax = max_ps(ml[i], wmax);
-  if (!(wmax >= kDecPvMinWeight)) return 0.0f;
-  const __m256 inv = _mm256_set1_ps(127.0f / wmax);
-  const __m256i top = _mm256_set1_epi32(127);
-  __m256i q[4];  // cvtps rounds to nearest even (MXCSR default), like nearbyint
-  for (int i = 0; i < 4; ++i) q[i] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(w[i], inv)), top);
-  // packs interleave 128-bit lanes: dwords come out as groups 0 2 4 6 1 3 5 7 (of 4 keys).
-  const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-  _mm256_store_si256(reinterpret_cast<__m256i*>(wq), _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-  return wmax / 127.0f;
-}
-
-// 32 bytes of a V row from dim d (zero past D).
-inline __m256i load_v32(const uint8_t* row, int64_t d, int64_t D) {
-  if (d + 32 <= D) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d));
-  alignas(32) uint8_t buf[32] = {};
-  std::memcpy(buf, row + d, D - d);
-  return _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
-}
-
-// Integer P.V of R (<= 2) rows over one block: 4 keys at a time, their V rows interleaved
-// byte-wise so that each dword lane holds (v_j[d], v_j+1[d], v_j+2[d], v_j+3[d]); vpmaddubsw
-// with the broadcast 4 weights then vpmaddwd by 1 gives sum_j wq_j v_j[d] in int32, exact. The
-// int32 sums stay in registers over the block's keys (32 dims x 2 rows at a time); the in-lane
-// unpacks permute the dims (X0 holds d 0-3 | 16-19, X1 4-7 | 20-23, ...), undone before the
-// one fma per dim and block into acc.
-template <int R>
-inline void dec_pv_s8(const uint8_t* const* wq, const float* sw, const uint8_t* const* vr, int64_t groups, int64_t D,
-                      int64_t Dp, float* const* acc) {
-  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t d = 0; d < Dp; d += 32) {
-    __m256i A[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i) A[r][i] = _mm256_setzero_si256();
-    for (int64_t gi = 0; gi < groups; ++gi) {
-      const uint8_t* const* p = vr + 4 * gi;
-      const __m256i v0 = load_v32(p[0], d, D), v1 = load_v32(p[1], d, D);
-      const __m256i v2 = load_v32(p[2], d, D), v3 = load_v32(p[3], d, D);
-      const __m256i a = _mm256_unpacklo_epi8(v0, v1), b = _mm256_unpackhi_epi8(v0, v1);
-      const __m256i c = _mm256_unpacklo_epi8(v2, v3), e = _mm256_unpackhi_epi8(v2, v3);
-      const __m256i X[4] = {_mm256_unpacklo_epi16(a, c), _mm256_unpackhi_epi16(a, c), _mm256_unpacklo_epi16(b, e),
-                            _mm256_unpackhi_epi16(b, e)};
-      for (int r = 0; r < R; ++r) {
-        int32_t wd;
-        std::memcpy(&wd, wq[r] + 4 * gi, 4);
-        const __m256i W = _mm256_set1_epi32(wd);
-#if QLLM_ATTN_VNNI  // vpdpbusd sums the 4 u8 x s8 products of a dword lane into int32 directly
-        for (int i = 0; i < 4; ++i) A[r][i] = _mm256_dpbusd_epi32(A[r][i], W, X[i]);
-#else
-        for (int i = 0; i < 4; ++i) A[r][i] = _mm256_add_epi32(A[r][i], _mm256_madd_epi16(_mm256_maddubs_epi16(W, X[i]), ones));
-#endif
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m256i N[4] = {_mm256_permute2x128_si256(A[r][0], A[r][1], 0x20), _mm256_permute2x128_si256(A[r][2], A[r][3], 0x20),
-                            _mm256_permute2x128_si256(A[r][0], A[r][1], 0x31), _mm256_permute2x128_si256(A[r][2], A[r][3], 0x31)};
-      const __m256 s = _mm256_set1_ps(sw[r]);
-      for (int i = 0; i < 4 && d + 8 * i < Dp; ++i) {
-        float* ap = acc[r] + d + 8 * i;
-        _mm256_store_ps(ap, _mm256_fmadd_ps(_mm256_cvtepi32_ps(N[i]), s, _mm256_load_ps(ap)));
-      }
-    }
-  }
-}
-
-
 template <class L, DecPf S>
-void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
-              const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* m, float* l, float* acc) {
-  constexpr bool s8 = std::is_same_v<L, LoadS8>;
-#if QLLM_ATTN_VNNI
-  if constexpr (s8) {  // head by head in zmm, with its own tile walk (x86/avx512/attention_decode_s8.cc)
-    avx512::attn_decode_s8(q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
-    return;
-  }
-#else
-  if constexpr (s8) {  // head by head, 4 rows per pass, with its own tile walk (x86/avx2/attention_decode_s8.cc)
-    avx2::attn_decode_s8(q16, qs, g, H, RH, D, Dp, src, j0, n, m, l, acc);
-    return;
-  }
-#endif
+void decode_t(const float* q, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp, const KvSource& src, int64_t j0,
+              int64_t n, int64_t Tk, float* s, float* m, float* l, float* acc) {
   DecTile t;
   const int64_t es = L::es, hs = D * es;  // bytes between the heads of a token
   const uint8_t* kb = static_cast<const uint8_t*>(src.k);
@@ -584,35 +439,16 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
     const int64_t e = (phys * src.block_stride + off * src.token_stride) * es;
     t.kp[j] = kb + e;
     t.vp[j] = vb + e;
-    if (s8) {
-      const int64_t so = phys * src.scale_block_stride + off * src.scale_token_stride;
-      t.ksp[j] = src.k_scale + so;
-      t.vsp[j] = src.v_scale + so;
-    }
     if (++off == src.block_size) off = 0, ++blk;
   }
-  const char* last_sl = nullptr;  // s8: the last scale line prefetched
   for (int64_t j = 0; j < n; ++j) {  // continues the walk: keys j0 + n + j
     const bool ok = j0 + n + j < src.tokens;
     const int64_t phys = !ok ? 0 : src.block_table ? src.block_table[blk] : blk;
     const int64_t e = (phys * src.block_stride + off * src.token_stride) * es;
     t.kn[j] = ok ? kb + e : nullptr;
     t.vn[j] = ok ? vb + e : nullptr;
-    if (s8 && ok) {
-      // The next tile's K/V scales (a separate [block, token, head] f32 array, 32 B per token
-      // at 8 KV heads): without this prefetch every block's scale lines missed to DRAM, stalling
-      // the score and softmax loops (~8% of the s8 decode time in perf).
-      const int64_t so = phys * src.scale_block_stride + off * src.scale_token_stride;
-      const char* sl = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(src.k_scale + so) & ~uintptr_t{63});
-      if (sl != last_sl) {
-        last_sl = sl;
-        asm volatile("prefetcht0 %0" : : "m"(*sl));
-        asm volatile("prefetcht0 %0" : : "m"(*(reinterpret_cast<const char*>(src.v_scale + so))));
-      }
-    }
     if (ok && ++off == src.block_size) off = 0, ++blk;
   }
-  const int64_t Dq = decode_q16_width(D);
   // Scores, token-major: for each group of KS keys (KS = 4 in the AVX-512 build, 2 with AVX2's
   // 16 registers), every head's rows (the group's K rows of all heads are KS contiguous runs of
   // H * D elements, read once). A tile's tail takes groups of 2 and 1.
@@ -625,100 +461,42 @@ void decode_t(const float* q, const int16_t* q16, [[maybe_unused]] const int8_t*
     const int64_t nk = n - j >= KS ? KS : n - j >= 2 ? 2 : 1;
     for (int64_t h = 0; h < H; ++h) {
       const uint8_t* kr[4];
-      float ksc[4] = {};
       for (int64_t i = 0; i < nk; ++i) {
         kr[i] = t.kp[j + i] + h * hs;
         if constexpr (pf_v_now) prefetch_head(t.vp[j + i] + h * hs, hs);  // this tile's V, for the P.V below
         if (pf_k_next && t.kn[j + i]) prefetch_head(t.kn[j + i] + h * hs, hs);
-        if (s8) ksc[i] = t.ksp[j + i][h];
       }
       for_groups(g, [&]<int R>(int64_t r) {
         const int64_t row = h * RH + r;
         float* sp = s + (h * g + r) * Tk + j;
-        if constexpr (s8) {
-          // Built in registers: 4 scalar stores then a vector load of them stalled store forwarding.
-          const __m128 qsv = _mm_setr_ps(qs[row], R > 1 ? qs[row + 1] : 0.0f, R > 2 ? qs[row + 2] : 0.0f, R > 3 ? qs[row + 3] : 0.0f);
-          const int16_t* qr = q16 + row * Dq;
-          if (KS == 4 && nk == 4) dec_scores_s8<R, (KS == 4 ? 4 : 2)>(qr, qsv, D, kr, ksc, sp, Tk);
-          else if (nk == 2) dec_scores_s8<R, 2>(qr, qsv, D, kr, ksc, sp, Tk);
-          else dec_scores_s8<R, 1>(qr, qsv, D, kr, ksc, sp, Tk);
-        } else {
-          const float* qr = q + row * Dp;
-          if (KS == 4 && nk == 4) dec_scores_f<R, L, (KS == 4 ? 4 : 2)>(qr, D, Dp, kr, sp, Tk);
-          else if (nk == 2) dec_scores_f<R, L, 2>(qr, D, Dp, kr, sp, Tk);
-          else dec_scores_f<R, L, 1>(qr, D, Dp, kr, sp, Tk);
-        }
+        const float* qr = q + row * Dp;
+        if (KS == 4 && nk == 4) dec_scores_f<R, L, (KS == 4 ? 4 : 2)>(qr, D, Dp, kr, sp, Tk);
+        else if (nk == 2) dec_scores_f<R, L, 2>(qr, D, Dp, kr, sp, Tk);
+        else dec_scores_f<R, L, 1>(qr, D, Dp, kr, sp, Tk);
       });
     }
     j += nk;
   }
-  // Softmax per row; s8 multiplies the probabilities by the value scales.
-  alignas(32) float vs[kMaxTile + 8];
+  // Softmax per row.
   constexpr int64_t kMaxAlpha = 512;  // rows H * g whose alpha can be deferred to the P.V passes
   alignas(32) float alpha[kMaxAlpha];
-  const bool fold_alpha = !s8 && H * g <= kMaxAlpha;
-  if (fold_alpha) {  // float caches: a head's rows at once, alpha to the P.V passes
+  const bool fold_alpha = H * g <= kMaxAlpha;
+  if (fold_alpha) {  // a head's rows at once, alpha to the P.V passes
     for (int64_t h = 0; h < H; ++h)
       for_groups(g, [&]<int R>(int64_t r) {
         const int64_t row = h * RH + r;
         dec_softmax_f<R>(s + (h * g + r) * Tk, Tk, n, m + row, l + row, alpha + h * g + r);
       });
   } else
-  for (int64_t h = 0; h < H; ++h) {
-    if (s8) {
-      for (int64_t j = 0; j < n; ++j) vs[j] = t.vsp[j][h];
-      for (int64_t j = n; j < n + 8; ++j) vs[j] = 0.0f;
-    }
-    for (int64_t r = 0; r < g; ++r) {
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t r = 0; r < g; ++r) {  // more rows than alpha slots: acc *= alpha here
       const int64_t row = h * RH + r;
-      // Float caches: alpha goes to the P.V passes, which rescale acc as they load it.
-      const float a = dec_softmax(s + (h * g + r) * Tk, n, s8 ? vs : nullptr, m + row, l + row,
-                                  fold_alpha ? nullptr : acc + row * Dp, Dp);
-      if (fold_alpha) alpha[h * g + r] = a;
+      dec_softmax(s + (h * g + r) * Tk, n, m + row, l + row, acc + row * Dp, Dp);
     }
-  }
-  if constexpr (s8) {  // integer P.V, block by block (kernels/attention.h)
-    // Rows per pass: 2 x 4 int32 accumulators in AVX2's 16 registers; 4 x 4 with AVX-512's 32.
-    constexpr int kRows = QLLM_ATTN_VNNI ? 4 : 2;
-    alignas(32) uint8_t wq[kRows][kDecPvBlock];
-    const uint8_t* vr[kDecPvBlock];
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t b0 = 0; b0 < n; b0 += kDecPvBlock) {
-        const int64_t b1 = std::min(n, b0 + kDecPvBlock), groups = (b1 - b0 + 3) / 4;
-        for (int64_t k = 0; k < 4 * groups; ++k) vr[k] = t.vp[b0 + k < b1 ? b0 + k : b0] + h * hs;  // padding: weight 0
-        for (int64_t j = b0; j < b1; ++j)
-          if (t.vn[j]) prefetch_head(t.vn[j] + h * hs, hs);
-        // Rows kRows at a time, skipping those whose block adds nothing (as the reference does).
-        int64_t np = 0;
-        float sw[kRows];
-        float* ap[kRows];
-        const uint8_t* wp[kRows];
-        for (int64_t i = 0; i < kRows; ++i) wp[i] = wq[i];
-        auto flush = [&] {
-          switch (np) {
-            case 4: if constexpr (kRows >= 4) dec_pv_s8<4>(wp, sw, vr, groups, D, Dp, ap); break;
-            case 3: if constexpr (kRows >= 3) dec_pv_s8<3>(wp, sw, vr, groups, D, Dp, ap); break;
-            case 2: dec_pv_s8<2>(wp, sw, vr, groups, D, Dp, ap); break;
-            case 1: dec_pv_s8<1>(wp, sw, vr, groups, D, Dp, ap); break;
-            default: break;
-          }
-          np = 0;
-        };
-        for (int64_t r = 0; r < g; ++r) {
-          const float w = dec_quant_block(s + (h * g + r) * Tk, b0, b1, wq[np]);
-          if (w == 0.0f) continue;
-          sw[np] = w;
-          ap[np] = acc + (h * RH + r) * Dp;
-          if (++np == kRows) flush();
-        }
-        flush();
-      }
-    return;
-  }
   // P.V head by head, 4 rows x (4 chunks with AVX-512's 32 registers, 2 with AVX2's 16) of
   // accumulators held in registers over the tile's keys; the tile's V rows of a head (n x D)
   // stay in L1 across the passes. (AVX-512: zmm passes of 64, 32, 16 dims first.)
-  if constexpr (!s8) {
+  {
     constexpr int C = QLLM_ATTN_VNNI ? 4 : 2;
     const int64_t Df = D / 8 * 8;
     const uint8_t* vr[kMaxTile];
@@ -758,31 +536,39 @@ namespace QLLM_ATTN_ISA {
 void attn_decode(const float* q, const int16_t* q16, const int8_t* q8, const float* qs, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp,
             const KvSource& src, int64_t j0, int64_t n, int64_t Tk, float* s, float* /*tmp*/, float* m, float* l,
             float* acc) {
-  // Float caches: the build's two prefetch schedules (dec_pf_schedule); s8: one_tile.
-  const DecPf sched = dec_pf_schedule(src.dtype == DType::s8, Tk, src.block_size);
+  if (src.dtype == DType::s8) {  // head by head, with their own tile walks (attention_decode_s8.cc)
+#if QLLM_ATTN_VNNI
+    (void)q16;
+    avx512::attn_decode_s8(q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
+#else
+    (void)q8;
+    avx2::attn_decode_s8(q16, qs, g, H, RH, D, Dp, src, j0, n, m, l, acc);
+#endif
+    return;
+  }
+  // Float caches: the build's two prefetch schedules (dec_pf_schedule).
+  const DecPf sched = dec_pf_schedule(Tk, src.block_size);
   constexpr DecPf kOther = QLLM_ATTN_VNNI ? DecPf::phase : DecPf::one_tile;
   const bool sp = sched == DecPf::score_phase;
   if (!sp && sched != kOther) {  // AVX-512 build, D 128 over large blocks: one_tile
     switch (src.dtype) {
-      case DType::f16: decode_t<LoadF16, DecPf::one_tile>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); return;
-      case DType::bf16: decode_t<LoadBF16, DecPf::one_tile>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); return;
-      case DType::s8: break;
-      default: decode_t<LoadF32, DecPf::one_tile>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); return;
+      case DType::f16: decode_t<LoadF16, DecPf::one_tile>(q, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); return;
+      case DType::bf16: decode_t<LoadBF16, DecPf::one_tile>(q, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); return;
+      default: decode_t<LoadF32, DecPf::one_tile>(q, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); return;
     }
   }
   switch (src.dtype) {
     case DType::f16:
-      if (sp) decode_t<LoadF16, DecPf::score_phase>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
-      else decode_t<LoadF16, kOther>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
+      if (sp) decode_t<LoadF16, DecPf::score_phase>(q, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
+      else decode_t<LoadF16, kOther>(q, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
       break;
     case DType::bf16:
-      if (sp) decode_t<LoadBF16, DecPf::score_phase>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
-      else decode_t<LoadBF16, kOther>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
+      if (sp) decode_t<LoadBF16, DecPf::score_phase>(q, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
+      else decode_t<LoadBF16, kOther>(q, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
       break;
-    case DType::s8: decode_t<LoadS8, DecPf::one_tile>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc); break;
     default:
-      if (sp) decode_t<LoadF32, DecPf::score_phase>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
-      else decode_t<LoadF32, kOther>(q, q16, q8, qs, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
+      if (sp) decode_t<LoadF32, DecPf::score_phase>(q, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
+      else decode_t<LoadF32, kOther>(q, g, H, RH, D, Dp, src, j0, n, Tk, s, m, l, acc);
       break;
   }
 }
