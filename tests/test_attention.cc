@@ -692,7 +692,6 @@ TEST(AttentionErrors, BadInputIsRejectedAndNothingWritten) {
   test::expect_error([&] { paged_prefill_attention(ctx, pp, odv); }, {"paged_prefill_attention", "context_lens[0] = 0", "new tokens"});
 }
 
-
 // The s8 decode over an int8 cache with block size bs, every ISA bit for bit and the oracle
 // (derived tolerance). Key 0 of each head scores `sink` (q.k0 * scale) above ~0.
 void int8_decode_check(const std::vector<int32_t>& lens, int64_t bs, int64_t Hq, int64_t Hkv, int64_t D, double sink) {

@@ -379,30 +379,6 @@ template <int R>
   }
 }
 
-// Rows (head 0) and scale offsets of keys [j0, j0 + n) of an s8 cache, a block of the table at
-// a time (consecutive tokens of a block are token_stride apart); entries [n, pad) repeat key 0.
-inline void s8_rows(const KvSource& src, int64_t j0, int64_t n, int64_t pad, const uint8_t** kp, const uint8_t** vp, int32_t* so) {
-  const uint8_t* kb = static_cast<const uint8_t*>(src.k);
-  const uint8_t* vb = static_cast<const uint8_t*>(src.v);
-  int64_t blk = j0 / src.block_size, off = j0 % src.block_size;
-  for (int64_t j = 0; j < n; ++blk, off = 0) {
-    const int64_t phys = src.block_table ? src.block_table[blk] : blk;
-    const int64_t seg = std::min(src.block_size - off, n - j);
-    const int64_t e = phys * src.block_stride + off * src.token_stride;
-    const int64_t sc = phys * src.scale_block_stride + off * src.scale_token_stride;
-    for (int64_t i = 0; i < seg; ++i, ++j) {
-      kp[j] = kb + e + i * src.token_stride;
-      vp[j] = vb + e + i * src.token_stride;
-      if (so) so[j] = static_cast<int32_t>(sc + i * src.scale_token_stride);
-    }
-  }
-  for (int64_t j = n; j < pad; ++j) {
-    kp[j] = kp[0];
-    vp[j] = vp[0];
-    if (so) so[j] = so[0];
-  }
-}
-
 // Scales of nh <= 8 consecutive heads (sc: head 0's scale array) for the tile's keys (so: their
 // offsets, padded to a multiple of 8), transposed to out[h * kMaxTile + j], 0 for keys j >= n up
 // to the next multiple of 8: with all 8 heads, 8 keys' 8 heads as 8 vectors and an in-register
@@ -450,13 +426,13 @@ void attn_decode_s8(const int16_t* q16, const float* qs, int64_t g, int64_t H, i
   const uint8_t* kp[kMaxTile];
   const uint8_t* vp[kMaxTile];
   alignas(32) int32_t so[kMaxTile];
-  s8_rows(src, j0, n, n8, kp, vp, so);
+  s8_walk(src, j0, n, n8, kp, vp, so);
   // The next tile's rows (prefetched by the passes), padded with the current tile's rows
   // (prefetched again: harmless) where the next tile is shorter or absent.
   const uint8_t* kn[kMaxTile];
   const uint8_t* vn[kMaxTile];
   const int64_t nn = std::min(n, src.tokens - j0 - n);
-  if (nn > 0) s8_rows(src, j0 + n, nn, 0, kn, vn, nullptr);
+  if (nn > 0) s8_walk(src, j0 + n, nn, 0, kn, vn, nullptr);
   for (int64_t j = std::max<int64_t>(nn, 0); j < n8; ++j) kn[j] = kp[j], vn[j] = vp[j];
   if (nn > 0) {
     // The next tile's K/V scale lines (a separate [block, token, head] f32 array): without this

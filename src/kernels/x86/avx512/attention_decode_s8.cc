@@ -382,31 +382,6 @@ template <int R>
   }
 }
 
-// Rows (head 0) and scale offsets of keys [j0, j0 + n) of an s8 cache: a block at a time
-// (consecutive tokens of a block are token_stride apart), cheaper than DecTile's per-key walk
-// (which cost ~9% of the s8 tile). Entries [n, pad) repeat key 0. Returns false if n == 0.
-inline void s8_walk(const KvSource& src, int64_t j0, int64_t n, int64_t pad, const uint8_t** kp, const uint8_t** vp, int32_t* so) {
-  const uint8_t* kb = static_cast<const uint8_t*>(src.k);
-  const uint8_t* vb = static_cast<const uint8_t*>(src.v);
-  int64_t blk = j0 / src.block_size, off = j0 % src.block_size;
-  for (int64_t j = 0; j < n; ++blk, off = 0) {
-    const int64_t phys = src.block_table ? src.block_table[blk] : blk;
-    const int64_t seg = std::min(src.block_size - off, n - j);
-    const int64_t e = phys * src.block_stride + off * src.token_stride;
-    const int64_t sc = phys * src.scale_block_stride + off * src.scale_token_stride;
-    for (int64_t i = 0; i < seg; ++i, ++j) {
-      kp[j] = kb + e + i * src.token_stride;
-      vp[j] = vb + e + i * src.token_stride;
-      if (so) so[j] = static_cast<int32_t>(sc + i * src.scale_token_stride);
-    }
-  }
-  for (int64_t j = n; j < pad; ++j) {
-    kp[j] = kp[0];
-    vp[j] = vp[0];
-    if (so) so[j] = so[0];
-  }
-}
-
 // Scales of nh <= 8 consecutive heads (sc: head 0's scale array) for the tile's keys (so: their
 // offsets), transposed to out[h * kMaxTile + j] (0 for keys j >= n): 16 keys at a time, the 8
 // heads of key i and of key i + 8 in one zmm, then an 8 x 8 transpose within the 256-bit halves
