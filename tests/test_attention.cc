@@ -432,59 +432,61 @@ TEST(PagedPrefill, EqualsFlashOnGatheredKeys) {
   }
 }
 
+// The s8 decode over an int8 cache with block size bs, every ISA bit for bit and the oracle
+// (derived tolerance). Key 0 of each head scores `sink` (q.k0 * scale) above ~0.
+void int8_decode_check(const std::vector<int32_t>& lens, int64_t bs, int64_t Hq, int64_t Hkv, int64_t D, double sink) {
+  const int64_t B = lens.size();
+  const auto q = test::rand_f32(B * Hq * D);
+  PagedSetup s = make_paged(lens, bs, Hkv, D, DType::f32);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const float* qr = q.data() + (b * Hq + h * (Hq / Hkv)) * D;
+      double n2 = 0;
+      for (int64_t d = 0; d < D; ++d) n2 += double(qr[d]) * qr[d];
+      for (int64_t d = 0; d < D; ++d) s.kc[(s.cu_k[b] * Hkv + h) * D + d] = float(qr[d] * sink * std::sqrt(double(D)) / n2);
+    }
+  const int64_t T = s.cu_k.back();
+  Cache c8(s.cache.nb, bs, Hkv, D, DType::s8);
+  std::vector<int32_t> slots(T);
+  for (int64_t b = 0, t = 0; b < B; ++b)
+    for (int64_t j = 0; j < lens[b]; ++j, ++t) slots[t] = s.tables[b * s.maxb + j / bs] * bs + j % bs;
+  reshape_and_cache(test::default_context(), TensorView(s.kc.data(), DType::f32, {T, Hkv, D}),
+                    TensorView(s.vc.data(), DType::f32, {T, Hkv, D}), c8.view(), TensorView(slots.data(), DType::s32, {T}));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t d = 0; d < D; ++d) {
+        s.kc[(t * Hkv + h) * D + d] = c8.at(true, slots[t], h, d);
+        s.vc[(t * Hkv + h) * D + d] = c8.at(false, slots[t], h, d);
+      }
+  PagedAttentionArgs a;
+  a.q = TensorView(q.data(), DType::f32, {B, Hq, D});
+  a.cache = c8.view();
+  a.block_tables = TensorView(s.tables.data(), DType::s32, {B, s.maxb});
+  a.context_lens = TensorView(s.lens.data(), DType::s32, {B});
+  std::vector<float> first;
+  for (Isa isa : test::isas()) {
+    std::vector<float> o(B * Hq * D, 123.0f);
+    paged_attention(context(isa), a, TensorView(o.data(), DType::f32, {B, Hq, D}));
+    if (first.empty()) first = o;
+    ASSERT_EQ(o, first) << "ref vs " << isa_name(isa) << " D " << D << " Hq/Hkv " << Hq << "/" << Hkv << " bs " << bs << " sink " << sink;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const Oracle want = naive(q.data() + b * Hq * D, 1, Hq, s.kc.data() + s.cu_k[b] * Hkv * D, s.vc.data() + s.cu_k[b] * Hkv * D,
+                              lens[b], Hkv, D, 1.0f / std::sqrt(float(D)), true, 0, DType::f32, true);
+    for (int64_t i = 0; i < Hq * D; ++i)
+      ASSERT_NEAR(first[b * Hq * D + i], want.o[i], want.tol[i]) << "D " << D << " len " << lens[b] << " sink " << sink;
+  }
+}
+
 TEST(PagedAttention, Int8DecodeOddShapesAllIsasIdentical) {
   // The s8 decode kernels (integer q.k and block-quantised integer P.V): every ISA bit for bit,
   // and the oracle with the derived tolerance, over head sizes 128 / 64 / 20 (a partial 32-dim
   // chunk), GQA groups 1, 3 and 8, and contexts around the 32-key weight blocks and the tiles
   // (1, 17, 31, 32, 33, 65, 130, 700: the last one split). Key 0 of each head is made to
   // dominate (score ~ +4: an attention sink), so the other weights of its block quantise coarsely.
-  const std::vector<int32_t> lens = {1, 17, 31, 32, 33, 65, 130, 700};
   for (int64_t D : {128, 64, 20})
-    for (auto [Hq, Hkv] : {std::pair<int64_t, int64_t>{2, 2}, {6, 2}, {16, 2}}) {
-      const int64_t B = lens.size();
-      const auto q = test::rand_f32(B * Hq * D);
-      PagedSetup s = make_paged(lens, 16, Hkv, D, DType::f32);
-      // Sink: key 0 of sequence b, head h = q (first query head of the group) * 4 sqrt(D) / |q|^2.
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < Hkv; ++h) {
-          const float* qr = q.data() + (b * Hq + h * (Hq / Hkv)) * D;
-          double n2 = 0;
-          for (int64_t d = 0; d < D; ++d) n2 += double(qr[d]) * qr[d];
-          for (int64_t d = 0; d < D; ++d) s.kc[(s.cu_k[b] * Hkv + h) * D + d] = float(qr[d] * 4 * std::sqrt(double(D)) / n2);
-        }
-      // Requantise the whole cache as s8 from those values (through reshape_and_cache).
-      const int64_t T = s.cu_k.back();
-      Cache c8(s.cache.nb, 16, Hkv, D, DType::s8);
-      std::vector<int32_t> slots(T);
-      for (int64_t b = 0, t = 0; b < B; ++b)
-        for (int64_t j = 0; j < lens[b]; ++j, ++t) slots[t] = s.tables[b * s.maxb + j / 16] * 16 + j % 16;
-      reshape_and_cache(test::default_context(), TensorView(s.kc.data(), DType::f32, {T, Hkv, D}),
-                        TensorView(s.vc.data(), DType::f32, {T, Hkv, D}), c8.view(), TensorView(slots.data(), DType::s32, {T}));
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t h = 0; h < Hkv; ++h)
-          for (int64_t d = 0; d < D; ++d) {
-            s.kc[(t * Hkv + h) * D + d] = c8.at(true, slots[t], h, d);
-            s.vc[(t * Hkv + h) * D + d] = c8.at(false, slots[t], h, d);
-          }
-      PagedAttentionArgs a;
-      a.q = TensorView(q.data(), DType::f32, {B, Hq, D});
-      a.cache = c8.view();
-      a.block_tables = TensorView(s.tables.data(), DType::s32, {B, s.maxb});
-      a.context_lens = TensorView(s.lens.data(), DType::s32, {B});
-      std::vector<float> first;
-      for (Isa isa : test::isas()) {
-        std::vector<float> o(B * Hq * D, 123.0f);
-        paged_attention(context(isa), a, TensorView(o.data(), DType::f32, {B, Hq, D}));
-        if (first.empty()) first = o;
-        ASSERT_EQ(o, first) << "ref vs " << isa_name(isa) << " D " << D << " Hq/Hkv " << Hq << "/" << Hkv;
-      }
-      for (int64_t b = 0; b < B; ++b) {
-        const Oracle want = naive(q.data() + b * Hq * D, 1, Hq, s.kc.data() + s.cu_k[b] * Hkv * D, s.vc.data() + s.cu_k[b] * Hkv * D,
-                                  lens[b], Hkv, D, 1.0f / std::sqrt(float(D)), true, 0, DType::f32, true);
-        for (int64_t i = 0; i < Hq * D; ++i)
-          ASSERT_NEAR(first[b * Hq * D + i], want.o[i], want.tol[i]) << "D " << D << " Hq/Hkv " << Hq << "/" << Hkv << " len " << lens[b];
-      }
-    }
+    for (auto [Hq, Hkv] : {std::pair<int64_t, int64_t>{2, 2}, {6, 2}, {16, 2}})
+      int8_decode_check({1, 17, 31, 32, 33, 65, 130, 700}, 16, Hq, Hkv, D, 4.0);
 }
 
 TEST(PagedAttention, Int8DecodeManyKvHeadsAllIsasIdentical) {
@@ -690,52 +692,6 @@ TEST(AttentionErrors, BadInputIsRejectedAndNothingWritten) {
   pp.block_tables = pa.block_tables;
   pp.context_lens = TensorView(short_lens.data(), DType::s32, {2});
   test::expect_error([&] { paged_prefill_attention(ctx, pp, odv); }, {"paged_prefill_attention", "context_lens[0] = 0", "new tokens"});
-}
-
-// The s8 decode over an int8 cache with block size bs, every ISA bit for bit and the oracle
-// (derived tolerance). Key 0 of each head scores `sink` (q.k0 * scale) above ~0.
-void int8_decode_check(const std::vector<int32_t>& lens, int64_t bs, int64_t Hq, int64_t Hkv, int64_t D, double sink) {
-  const int64_t B = lens.size();
-  const auto q = test::rand_f32(B * Hq * D);
-  PagedSetup s = make_paged(lens, bs, Hkv, D, DType::f32);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < Hkv; ++h) {
-      const float* qr = q.data() + (b * Hq + h * (Hq / Hkv)) * D;
-      double n2 = 0;
-      for (int64_t d = 0; d < D; ++d) n2 += double(qr[d]) * qr[d];
-      for (int64_t d = 0; d < D; ++d) s.kc[(s.cu_k[b] * Hkv + h) * D + d] = float(qr[d] * sink * std::sqrt(double(D)) / n2);
-    }
-  const int64_t T = s.cu_k.back();
-  Cache c8(s.cache.nb, bs, Hkv, D, DType::s8);
-  std::vector<int32_t> slots(T);
-  for (int64_t b = 0, t = 0; b < B; ++b)
-    for (int64_t j = 0; j < lens[b]; ++j, ++t) slots[t] = s.tables[b * s.maxb + j / bs] * bs + j % bs;
-  reshape_and_cache(test::default_context(), TensorView(s.kc.data(), DType::f32, {T, Hkv, D}),
-                    TensorView(s.vc.data(), DType::f32, {T, Hkv, D}), c8.view(), TensorView(slots.data(), DType::s32, {T}));
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t h = 0; h < Hkv; ++h)
-      for (int64_t d = 0; d < D; ++d) {
-        s.kc[(t * Hkv + h) * D + d] = c8.at(true, slots[t], h, d);
-        s.vc[(t * Hkv + h) * D + d] = c8.at(false, slots[t], h, d);
-      }
-  PagedAttentionArgs a;
-  a.q = TensorView(q.data(), DType::f32, {B, Hq, D});
-  a.cache = c8.view();
-  a.block_tables = TensorView(s.tables.data(), DType::s32, {B, s.maxb});
-  a.context_lens = TensorView(s.lens.data(), DType::s32, {B});
-  std::vector<float> first;
-  for (Isa isa : test::isas()) {
-    std::vector<float> o(B * Hq * D, 123.0f);
-    paged_attention(context(isa), a, TensorView(o.data(), DType::f32, {B, Hq, D}));
-    if (first.empty()) first = o;
-    ASSERT_EQ(o, first) << "ref vs " << isa_name(isa) << " D " << D << " Hq/Hkv " << Hq << "/" << Hkv << " bs " << bs << " sink " << sink;
-  }
-  for (int64_t b = 0; b < B; ++b) {
-    const Oracle want = naive(q.data() + b * Hq * D, 1, Hq, s.kc.data() + s.cu_k[b] * Hkv * D, s.vc.data() + s.cu_k[b] * Hkv * D,
-                              lens[b], Hkv, D, 1.0f / std::sqrt(float(D)), true, 0, DType::f32, true);
-    for (int64_t i = 0; i < Hq * D; ++i)
-      ASSERT_NEAR(first[b * Hq * D + i], want.o[i], want.tol[i]) << "D " << D << " len " << lens[b] << " sink " << sink;
-  }
 }
 
 TEST(PagedAttention, Int8DecodeWideHeadsFarKeysAllIsasIdentical) {
