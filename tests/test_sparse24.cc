@@ -64,6 +64,12 @@ Compressed prune(DType dt, int64_t n, int64_t k, const std::vector<uint8_t>& w) 
   return c;
 }
 
+// The op's packed form of a pruned weight [n, k] of dtype dt.
+PackedSparse24 pack(const Compressed& c, DType dt, int64_t n, int64_t k) {
+  return PackedSparse24::pack(TensorView(c.values.data(), dt, {n, k / 2}),
+                              TensorView(c.meta.data(), DType::u8, {n, sparse24_meta_cols(k)}));
+}
+
 TEST(Sparse24, PruneKnownRow) {
   // Groups: keep |3|, |-5| at 1, 2; all zero -> (0, 1); one non-zero at 3 -> (0, 3); ties -> (0, 1).
   const std::vector<float> w = {0, 3, -5, 1, 0, 0, 0, 0, 0, 0, 0, 7, 1, -1, 1, -1};
@@ -252,8 +258,7 @@ TEST(Sparse24, FloatRowsPathSweep) {
           const Compressed c = prune(wdt, n, k, make_weight(wdt, n, k, static_cast<uint32_t>(k * 17 + n)));
           auto x = make_x(xdt, m, k, static_cast<uint32_t>(m + 3));
           std::memset(x.data() + 2 * k * dtype_size(xdt), 0, static_cast<size_t>(k * dtype_size(xdt)));
-          const PackedSparse24 pk = PackedSparse24::pack(TensorView(c.values.data(), wdt, {n, k / 2}),
-                                                         TensorView(c.meta.data(), DType::u8, {n, sparse24_meta_cols(k)}));
+          const PackedSparse24 pk = pack(c, wdt, n, k);
           Sparse24MatmulArgs a;
           a.x = TensorView(x.data(), xdt, {m, k});
           a.packed = &pk;
@@ -308,9 +313,7 @@ TEST(Sparse24, Int8RowsPathSweep) {
         }
       const PackedSparse24 pk = PackedSparse24::pack(vv, mv);
       const auto scale = test::rand_f32(n, 0.001f, 0.01f), pts = test::rand_f32(m, 0.5f, 2.0f);
-      std::vector<Isa> isas = test::fast_isas();
-      isas.push_back(Isa::ref);
-      for (Isa isa : isas) {
+      for (Isa isa : test::isas()) {
         Sparse24MatmulArgs a;
         a.x = TensorView(x.data(), DType::s8, {m, k});
         if (isa == Isa::ref) {
@@ -347,8 +350,7 @@ TEST(Sparse24, IsasAgreeBitwise) {
     for (DType wdt : {DType::f32, DType::f16, DType::bf16, DType::s8}) {
       const DType xdt = wdt == DType::s8 ? DType::s8 : DType::f32;
       const Compressed c = prune(wdt, cs.n, cs.k, make_weight(wdt, cs.n, cs.k, 5));
-      const PackedSparse24 pk = PackedSparse24::pack(TensorView(c.values.data(), wdt, {cs.n, cs.k / 2}),
-                                                     TensorView(c.meta.data(), DType::u8, {cs.n, sparse24_meta_cols(cs.k)}));
+      const PackedSparse24 pk = pack(c, wdt, cs.n, cs.k);
       const auto x = make_x(xdt, cs.m, cs.k, 9);
       Sparse24MatmulArgs a;
       a.x = TensorView(x.data(), xdt, {cs.m, cs.k});
@@ -373,15 +375,12 @@ TEST(Sparse24, Int8SlabsAndPanelsExact) {
   const Compressed c = prune(DType::s8, n, k, make_weight(DType::s8, n, k, 3));
   auto x = make_x(DType::s8, m, k, 4);
   for (int64_t kk = 0; kk < k; ++kk) reinterpret_cast<int8_t*>(x.data())[(m - 1) * k + kk] = -128;
-  const PackedSparse24 pk = PackedSparse24::pack(TensorView(c.values.data(), DType::s8, {n, k / 2}),
-                                                 TensorView(c.meta.data(), DType::u8, {n, sparse24_meta_cols(k)}));
+  const PackedSparse24 pk = pack(c, DType::s8, n, k);
   const std::vector<int32_t> want = exact_s8_product(c.dense, x, m, n, k);
   Sparse24MatmulArgs a;
   a.x = TensorView(x.data(), DType::s8, {m, k});
   a.packed = &pk;
-  std::vector<Isa> isas = test::fast_isas();
-  isas.push_back(Isa::ref);
-  for (Isa isa : isas)
+  for (Isa isa : test::isas())
     for (int64_t rows : {m, int64_t{39}, int64_t{1}}) {
       std::vector<int32_t> got(rows * n, 0x7eadbeef);
       a.x = TensorView(x.data() + (m - rows) * k, DType::s8, {rows, k});
@@ -529,8 +528,7 @@ TEST(Sparse24, Int8RowsKernelsMatchRef) {
     for (int64_t i = 0; i < k / 2; ++i) reinterpret_cast<int8_t*>(c.values.data())[32 * (k / 2) + i] = -128;
     decompress_24(TensorView(c.values.data(), DType::s8, {n, k / 2}), TensorView(c.meta.data(), DType::u8, {n, sparse24_meta_cols(k)}),
                   TensorView(c.dense.data(), DType::s8, {n, k}));
-    const PackedSparse24 pk = PackedSparse24::pack(TensorView(c.values.data(), DType::s8, {n, k / 2}),
-                                                   TensorView(c.meta.data(), DType::u8, {n, sparse24_meta_cols(k)}));
+    const PackedSparse24 pk = pack(c, DType::s8, n, k);
     const kernels::S24S8Panels panels{pk.data(), pk.kblocks(), pk.panel_bytes()};
     auto x = make_x(DType::s8, kernels::kRowPanel, k, static_cast<uint32_t>(k * 3));
     std::memset(x.data(), 0x80, static_cast<size_t>(k));
@@ -576,8 +574,7 @@ TEST(Sparse24, Int8SwitchPointsExact) {
   const int64_t n = 70;
   for (int64_t k : {12, 7172}) {
     const Compressed c = prune(DType::s8, n, k, make_weight(DType::s8, n, k, static_cast<uint32_t>(k + 5)));
-    const PackedSparse24 pk = PackedSparse24::pack(TensorView(c.values.data(), DType::s8, {n, k / 2}),
-                                                   TensorView(c.meta.data(), DType::u8, {n, sparse24_meta_cols(k)}));
+    const PackedSparse24 pk = pack(c, DType::s8, n, k);
     for (int64_t m : {1, 3, 5, 6, 17, 39, 40, 65}) {
       auto x = make_x(DType::s8, m, k, static_cast<uint32_t>(m * 13 + k));
       if (m > 2) std::memset(x.data() + 2 * k, 0, static_cast<size_t>(k));
@@ -585,9 +582,7 @@ TEST(Sparse24, Int8SwitchPointsExact) {
       Sparse24MatmulArgs a;
       a.x = TensorView(x.data(), DType::s8, {m, k});
       a.packed = &pk;
-      std::vector<Isa> isas = test::fast_isas();
-      isas.push_back(Isa::ref);
-      for (Isa isa : isas) {
+      for (Isa isa : test::isas()) {
         std::vector<int32_t> got(m * n, 0x7eadbeef);
         sparse24_matmul(context(isa), a, TensorView(got.data(), DType::s32, {m, n}), {DType::s32});
         EXPECT_TRUE(got == want) << isa_name(isa) << " m " << m << " k " << k;

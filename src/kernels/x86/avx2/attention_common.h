@@ -69,11 +69,11 @@ inline __m256i lane_mask(int64_t lo, int64_t hi) {  // lanes i with lo <= i < hi
 }
 
 #if QLLM_ATTN_VNNI
-// exp8 on 16 lanes: the same operations in the same order, so the same bits as exp8 / exp_qllm.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(x, _mm512_set1_ps(kExpHi));
-  x = _mm512_max_ps(x, _mm512_set1_ps(kExpLo));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+// exp8's polynomial on 16 lanes for x already clamped to [kExpLo, kExpHi]: returns p with
+// exp(x) = p * 2^n, n = rint(x log2 e) (an integer in [-126, 127]). Shared by exp16 and the s8
+// decode's exp16_le, which differ only in how they apply 2^n.
+[[gnu::always_inline]] inline __m512 exp16_poly(__m512 x, __m512& n) {
+  n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x);
   r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), r);
   __m512 p = _mm512_set1_ps(kExpC6);
@@ -84,7 +84,15 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
   const __m512 r2 = _mm512_mul_ps(r, r);
   p = _mm512_fmadd_ps(p, r2, r);
-  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  return _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+}
+
+// exp8 on 16 lanes: the same operations in the same order, so the same bits as exp8 / exp_qllm.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(x, _mm512_set1_ps(kExpHi));
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpLo));
+  __m512 n;
+  const __m512 p = exp16_poly(x, n);
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }

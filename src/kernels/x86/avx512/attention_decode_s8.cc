@@ -135,19 +135,25 @@ inline __m128 hmax4(__m512 a, __m512 b, __m512 c, __m512 d) {
 // once (to a subnormal only below 2^-126): the same bits as exp16 / exp_qllm.
 inline __m512 exp16_le(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(kExpLo));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(kExpC6);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC5));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC4));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
-  const __m512 r2 = _mm512_mul_ps(r, r);
-  p = _mm512_fmadd_ps(p, r2, r);
-  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  __m512 n;
+  const __m512 p = exp16_poly(x, n);
   return _mm512_scalef_ps(p, n);
+}
+
+// The end of a softmax step for R <= 4 rows at once: l = l * alpha + lane_tree8(lane sums), m =
+// the new maxima, alpha out (sum[r]: row r's 8 lane sums; av, mnv: the rows' alpha and maxima).
+template <int R>
+[[gnu::always_inline]] inline void s8_store_state(const __m256 (&sum)[4], __m128 av, __m128 mnv, float* m, float* l, float* alpha) {
+  alignas(16) float lo[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ln[4], al[4], mn[4];
+  for (int i = 0; i < R; ++i) lo[i] = l[i];
+  _mm_store_ps(ln, _mm_add_ps(_mm_mul_ps(_mm_load_ps(lo), av), tree4(sum[0], sum[1], sum[2], sum[3])));
+  _mm_store_ps(al, av);
+  _mm_store_ps(mn, mnv);
+  for (int i = 0; i < R; ++i) {
+    l[i] = ln[i];
+    m[i] = mn[i];
+    alpha[i] = al[i];
+  }
 }
 
 // Softmax step of R rows (row i: scores s + i * Tk, state m[i], l[i]) over the tile's n keys,
@@ -220,16 +226,7 @@ template <int R>
       sw[i * 4 + b] = swb[i];
     }
   }
-  // l = l * alpha + lane_tree8(lane sums), the 4 rows at once.
-  alignas(16) float lo[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ln[4], al[4];
-  for (int i = 0; i < R; ++i) lo[i] = l[i];
-  _mm_store_ps(ln, _mm_add_ps(_mm_mul_ps(_mm_load_ps(lo), av), tree4(sum[0], sum[1], sum[2], sum[3])));
-  _mm_store_ps(al, av);
-  for (int i = 0; i < R; ++i) {
-    l[i] = ln[i];
-    m[i] = mn[i];
-    alpha[i] = al[i];
-  }
+  s8_store_state<R>(sum, av, mnv, m, l, alpha);
 }
 
 // s8_softmax_quant's arithmetic in phases, each a loop of independent work (s8_softmax_quant
@@ -306,16 +303,7 @@ template <int R>
       _mm_store_si128(reinterpret_cast<__m128i*>(wq + i * kMaxTile + j), _mm512_cvtepi32_epi8(q));
     }
   }
-  // l = l * alpha + lane_tree8(lane sums), the 4 rows at once.
-  alignas(16) float lo[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ln[4], al[4];
-  for (int i = 0; i < R; ++i) lo[i] = l[i];
-  _mm_store_ps(ln, _mm_add_ps(_mm_mul_ps(_mm_load_ps(lo), av), tree4(sum[0], sum[1], sum[2], sum[3])));
-  _mm_store_ps(al, av);
-  for (int i = 0; i < R; ++i) {
-    l[i] = ln[i];
-    m[i] = mnv[i];
-    alpha[i] = al[i];
-  }
+  s8_store_state<R>(sum, av, mnv, m, l, alpha);
 }
 
 // Integer P.V of R rows of one head over the tile (blocks of 32 keys) for the 64 dims from d, in
