@@ -140,6 +140,19 @@ inline __m512 exp16_le(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// The start of a softmax step for R <= 4 rows at once: the new maxima m' = max(m, max of mx[r]'s
+// lanes) and alpha = m == -inf ? 0 : exp_qllm(m - m'), the 4 rows in the lanes of one exp8.
+template <int R>
+[[gnu::always_inline]] inline void s8_max_alpha(const __m512 (&mx)[4], const float* m, __m128& mnv, __m128& av) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  alignas(16) float mo[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
+  for (int i = 0; i < R; ++i) mo[i] = m[i];
+  const __m128 mov = _mm_load_ps(mo);
+  mnv = _mm_max_ps(hmax4(mx[0], mx[1], mx[2], mx[3]), mov);  // max_ps(mt, m)
+  const __m128 e4 = _mm256_castps256_ps128(exp8(_mm256_zextps128_ps256(_mm_sub_ps(mov, mnv))));
+  av = _mm_andnot_ps(_mm_cmpeq_ps(mov, _mm_set1_ps(kNegInf)), e4);
+}
+
 // The end of a softmax step for R <= 4 rows at once: l = l * alpha + lane_tree8(lane sums), m =
 // the new maxima, alpha out (sum[r]: row r's 8 lane sums; av, mnv: the rows' alpha and maxima).
 template <int R>
@@ -173,13 +186,8 @@ template <int R>
   #pragma GCC unroll 4
   for (int i = 0; i < R; ++i)
     for (int64_t j = 0; j < n; j += 16) mx[i] = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, keys_mask(n - j), s + i * Tk + j), mx[i]);
-  alignas(16) float mo[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
-  for (int i = 0; i < R; ++i) mo[i] = m[i];
-  const __m128 mov = _mm_load_ps(mo);
-  const __m128 mnv = _mm_max_ps(hmax4(mx[0], mx[1], mx[2], mx[3]), mov);  // max_ps(mt, m)
-  // alpha = m == -inf ? 0 : exp_qllm(m - m'), 4 rows in the lanes of one exp8.
-  const __m128 e4 = _mm256_castps256_ps128(exp8(_mm256_zextps128_ps256(_mm_sub_ps(mov, mnv))));
-  const __m128 av = _mm_andnot_ps(_mm_cmpeq_ps(mov, _mm_set1_ps(kNegInf)), e4);
+  __m128 mnv, av;
+  s8_max_alpha<R>(mx, m, mnv, av);
   alignas(16) float mn[4];
   _mm_store_ps(mn, mnv);
   __m256 sum[4];
@@ -248,12 +256,8 @@ template <int R>
     #pragma GCC unroll 4
     for (int i = 0; i < R; ++i) mx[i] = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, k, s + i * Tk + j), mx[i]);
   }
-  alignas(16) float mo[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
-  for (int i = 0; i < R; ++i) mo[i] = m[i];
-  const __m128 mov = _mm_load_ps(mo);
-  const __m128 mnv = _mm_max_ps(hmax4(mx[0], mx[1], mx[2], mx[3]), mov);  // max_ps(mt, m)
-  const __m128 e4 = _mm256_castps256_ps128(exp8(_mm256_zextps128_ps256(_mm_sub_ps(mov, mnv))));
-  const __m128 av = _mm_andnot_ps(_mm_cmpeq_ps(mov, _mm_set1_ps(kNegInf)), e4);
+  __m128 mnv, av;
+  s8_max_alpha<R>(mx, m, mnv, av);
   __m512 mv[4];
   #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) mv[i] = _mm512_broadcastss_ps(_mm_permutevar_ps(mnv, _mm_set1_epi32(i)));
