@@ -134,6 +134,19 @@ inline void s8_walk(const KvSource& src, int64_t j0, int64_t n, int64_t pad, con
   }
 }
 
+// Both s8 tiles' rows: kp / vp / so for the tile's keys [j0, j0 + n) padded to `pad` with key 0
+// (s8_walk), and kn / vn (and son, nullable) for the next tile's keys, padded to `pad` with this
+// tile's rows (prefetched again: harmless) where the next tile is shorter or absent. Returns the
+// next tile's key count (<= 0: none).
+inline int64_t s8_walk_tiles(const KvSource& src, int64_t j0, int64_t n, int64_t pad, const uint8_t** kp, const uint8_t** vp,
+                             int32_t* so, const uint8_t** kn, const uint8_t** vn, int32_t* son) {
+  s8_walk(src, j0, n, pad, kp, vp, so);
+  const int64_t nn = std::min(n, src.tokens - j0 - n);
+  if (nn > 0) s8_walk(src, j0 + n, nn, 0, kn, vn, son);
+  for (int64_t j = std::max<int64_t>(nn, 0); j < pad; ++j) kn[j] = kp[j], vn[j] = vp[j];
+  return nn;
+}
+
 // Calls f.template operator()<R>(r) for the row groups of g rows: 4 at a time, then the rest.
 template <class F>
 inline void for_groups(int64_t g, F&& f) {

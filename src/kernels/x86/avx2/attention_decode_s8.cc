@@ -426,14 +426,10 @@ void attn_decode_s8(const int16_t* q16, const float* qs, int64_t g, int64_t H, i
   const uint8_t* kp[kMaxTile];
   const uint8_t* vp[kMaxTile];
   alignas(32) int32_t so[kMaxTile];
-  s8_walk(src, j0, n, n8, kp, vp, so);
-  // The next tile's rows (prefetched by the passes), padded with the current tile's rows
-  // (prefetched again: harmless) where the next tile is shorter or absent.
+  // The next tile's rows (prefetched by the passes).
   const uint8_t* kn[kMaxTile];
   const uint8_t* vn[kMaxTile];
-  const int64_t nn = std::min(n, src.tokens - j0 - n);
-  if (nn > 0) s8_walk(src, j0 + n, nn, 0, kn, vn, nullptr);
-  for (int64_t j = std::max<int64_t>(nn, 0); j < n8; ++j) kn[j] = kp[j], vn[j] = vp[j];
+  const int64_t nn = s8_walk_tiles(src, j0, n, n8, kp, vp, so, kn, vn, nullptr);
   if (nn > 0) {
     // The next tile's K/V scale lines (a separate [block, token, head] f32 array): without this
     // prefetch every block's scale lines missed to DRAM (session 4). One per line.

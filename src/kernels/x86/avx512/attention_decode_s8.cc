@@ -588,15 +588,11 @@ void attn_decode_s8(const int8_t* q8, const float* qs, int64_t g, int64_t H, int
   const uint8_t* kp[kMaxTile];
   const uint8_t* vp[kMaxTile];
   alignas(64) int32_t so[kMaxTile];
-  s8_walk(src, j0, n, n16, kp, vp, so);
-  // The next tile's rows (kn0, vn0; prefetched below), padded with the current tile's rows
-  // (prefetched again: harmless) where the next tile is shorter or absent.
+  // The next tile's rows (kn0, vn0; prefetched below) and scale offsets.
   const uint8_t* kn0[kMaxTile];
   const uint8_t* vn0[kMaxTile];
-  const int64_t nn = std::min(n, src.tokens - j0 - n);
-  alignas(64) int32_t son[kMaxTile];  // the next tile's scale offsets
-  if (nn > 0) s8_walk(src, j0 + n, nn, 0, kn0, vn0, son);
-  for (int64_t j = std::max<int64_t>(nn, 0); j < n16; ++j) kn0[j] = kp[j], vn0[j] = vp[j];
+  alignas(64) int32_t son[kMaxTile];
+  const int64_t nn = s8_walk_tiles(src, j0, n, n16, kp, vp, so, kn0, vn0, son);
   if (nn > 0) {
     // The next tile's K/V scales (a separate [block, token, head] f32 array, 32 B per token at 8
     // KV heads): without this prefetch every block's scale lines missed to DRAM, stalling the
