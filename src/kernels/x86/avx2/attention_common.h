@@ -147,6 +147,23 @@ inline int64_t s8_walk_tiles(const KvSource& src, int64_t j0, int64_t n, int64_t
   return nn;
 }
 
+// The end of an s8 softmax step for R <= 4 rows (both ISAs' tiles), row i in lane i:
+// l = l * alpha + sums (each row's lane_tree8 of its probabilities), m = the new maxima mnv,
+// and alpha out.
+template <int R>
+[[gnu::always_inline]] inline void s8_store_state(__m128 sums, __m128 av, __m128 mnv, float* m, float* l, float* alpha) {
+  alignas(16) float lo[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ln[4], al[4], mn[4];
+  for (int i = 0; i < R; ++i) lo[i] = l[i];
+  _mm_store_ps(ln, _mm_add_ps(_mm_mul_ps(_mm_load_ps(lo), av), sums));
+  _mm_store_ps(al, av);
+  _mm_store_ps(mn, mnv);
+  for (int i = 0; i < R; ++i) {
+    l[i] = ln[i];
+    m[i] = mn[i];
+    alpha[i] = al[i];
+  }
+}
+
 // Calls f.template operator()<R>(r) for the row groups of g rows: 4 at a time, then the rest.
 template <class F>
 inline void for_groups(int64_t g, F&& f) {

@@ -153,8 +153,8 @@ template <int R>
   if (p < full) mx0 = _mm256_max_ps(_mm256_load_ps(ss + 8 * p), mx0);
   if (full < n2) mx1 = _mm256_max_ps(_mm256_blendv_ps(ninf, _mm256_load_ps(ss + 8 * full), lo4), mx1);
   const __m256 mx = _mm256_max_ps(mx0, mx1);
-  alignas(16) float mo[4] = {kNegInf, kNegInf, kNegInf, kNegInf}, lo[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int i = 0; i < R; ++i) mo[i] = m[i], lo[i] = l[i];
+  alignas(16) float mo[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
+  for (int i = 0; i < R; ++i) mo[i] = m[i];
   const __m128 mov = _mm_load_ps(mo);
   const __m128 mnv = _mm_max_ps(_mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1)), mov);  // max_ps(mt, m)
   // alpha = m == -inf ? 0 : exp_qllm(m - m'), the 4 rows in the lanes of one exp8.
@@ -211,15 +211,7 @@ template <int R>
   __m128 t[4];
   #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) t[i] = _mm_add_ps(_mm256_castps256_ps128(S[i]), _mm256_extractf128_ps(S[i], 1));
-  alignas(16) float ln[4], al[4], mn[4];
-  _mm_store_ps(ln, _mm_add_ps(_mm_mul_ps(_mm_load_ps(lo), av), _mm_add_ps(_mm_add_ps(t[0], t[1]), _mm_add_ps(t[2], t[3]))));
-  _mm_store_ps(al, av);
-  _mm_store_ps(mn, mnv);
-  for (int i = 0; i < R; ++i) {
-    l[i] = ln[i];
-    m[i] = mn[i];
-    alpha[i] = al[i];
-  }
+  s8_store_state<R>(_mm_add_ps(_mm_add_ps(t[0], t[1]), _mm_add_ps(t[2], t[3])), av, mnv, m, l, alpha);
 }
 
 // 32 bytes of a V row from byte d, zero past D (the tail chunk: never reads past the row).

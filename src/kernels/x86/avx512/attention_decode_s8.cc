@@ -153,22 +153,6 @@ template <int R>
   av = _mm_andnot_ps(_mm_cmpeq_ps(mov, _mm_set1_ps(kNegInf)), e4);
 }
 
-// The end of a softmax step for R <= 4 rows at once: l = l * alpha + lane_tree8(lane sums), m =
-// the new maxima, alpha out (sum[r]: row r's 8 lane sums; av, mnv: the rows' alpha and maxima).
-template <int R>
-[[gnu::always_inline]] inline void s8_store_state(const __m256 (&sum)[4], __m128 av, __m128 mnv, float* m, float* l, float* alpha) {
-  alignas(16) float lo[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ln[4], al[4], mn[4];
-  for (int i = 0; i < R; ++i) lo[i] = l[i];
-  _mm_store_ps(ln, _mm_add_ps(_mm_mul_ps(_mm_load_ps(lo), av), tree4(sum[0], sum[1], sum[2], sum[3])));
-  _mm_store_ps(al, av);
-  _mm_store_ps(mn, mnv);
-  for (int i = 0; i < R; ++i) {
-    l[i] = ln[i];
-    m[i] = mn[i];
-    alpha[i] = al[i];
-  }
-}
-
 // Softmax step of R rows (row i: scores s + i * Tk, state m[i], l[i]) over the tile's n keys,
 // then the rows' 7-bit P.V weights (kernels/attention.h): wq + i * kMaxTile gets the bytes of
 // every 32-key block (lanes past n zero), sw[i * 4 + b] the scale of block b (0 for a block that
@@ -234,7 +218,7 @@ template <int R>
       sw[i * 4 + b] = swb[i];
     }
   }
-  s8_store_state<R>(sum, av, mnv, m, l, alpha);
+  s8_store_state<R>(tree4(sum[0], sum[1], sum[2], sum[3]), av, mnv, m, l, alpha);
 }
 
 // s8_softmax_quant's arithmetic in phases, each a loop of independent work (s8_softmax_quant
@@ -307,7 +291,7 @@ template <int R>
       _mm_store_si128(reinterpret_cast<__m128i*>(wq + i * kMaxTile + j), _mm512_cvtepi32_epi8(q));
     }
   }
-  s8_store_state<R>(sum, av, mnv, m, l, alpha);
+  s8_store_state<R>(tree4(sum[0], sum[1], sum[2], sum[3]), av, mnv, m, l, alpha);
 }
 
 // Integer P.V of R rows of one head over the tile (blocks of 32 keys) for the 64 dims from d, in
