@@ -56,6 +56,19 @@ inline void tr4x4(__m512i& a, __m512i& b, __m512i& c, __m512i& d) {
   d = _mm512_unpackhi_epi64(t1, t3);
 }
 
+// The 4 x 4 transpose of 128-bit lanes of a, b, c, d (two vshufi32x4 levels): T0 = lanes 0 of
+// a, b, c, d; T4 = lanes 1 ...; T8 = lanes 2; T12 = lanes 3 (the names: the dword offsets of the
+// score passes' transposed K units).
+[[gnu::always_inline]] inline void lanes4x4(__m512i a, __m512i b, __m512i c, __m512i d, __m512i& T0, __m512i& T4, __m512i& T8,
+                                            __m512i& T12) {
+  const __m512i x0 = _mm512_shuffle_i32x4(a, b, 0x88), x1 = _mm512_shuffle_i32x4(a, b, 0xdd);
+  const __m512i x2 = _mm512_shuffle_i32x4(c, d, 0x88), x3 = _mm512_shuffle_i32x4(c, d, 0xdd);
+  T0 = _mm512_shuffle_i32x4(x0, x2, 0x88);
+  T8 = _mm512_shuffle_i32x4(x0, x2, 0xdd);
+  T4 = _mm512_shuffle_i32x4(x1, x3, 0x88);
+  T12 = _mm512_shuffle_i32x4(x1, x3, 0xdd);
+}
+
 // s8 scores of R rows of one head for 16 keys at once, one key per dword lane: each 64-byte
 // chunk of the 16 K rows is biased to unsigned (k ^ 0x80 = k + 128) and transposed in
 // registers, so T[c] lane i holds bytes 4c .. 4c+3 of key i, and vpdpbusd(T[c], broadcast q8
@@ -91,10 +104,8 @@ template <int R>
     // the 4 groups give T[m], T[4 + m], T[8 + m], T[12 + m] (lanes = keys 0 .. 15 in order).
     #pragma GCC unroll 16
     for (int m = 0; m < 4; ++m) {
-      const __m512i x0 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x88), x1 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xdd);
-      const __m512i x2 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x88), x3 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xdd);
-      const __m512i T0 = _mm512_shuffle_i32x4(x0, x2, 0x88), T8 = _mm512_shuffle_i32x4(x0, x2, 0xdd);
-      const __m512i T4 = _mm512_shuffle_i32x4(x1, x3, 0x88), T12 = _mm512_shuffle_i32x4(x1, x3, 0xdd);
+      __m512i T0, T4, T8, T12;
+      lanes4x4(u[m], u[4 + m], u[8 + m], u[12 + m], T0, T4, T8, T12);
       #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         const int8_t* qd = q8 + r * Dq8 + d + 4 * m;
@@ -439,10 +450,8 @@ template <int R>
     __m512i nu[16];
     #pragma GCC unroll 4
     for (int m = 0; m < 4; ++m) {
-      const __m512i x0 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x88), x1 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xdd);
-      const __m512i x2 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x88), x3 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xdd);
-      const __m512i T0 = _mm512_shuffle_i32x4(x0, x2, 0x88), T8 = _mm512_shuffle_i32x4(x0, x2, 0xdd);
-      const __m512i T4 = _mm512_shuffle_i32x4(x1, x3, 0x88), T12 = _mm512_shuffle_i32x4(x1, x3, 0xdd);
+      __m512i T0, T4, T8, T12;
+      lanes4x4(u[m], u[4 + m], u[8 + m], u[12 + m], T0, T4, T8, T12);
       ld_k4(kn + 4 * m, offn, bias, nu[4 * m], nu[4 * m + 1], nu[4 * m + 2], nu[4 * m + 3]);
       #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
