@@ -403,6 +403,59 @@ inline void s8_scales8(const float* sc, const int32_t* so, int64_t n, int64_t nh
 
 
 // ---- fast path: D a multiple of 64 (no partial 64-byte chunk) ------------------------------
+
+// The next tile's K (or V) lines in address order (token-major: every head's bytes of a token,
+// then the next token), for the fast path's prefetches. The s8 passes read head-major (per head,
+// each token's D bytes at a stride of Hkv * D); until session 7 they also prefetched the next
+// tile head-major, each pass the lines it was reading, from the next tile's rows. Prefetching
+// the same number of lines per score unit / P.V group, but walking the next tile's bytes in
+// address order (a tile of a 128-token block is one contiguous range of 32-64 KiB), keeps
+// DRAM reads sequential: from DRAM 7-30% faster (2 threads; docs/design.md, session 7). The
+// tile's lines are a few contiguous segments (one per block the tile touches, or one per token
+// where the task's heads are not the token's whole row); line L of the walk is segment s's
+// line L - line0[s]. issue(L, k) prefetches lines [L, L + k) (those that exist) into L2; the
+// callers' L only grow during a tile, so the segment cursor only moves forward, and a run
+// inside one segment (nearly every call) is k prefetches of consecutive lines, unrolled: a
+// per-line walk with a division per line cost ~15% L3-resident.
+struct NextTileLines {
+  const uint8_t* ptr[kMaxTile];
+  int64_t line0[kMaxTile + 1];  // first walk line of each segment; line0[nseg] = all lines
+  int nseg = 0, cur = 0;
+  // Keys [j0, j0 + n) of the array at base (head 0 of the task) with H * hs bytes per token.
+  void build(const KvSource& src, const void* base, int64_t j0, int64_t n, int64_t row_bytes) {
+    const uint8_t* b = static_cast<const uint8_t*>(base);
+    const int64_t lpt = row_bytes / 64;
+    const bool whole = row_bytes == src.token_stride;  // the task's heads are the whole token row
+    int64_t blk = j0 / src.block_size, off = j0 % src.block_size, line = 0;
+    nseg = cur = 0;
+    for (int64_t j = 0; j < n; ++blk, off = 0) {
+      const int64_t phys = src.block_table ? src.block_table[blk] : blk;
+      const int64_t seg = std::min(src.block_size - off, n - j);
+      const uint8_t* e = b + phys * src.block_stride + off * src.token_stride;
+      for (int64_t i = 0; i < (whole ? 1 : seg); ++i) {
+        ptr[nseg] = e + i * src.token_stride;
+        line0[nseg++] = line;
+        line += whole ? seg * lpt : lpt;
+      }
+      j += seg;
+    }
+    line0[nseg] = line;
+  }
+  [[gnu::always_inline]] inline void issue(int64_t L, int k) {
+    while (cur + 1 < nseg && L >= line0[cur + 1]) ++cur;
+    if (L + k <= line0[cur + 1]) {
+      const uint8_t* p = ptr[cur] + (L - line0[cur]) * 64;
+      #pragma GCC unroll 16
+      for (int i = 0; i < k; ++i) prefetch_line_t1(p + 64 * i);
+      return;
+    }
+    for (int i = 0; i < k; ++i, ++L) {
+      while (cur + 1 < nseg && L >= line0[cur + 1]) ++cur;
+      if (L >= line0[nseg]) return;
+      prefetch_line_t1(ptr[cur] + (L - line0[cur]) * 64);
+    }
+  }
+};
 //
 // The passes above cost ~2x their vpdpbusd count (L1-resident driver, session 6): each 16-key
 // score pass and each 32-key P.V block is a chain (loads -> transposes -> 8-deep vpdpbusd
@@ -425,11 +478,12 @@ inline void s8_scales8(const float* sc, const int32_t* so, int64_t n, int64_t nh
 
 // s8_scores16 for all the tile's 16-key passes of R rows, pipelined (see above). kp: head 0's K
 // rows of the tile (padded to 16 keys with key 0), hoff: this head's byte offset; ks: the head's
-// k scales (0 past n); pf: the next tile's rows (head 0) to prefetch, or nullptr.
+// k scales (0 past n); pf: the next tile's K lines, or nullptr: each unit (16 keys x 64 dims)
+// prefetches 16 of them, lines pl + 16 u for this call's u-th unit.
 template <int R>
 [[gnu::always_inline]] inline void s8_scores_pipe(const int8_t* q8, int64_t Dq8, const int32_t* qc, const float* qs, int64_t D,
                                                   const uint8_t* const* kp, int64_t hoff, const float* ks, int64_t n, float* s,
-                                                  int64_t Tk, const uint8_t* const* pf) {
+                                                  int64_t Tk, NextTileLines* pf, int64_t pl) {
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   const int64_t C = D / 64, P = (n + 15) / 16;
   __m512i u[16];
@@ -462,8 +516,7 @@ template <int R>
         acc2[r] = dpbusd_b(acc2[r], T12, qd + 48);
       }
     }
-    if (pf)
-      for (int i = 0; i < 16; ++i) prefetch_line_t1(pf[16 * p + i] + hoff + 64 * c);
+    if (pf) pf->issue(pl + 16 * (p * C + c), 16);
     #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) u[i] = nu[i];
     if (c == C - 1) {  // the pass's scores, then the next pass's accumulators
@@ -499,11 +552,13 @@ template <int R>
 // between two blocks' vpdpbusd chains: 4 rows x 64 dims cost ~7 cycles per key (L1-resident)
 // against 4 for the vpdpbusd alone. vp: head 0's V rows (padded to 4-key groups with key 0,
 // weight 0), hoff: the head's byte offset. Blocks no row uses are skipped, as in s8_pv64.
+// pf: the next tile's V lines, or nullptr: the 4-key group j of chunk c prefetches 4 of them,
+// lines pl + c * round_up(n, 4) + j (a skipped block skips its prefetches: rare, harmless).
 template <int R>
 [[gnu::always_inline]] inline void s8_pv_defer(const uint8_t* wq, const float* sw, const float* alpha, const uint8_t* const* vp,
                                                int64_t hoff, int64_t n, int64_t D, float* acc, int64_t acc_stride,
-                                               const uint8_t* const* pf) {
-  const int64_t C = D / 64, nb = (n + kDecPvBlock - 1) / kDecPvBlock;
+                                               NextTileLines* pf, int64_t pl) {
+  const int64_t C = D / 64, nb = (n + kDecPvBlock - 1) / kDecPvBlock, n4 = (n + 3) / 4 * 4;
   bool act[kMaxTile / kDecPvBlock];
   for (int64_t b = 0; b < nb; ++b) {
     bool any = b == 0;  // the first block also applies alpha
@@ -534,8 +589,7 @@ template <int R>
           #pragma GCC unroll 4
           for (int i = 0; i < 4; ++i) A[r][i] = dpbusd(A[r][i], W, X[i]);
         }
-        if (pf)
-          for (int i = 0; i < 4; ++i) prefetch_line_t1(pf[j + i] + off);
+        if (pf) pf->issue(pl + c * n4 + j, 4);
       }
       #pragma GCC unroll 4
       for (int r = 0; r < R; ++r)
@@ -605,11 +659,20 @@ void attn_decode_s8(const int8_t* q8, const float* qs, int64_t g, int64_t H, int
       lines(src.v_scale + son[j], nf);
     }
   }
+  // D a multiple of 64: the next tile's K / V in address order (NextTileLines). The score units
+  // of the H heads have H * round_up(n, 16) * D / 64 prefetch slots and the P.V groups H *
+  // round_up(n, 4) * D / 64, at least the next tile's nn * H * D / 64 lines of each: head h's
+  // passes take the slots from h times its share, so the walk spreads over the whole tile.
+  const bool fast = D % 64 == 0;
+  NextTileLines kpf, vpf;
+  if (fast && nn > 0) {
+    kpf.build(src, src.k, j0 + n, nn, H * hs);
+    vpf.build(src, src.v, j0 + n, nn, H * hs);
+  }
   // V rows of the current head, padded to 4-key groups with key 0's (weight 0).
   const uint8_t* vr[kMaxTile];
   alignas(64) float kst[8 * kMaxTile], vst[8 * kMaxTile];  // scales of 8 heads (s8_scales8)
   // D a multiple of 64: the pipelined passes (full 64-byte chunks, head offsets into kp / vp).
-  const bool fast = D % 64 == 0;
   for (int64_t h = 0; h < H; ++h) {
     if (!fast)
       for (int64_t j = 0; j < (n + 3) / 4 * 4; ++j) vr[j] = vp[j] + h * hs;
@@ -618,11 +681,11 @@ void attn_decode_s8(const int8_t* q8, const float* qs, int64_t g, int64_t H, int
       s8_scales8(src.v_scale + h, so, n, std::min<int64_t>(8, H - h), vst);
     }
     const float* vs = vst + (h % 8) * kMaxTile;  // v scales of head h (0 past n)
-    // Head h's rows of the next tile, into L2: each score pass (K) and P.V group (V) prefetches
-    // the bytes it reads of the current rows from the next tile's rows, so the requests spread
-    // evenly over the work (bursts of a whole head's rows stalled on the fill buffers, and made
-    // the DRAM-fed decode slower than the L3-resident one), and the next tile finds its rows in
-    // L2 in the order it reads them, one tile's work later.
+    // Other head sizes (s8_scores16 / s8_pv64): head h's rows of the next tile, into L2: each
+    // score pass (K) and P.V group (V) prefetches the bytes it reads of the current rows from
+    // the next tile's rows, so the requests spread evenly over the work (bursts of a whole
+    // head's rows stalled on the fill buffers, and made the DRAM-fed decode slower than the
+    // L3-resident one). The fast path spreads them the same way, in address order (kpf / vpf).
     const uint8_t* kn[kMaxTile];
     const uint8_t* vn[kMaxTile];
     if (!fast)
@@ -640,14 +703,17 @@ void attn_decode_s8(const int8_t* q8, const float* qs, int64_t g, int64_t H, int
       }
       float* sr = s + (h * g + r) * Tk;
       if (fast) {
-        s8_scores_pipe<R>(qr, Dq8, qc, qs + row, D, kp, h * hs, kst + (h % 8) * kMaxTile, n, sr, Tk, r == 0 && nn > 0 ? kn0 : nullptr);
+        const int64_t C = D / 64;
+        s8_scores_pipe<R>(qr, Dq8, qc, qs + row, D, kp, h * hs, kst + (h % 8) * kMaxTile, n, sr, Tk, r == 0 && nn > 0 ? &kpf : nullptr,
+                          h * n16 * C);
         alignas(64) uint8_t wq[4 * kMaxTile];
         float sw[4 * 4], alpha[4];
         // The phased softmax pays a fixed cost per call that a 32-key tile (D 128) does not
         // recover; the one-chain form is as fast there.
         if (n > kDecPvBlock) s8_softmax_phased<R>(sr, Tk, n, vs, m + row, l + row, wq, sw, alpha);
         else s8_softmax_quant<R>(sr, Tk, n, vs, m + row, l + row, wq, sw, alpha);
-        s8_pv_defer<R>(wq, sw, alpha, vp, h * hs, n, D, acc + row * Dp, Dp, r == 0 && nn > 0 ? vn0 : nullptr);
+        s8_pv_defer<R>(wq, sw, alpha, vp, h * hs, n, D, acc + row * Dp, Dp, r == 0 && nn > 0 ? &vpf : nullptr,
+                       h * ((n + 3) / 4 * 4) * C);
         return;
       }
       for (int64_t j = 0; j < n; j += 16) {
