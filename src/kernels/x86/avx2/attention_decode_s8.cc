@@ -62,6 +62,48 @@ template <int R, int NC>
 [[gnu::always_inline]] inline __m256i s8_dot2(const int16_t* q16, int64_t Dq, int64_t D, const uint8_t* ka, const uint8_t* kb,
                                               const uint8_t* pfa, const uint8_t* pfb) {
   __m256i a0 = _mm256_setzero_si256(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0;  // row r: keys a, b
+  if constexpr (R == 4 && NC > 0) {
+    // The whole pass of 4 rows x 2 keys x D in one asm block (GAS .rept over the 16-dim steps):
+    // the q rows at constant displacements (row stride 32 NC bytes) from one register, K
+    // sign-extended from memory, the first step writing the accumulators (no zeroing, 8 adds
+    // fewer). In C++ (one asm block per row and step) g++ kept the 4 rows' q pointers on the
+    // stack and reloaded one per row and step (a GPR load per 2 multiplies), and copied
+    // accumulators with vmovdqa.
+    __m256i k0, k1, t0, t1;
+    const uint8_t* pa = pfa ? pfa : ka;  // no next tile: prefetch this tile's lines (in L1: harmless)
+    const uint8_t* pb = pfa ? pfb : kb;
+#define QLLM_S8_DOT4_ROW(r, FIRST)                                                        \
+  "vmovdqa 2*qllm_qo+" #r "*%c[rs](%[q]), %[t1]\n\t"                                      \
+  FIRST("vpmaddwd %[t1], %[k0], %[a" #r "]\n\t", "vpmaddwd %[t1], %[k0], %[t0]\n\t")        \
+  FIRST("vpmaddwd %[t1], %[k1], %[b" #r "]\n\t", "vpmaddwd %[t1], %[k1], %[t1]\n\t")        \
+  FIRST("", "vpaddd %[t0], %[a" #r "], %[a" #r "]\n\t")                                      \
+  FIRST("", "vpaddd %[t1], %[b" #r "], %[b" #r "]\n\t")
+#define QLLM_S8_FIRST(x, y) x
+#define QLLM_S8_NEXT(x, y) y
+#define QLLM_S8_DOT4_STEP(FIRST)                                                          \
+  ".if (qllm_qo & 63) == 0\n\t"                                                            \
+  "prefetcht1 qllm_qo(%[pa])\n\t"                                                          \
+  "prefetcht1 qllm_qo(%[pb])\n\t"                                                          \
+  ".endif\n\t"                                                                             \
+  "vpmovsxbw qllm_qo(%[ka]), %[k0]\n\t"                                                    \
+  "vpmovsxbw qllm_qo(%[kb]), %[k1]\n\t"                                                    \
+  QLLM_S8_DOT4_ROW(0, FIRST) QLLM_S8_DOT4_ROW(1, FIRST) QLLM_S8_DOT4_ROW(2, FIRST) QLLM_S8_DOT4_ROW(3, FIRST) \
+  ".set qllm_qo, qllm_qo + 16\n\t"
+    asm(".set qllm_qo, 0\n\t"
+        QLLM_S8_DOT4_STEP(QLLM_S8_FIRST)
+        ".rept %c[nc] - 1\n\t"
+        QLLM_S8_DOT4_STEP(QLLM_S8_NEXT)
+        ".endr"
+        : [a0] "=&x"(a0), [b0] "=&x"(b0), [a1] "=&x"(a1), [b1] "=&x"(b1), [a2] "=&x"(a2), [b2] "=&x"(b2), [a3] "=&x"(a3),
+          [b3] "=&x"(b3), [k0] "=&x"(k0), [k1] "=&x"(k1), [t0] "=&x"(t0), [t1] "=&x"(t1)
+        : [q] "r"(q16), [ka] "r"(ka), [kb] "r"(kb), [pa] "r"(pa), [pb] "r"(pb), [rs] "i"(32 * NC), [nc] "i"(NC),
+          "m"(*reinterpret_cast<const int16_t(*)[64 * NC]>(q16)), "m"(*reinterpret_cast<const uint8_t(*)[16 * NC]>(ka)),
+          "m"(*reinterpret_cast<const uint8_t(*)[16 * NC]>(kb)));
+#undef QLLM_S8_DOT4_STEP
+#undef QLLM_S8_DOT4_ROW
+#undef QLLM_S8_FIRST
+#undef QLLM_S8_NEXT
+  } else {
   // With NC > 0 the row stride is the constant 16 NC (= decode_q16_width(D)), so the rows' chunks
   // can be one base register + displacements (in the tile g++ still reloads some row pointers
   // from the stack: the tile's other pointers take the GPRs).
@@ -99,6 +141,7 @@ template <int R, int NC>
     if constexpr (R > 1) QLLM_S8_ROW_DOT(a1, b1, q1 + d, k0, k1);
     if constexpr (R > 2) QLLM_S8_ROW_DOT(a2, b2, q2 + d, k0, k1);
     if constexpr (R > 3) QLLM_S8_ROW_DOT(a3, b3, q3 + d, k0, k1);
+  }
   }
   // [a.lo + a.hi | b.hi + b.lo] per row, then the 4 x 4 transposing reduction of the rows.
   auto fold = [](__m256i a, __m256i b) { return _mm256_add_epi32(_mm256_blend_epi32(a, b, 0xf0), _mm256_permute2x128_si256(a, b, 0x21)); };
