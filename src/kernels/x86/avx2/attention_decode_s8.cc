@@ -62,6 +62,48 @@ template <int R, int NC>
 [[gnu::always_inline]] inline __m256i s8_dot2(const int16_t* q16, int64_t Dq, int64_t D, const uint8_t* ka, const uint8_t* kb,
                                               const uint8_t* pfa, const uint8_t* pfb) {
   __m256i a0 = _mm256_setzero_si256(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0;  // row r: keys a, b
+  if constexpr (R == 4 && NC > 0) {
+    // The whole pass of 4 rows x 2 keys x D in one asm block (GAS .rept over the 16-dim steps):
+    // the q rows at constant displacements (row stride 32 NC bytes) from one register, K
+    // sign-extended from memory, the first step writing the accumulators (no zeroing, 8 adds
+    // fewer). In C++ (one asm block per row and step) g++ kept the 4 rows' q pointers on the
+    // stack and reloaded one per row and step (a GPR load per 2 multiplies), and copied
+    // accumulators with vmovdqa.
+    __m256i k0, k1, t0, t1;
+    const uint8_t* pa = pfa ? pfa : ka;  // no next tile: prefetch this tile's lines (in L1: harmless)
+    const uint8_t* pb = pfa ? pfb : kb;
+#define QLLM_S8_DOT4_ROW(r, FIRST)                                                        \
+  "vmovdqa 2*qllm_qo+" #r "*%c[rs](%[q]), %[t1]\n\t"                                      \
+  FIRST("vpmaddwd %[t1], %[k0], %[a" #r "]\n\t", "vpmaddwd %[t1], %[k0], %[t0]\n\t")        \
+  FIRST("vpmaddwd %[t1], %[k1], %[b" #r "]\n\t", "vpmaddwd %[t1], %[k1], %[t1]\n\t")        \
+  FIRST("", "vpaddd %[t0], %[a" #r "], %[a" #r "]\n\t")                                      \
+  FIRST("", "vpaddd %[t1], %[b" #r "], %[b" #r "]\n\t")
+#define QLLM_S8_FIRST(x, y) x
+#define QLLM_S8_NEXT(x, y) y
+#define QLLM_S8_DOT4_STEP(FIRST)                                                          \
+  ".if (qllm_qo & 63) == 0\n\t"                                                            \
+  "prefetcht1 qllm_qo(%[pa])\n\t"                                                          \
+  "prefetcht1 qllm_qo(%[pb])\n\t"                                                          \
+  ".endif\n\t"                                                                             \
+  "vpmovsxbw qllm_qo(%[ka]), %[k0]\n\t"                                                    \
+  "vpmovsxbw qllm_qo(%[kb]), %[k1]\n\t"                                                    \
+  QLLM_S8_DOT4_ROW(0, FIRST) QLLM_S8_DOT4_ROW(1, FIRST) QLLM_S8_DOT4_ROW(2, FIRST) QLLM_S8_DOT4_ROW(3, FIRST) \
+  ".set qllm_qo, qllm_qo + 16\n\t"
+    asm(".set qllm_qo, 0\n\t"
+        QLLM_S8_DOT4_STEP(QLLM_S8_FIRST)
+        ".rept %c[nc] - 1\n\t"
+        QLLM_S8_DOT4_STEP(QLLM_S8_NEXT)
+        ".endr"
+        : [a0] "=&x"(a0), [b0] "=&x"(b0), [a1] "=&x"(a1), [b1] "=&x"(b1), [a2] "=&x"(a2), [b2] "=&x"(b2), [a3] "=&x"(a3),
+          [b3] "=&x"(b3), [k0] "=&x"(k0), [k1] "=&x"(k1), [t0] "=&x"(t0), [t1] "=&x"(t1)
+        : [q] "r"(q16), [ka] "r"(ka), [kb] "r"(kb), [pa] "r"(pa), [pb] "r"(pb), [rs] "i"(32 * NC), [nc] "i"(NC),
+          "m"(*reinterpret_cast<const int16_t(*)[64 * NC]>(q16)), "m"(*reinterpret_cast<const uint8_t(*)[16 * NC]>(ka)),
+          "m"(*reinterpret_cast<const uint8_t(*)[16 * NC]>(kb)));
+#undef QLLM_S8_DOT4_STEP
+#undef QLLM_S8_DOT4_ROW
+#undef QLLM_S8_FIRST
+#undef QLLM_S8_NEXT
+  } else {
   // With NC > 0 the row stride is the constant 16 NC (= decode_q16_width(D)), so the rows' chunks
   // can be one base register + displacements (in the tile g++ still reloads some row pointers
   // from the stack: the tile's other pointers take the GPRs).
@@ -100,6 +142,7 @@ template <int R, int NC>
     if constexpr (R > 2) QLLM_S8_ROW_DOT(a2, b2, q2 + d, k0, k1);
     if constexpr (R > 3) QLLM_S8_ROW_DOT(a3, b3, q3 + d, k0, k1);
   }
+  }
   // [a.lo + a.hi | b.hi + b.lo] per row, then the 4 x 4 transposing reduction of the rows.
   auto fold = [](__m256i a, __m256i b) { return _mm256_add_epi32(_mm256_blend_epi32(a, b, 0xf0), _mm256_permute2x128_si256(a, b, 0x21)); };
   const __m256i z = _mm256_setzero_si256();
@@ -122,6 +165,44 @@ template <int R, int NC>
   for (int64_t j = 0; j < n; j += 2) {
     const __m256i dot = s8_dot2<R, NC>(q, Dq, D, kp[j] + ho, kp[j + 1] + ho, pf ? pf[j] + ho : nullptr, pf ? pf[j + 1] + ho : nullptr);
     _mm256_store_ps(ss + 4 * j, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), pair_bcast(ks + j)), qsp));
+  }
+}
+
+// e[i] = exp8(x[i] - mn) for the 4 score vectors at x (8 floats apart), each operation of exp8 done
+// on the 4 vectors in turn: the same operations on each lane as exp8 (so the same bits), with
+// the 4 independent chains (~60 cycles of latency each) interleaved instruction by instruction,
+// so that the scheduler holds ready work from every chain instead of one chain's waiting tail.
+// The upper clamp of exp8 (min with kExpHi) is kept: lanes of the rows >= R hold x = 0 and an
+// odd n's padding key may exceed the row max.
+[[gnu::always_inline]] inline void exp8x4(const float* x, __m256 mn, __m256* e) {
+  __m256 v[4], n[4], r[4], p[4];
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) v[i] = _mm256_sub_ps(_mm256_load_ps(x + 8 * i), mn);
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) v[i] = _mm256_max_ps(_mm256_min_ps(v[i], _mm256_set1_ps(kExpHi)), _mm256_set1_ps(kExpLo));
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    n[i] = _mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) r[i] = _mm256_fmadd_ps(n[i], _mm256_set1_ps(-kLn2Hi), v[i]);
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) r[i] = _mm256_fmadd_ps(n[i], _mm256_set1_ps(-kLn2Lo), r[i]);
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) p[i] = _mm256_fmadd_ps(_mm256_set1_ps(kExpC6), r[i], _mm256_set1_ps(kExpC5));
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(kExpC4));
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(kExpC3));
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(kExpC2));
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(kExpC1));
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) p[i] = _mm256_add_ps(_mm256_fmadd_ps(p[i], _mm256_mul_ps(r[i], r[i]), r[i]), _mm256_set1_ps(1.0f));
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m256i ex = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n[i]), _mm256_set1_epi32(127)), 23);
+    e[i] = _mm256_mul_ps(p[i], _mm256_castsi256_ps(ex));
   }
 }
 
@@ -176,6 +257,19 @@ template <int R>
     const int64_t p0 = b0 / 2, p1 = std::min(n2, p0 + kDecPvBlock / 2);
     __m256 bm0 = _mm256_setzero_ps(), bm1 = _mm256_setzero_ps();
     for (int64_t q = p0; q < p1; q += 4) {
+      if (q + 4 <= full && q + 4 <= p1) {  // 4 complete pairs: their exps interleaved, no branches
+        __m256 e[4];
+        exp8x4(ss + 8 * q, mn2, e);
+        #pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          S[i] = _mm256_add_ps(S[i], e[i]);
+          const __m256 w = _mm256_mul_ps(e[i], pair_bcast(vs + 2 * (q + i)));
+          _mm256_store_ps(ss + 8 * (q + i), w);
+          if (i % 2) bm1 = _mm256_max_ps(bm1, w);
+          else bm0 = _mm256_max_ps(bm0, w);
+        }
+        continue;
+      }
       #pragma GCC unroll 4
       for (int i = 0; i < 4; ++i) {
         if (i > 0 && q + i >= p1) break;
