@@ -5,7 +5,8 @@
 // transposed once per tile, then head by head, per group of <= 4 query rows: scores of 4 rows x
 // 2 keys per pass (exact int32 vpmaddwd sums), softmax and the 7-bit P.V weights of the 4 rows at
 // once on the scores in key-pair order, then the integer P.V of all 4 rows per V interleave. Each
-// pass prefetches the next tile's rows from the bytes it reads. The arithmetic is
+// pass prefetches a share of the next tile (in address order where D % 64 == 0, NextTileLines;
+// else the head's rows, from the bytes it reads). The arithmetic is
 // kernels/attention.h's (exact int32 q.k and P.V sums), so ref, avx2 and avx512 give the same bits.
 
 #include <immintrin.h>
@@ -158,12 +159,24 @@ inline __m256 pair_bcast(const float* p) { return _mm256_set_m128(_mm_set1_ps(p[
 
 // Scores of R rows (q16 rows from q, scales qsp) of one head for the tile's n keys (rows kp[j]
 // + ho, scales ks), in key-pair order into ss (see s8_softmax_quant): s_j = (f32(q.k) * k_scale_j)
-// * q_scale. pf (nullable): the next tile's rows (+ ho), prefetched into L2 as K is read.
+// * q_scale. Prefetches into L2 as K is read, one line per 64 bytes: with lines (D % 64 == 0),
+// the next tile's K lines in address order, key pair j taking lines pl + j D / 64 on (2 D / 64
+// of them; see NextTileLines); else with pf (nullable), the next tile's rows (+ ho).
 template <int R, int NC>
 [[gnu::always_inline]] inline void s8_scores(const int16_t* q, int64_t Dq, int64_t D, const uint8_t* const* kp, int64_t ho,
-                                             const float* ks, __m256 qsp, int64_t n, const uint8_t* const* pf, float* ss) {
+                                             const float* ks, __m256 qsp, int64_t n, const uint8_t* const* pf, NextTileLines* lines,
+                                             int64_t pl, float* ss) {
+  const int C = static_cast<int>(D / 64);
   for (int64_t j = 0; j < n; j += 2) {
-    const __m256i dot = s8_dot2<R, NC>(q, Dq, D, kp[j] + ho, kp[j + 1] + ho, pf ? pf[j] + ho : nullptr, pf ? pf[j + 1] + ho : nullptr);
+    const uint8_t* pa = pf ? pf[j] + ho : nullptr;
+    const uint8_t* pb = pf ? pf[j + 1] + ho : nullptr;
+    if (lines) {  // each key's C lines from one pointer (s8_dot2 prefetches pa + 64 i, pb + 64 i)
+      pa = lines->contiguous(pl + j * C, C);
+      pb = lines->contiguous(pl + (j + 1) * C, C);
+      if (!pa) pa = pb;  // a run across segments was issued line by line: prefetch the other twice
+      if (!pb) pb = pa;
+    }
+    const __m256i dot = s8_dot2<R, NC>(q, Dq, D, kp[j] + ho, kp[j + 1] + ho, pa, pb);
     _mm256_store_ps(ss + 4 * j, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), pair_bcast(ks + j)), qsp));
   }
 }
@@ -371,13 +384,16 @@ template <bool Tail>
 // go into acc with one FMA per dim (vperm2i128 puts the dims back in order), acc first
 // multiplied by the row's alpha in block 0 (the same product as the reference's rescale); a
 // row whose block adds nothing (sw = 0) keeps acc (block 0: acc * alpha), as the reference.
-// vr[j] (j < round_up(n, 4)) is key j's V row (+ vo); keys past n have weight 0. pf (nullable):
-// the next tile's rows of this head, prefetched one line per 4-key group and 64 bytes of V. The
+// vr[j] (j < round_up(n, 4)) is key j's V row (+ vo); keys past n have weight 0. Prefetches
+// one line per 4-key group and 64 bytes of V: with lines (D % 64 == 0), the next tile's V lines
+// in address order, lines pl + (d / 64) round_up(n, 4) + j for the group of key j; else with pf
+// (nullable), the next tile's rows of this head. The
 // weights of row r for keys 4 gi .. 4 gi + 3 are the dword at wq + 16 gi + 4 r (s8_softmax_quant).
 template <int R, bool Hi, bool Tail>
 [[gnu::always_inline]] inline void s8_pv16(const uint8_t* wq, const float* sw, const float* alpha, const uint8_t* const* vr,
                                            int64_t vo, int64_t n, int64_t d, int64_t D, int64_t Dp, float* acc, int64_t acc_stride,
-                                           const uint8_t* const* pf) {
+                                           const uint8_t* const* pf, NextTileLines* lines, int64_t pl) {
+  const int64_t lc = pl + d / 64 * ((n + 3) / 4 * 4);  // the first slot of this 64-byte chunk
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t base = d + (Hi ? 8 : 0);  // dims base .. base + 7 and base + 16 .. base + 23
   // Block b's sums of row r into acc (one FMA per dim, vperm2i128 putting the dims in order).
@@ -405,7 +421,9 @@ template <int R, bool Hi, bool Tail>
     const uint8_t* w = wq + 4 * b0;
     for (int64_t gi = 0; gi < groups; ++gi, w += 16) {
       const uint8_t* const* p = vr + b0 + 4 * gi;
-      if (pf) {
+      if (lines) {
+        lines->issue(lc + b0 + 4 * gi, 4);
+      } else if (pf) {
         const uint8_t* const* pn = pf + b0 + 4 * gi;
         #pragma GCC unroll 4
         for (int i = 0; i < 4; ++i) prefetch_line_t1(pn[i] + vo + d);
@@ -451,17 +469,17 @@ template <int R, bool Hi, bool Tail>
 template <int R>
 [[gnu::always_inline]] inline void s8_pv(const uint8_t* wq, const float* sw, const float* alpha, const uint8_t* const* vr,
                                          int64_t vo, int64_t n, int64_t D, int64_t Dp, float* acc, int64_t acc_stride,
-                                         const uint8_t* const* pf) {
+                                         const uint8_t* const* pf, NextTileLines* lines, int64_t pl) {
   int64_t d = 0;
   for (; d + 32 <= D; d += 32) {
-    const uint8_t* const* p = d % 64 == 0 ? pf : nullptr;
-    s8_pv16<R, false, false>(wq, sw, alpha, vr, vo, n, d, D, Dp, acc, acc_stride, p);
-    s8_pv16<R, true, false>(wq, sw, alpha, vr, vo, n, d, D, Dp, acc, acc_stride, nullptr);
+    const bool first = d % 64 == 0;
+    s8_pv16<R, false, false>(wq, sw, alpha, vr, vo, n, d, D, Dp, acc, acc_stride, first ? pf : nullptr, first ? lines : nullptr, pl);
+    s8_pv16<R, true, false>(wq, sw, alpha, vr, vo, n, d, D, Dp, acc, acc_stride, nullptr, nullptr, pl);
   }
   if (d < Dp) {
-    const uint8_t* const* p = d % 64 == 0 ? pf : nullptr;
-    s8_pv16<R, false, true>(wq, sw, alpha, vr, vo, n, d, D, Dp, acc, acc_stride, p);
-    if (d + 8 < Dp) s8_pv16<R, true, true>(wq, sw, alpha, vr, vo, n, d, D, Dp, acc, acc_stride, nullptr);
+    const bool first = d % 64 == 0;
+    s8_pv16<R, false, true>(wq, sw, alpha, vr, vo, n, d, D, Dp, acc, acc_stride, first ? pf : nullptr, first ? lines : nullptr, pl);
+    if (d + 8 < Dp) s8_pv16<R, true, true>(wq, sw, alpha, vr, vo, n, d, D, Dp, acc, acc_stride, nullptr, nullptr, pl);
   }
 }
 
@@ -531,6 +549,16 @@ void attn_decode_s8(const int16_t* q16, const float* qs, int64_t g, int64_t H, i
       prefetch_line_t0(src.v_scale + so_n);
     }
   }
+  // D a multiple of 64: the next tile's K / V prefetched in address order (NextTileLines, as the
+  // AVX-512 tile): head h's score passes take K slots from h round_up(n, 2) D / 64 on, its P.V
+  // groups V slots from h round_up(n, 4) D / 64 on, so the walk spreads over the tile's work.
+  // Other head sizes prefetch each head's own rows of the next tile (kn / vn).
+  const bool seq = D % 64 == 0 && nn > 0;
+  NextTileLines kpf, vpf;
+  if (seq) {
+    kpf.build(src, src.k, j0 + n, nn, H * hs);
+    vpf.build(src, src.v, j0 + n, nn, H * hs);
+  }
   alignas(32) float kst[8 * kMaxTile], vst[8 * kMaxTile];  // scales of 8 heads, [head][key]
   alignas(32) float ss[4 * kMaxTile];                       // scores / weights, key-pair order
   alignas(32) uint8_t wq[4 * kMaxTile];                     // 7-bit weights, [4-key group][row][key]
@@ -550,14 +578,17 @@ void attn_decode_s8(const int16_t* q16, const float* qs, int64_t g, int64_t H, i
       // The first row group prefetches the next tile's rows of the head (K here, V in the P.V),
       // from the bytes it reads: spread evenly over the work, in the order the next tile reads.
       const bool pfr = r == 0;
-      const uint8_t* const* pf = pfr ? kn : nullptr;
+      const uint8_t* const* pf = pfr && !seq ? kn : nullptr;
+      NextTileLines* kl = pfr && seq ? &kpf : nullptr;
+      const int64_t kpl = h * ((n + 1) / 2 * 2) * (D / 64);
       const int16_t* qr = q16 + row * Dq;
-      if (D == 128) s8_scores<R, 8>(qr, Dq, D, kp, ho, ks, qsp, n, pf, ss);
-      else if (D == 64) s8_scores<R, 4>(qr, Dq, D, kp, ho, ks, qsp, n, pf, ss);
-      else s8_scores<R, 0>(qr, Dq, D, kp, ho, ks, qsp, n, pf, ss);
+      if (D == 128) s8_scores<R, 8>(qr, Dq, D, kp, ho, ks, qsp, n, pf, kl, kpl, ss);
+      else if (D == 64) s8_scores<R, 4>(qr, Dq, D, kp, ho, ks, qsp, n, pf, kl, kpl, ss);
+      else s8_scores<R, 0>(qr, Dq, D, kp, ho, ks, qsp, n, pf, kl, kpl, ss);
       float sw[4 * 4], alpha[4];
       s8_softmax_quant<R>(ss, n, vs, m + row, l + row, wq, sw, alpha);
-      s8_pv<R>(wq, sw, alpha, vp, ho, n, D, Dp, acc + row * Dp, Dp, pfr ? vn : nullptr);
+      s8_pv<R>(wq, sw, alpha, vp, ho, n, D, Dp, acc + row * Dp, Dp, pfr && !seq ? vn : nullptr, pfr && seq ? &vpf : nullptr,
+               h * ((n + 3) / 4 * 4) * (D / 64));
     });
   }
 }

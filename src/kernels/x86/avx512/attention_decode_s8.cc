@@ -403,59 +403,6 @@ inline void s8_scales8(const float* sc, const int32_t* so, int64_t n, int64_t nh
 
 
 // ---- fast path: D a multiple of 64 (no partial 64-byte chunk) ------------------------------
-
-// The next tile's K (or V) lines in address order (token-major: every head's bytes of a token,
-// then the next token), for the fast path's prefetches. The s8 passes read head-major (per head,
-// each token's D bytes at a stride of Hkv * D); until session 7 they also prefetched the next
-// tile head-major, each pass the lines it was reading, from the next tile's rows. Prefetching
-// the same number of lines per score unit / P.V group, but walking the next tile's bytes in
-// address order (a tile of a 128-token block is one contiguous range of 32-64 KiB), keeps
-// DRAM reads sequential: from DRAM 7-30% faster (2 threads; docs/design.md, session 7). The
-// tile's lines are a few contiguous segments (one per block the tile touches, or one per token
-// where the task's heads are not the token's whole row); line L of the walk is segment s's
-// line L - line0[s]. issue(L, k) prefetches lines [L, L + k) (those that exist) into L2; the
-// callers' L only grow during a tile, so the segment cursor only moves forward, and a run
-// inside one segment (nearly every call) is k prefetches of consecutive lines, unrolled: a
-// per-line walk with a division per line cost ~15% L3-resident.
-struct NextTileLines {
-  const uint8_t* ptr[kMaxTile];
-  int64_t line0[kMaxTile + 1];  // first walk line of each segment; line0[nseg] = all lines
-  int nseg = 0, cur = 0;
-  // Keys [j0, j0 + n) of the array at base (head 0 of the task) with H * hs bytes per token.
-  void build(const KvSource& src, const void* base, int64_t j0, int64_t n, int64_t row_bytes) {
-    const uint8_t* b = static_cast<const uint8_t*>(base);
-    const int64_t lpt = row_bytes / 64;
-    const bool whole = row_bytes == src.token_stride;  // the task's heads are the whole token row
-    int64_t blk = j0 / src.block_size, off = j0 % src.block_size, line = 0;
-    nseg = cur = 0;
-    for (int64_t j = 0; j < n; ++blk, off = 0) {
-      const int64_t phys = src.block_table ? src.block_table[blk] : blk;
-      const int64_t seg = std::min(src.block_size - off, n - j);
-      const uint8_t* e = b + phys * src.block_stride + off * src.token_stride;
-      for (int64_t i = 0; i < (whole ? 1 : seg); ++i) {
-        ptr[nseg] = e + i * src.token_stride;
-        line0[nseg++] = line;
-        line += whole ? seg * lpt : lpt;
-      }
-      j += seg;
-    }
-    line0[nseg] = line;
-  }
-  [[gnu::always_inline]] inline void issue(int64_t L, int k) {
-    while (cur + 1 < nseg && L >= line0[cur + 1]) ++cur;
-    if (L + k <= line0[cur + 1]) {
-      const uint8_t* p = ptr[cur] + (L - line0[cur]) * 64;
-      #pragma GCC unroll 16
-      for (int i = 0; i < k; ++i) prefetch_line_t1(p + 64 * i);
-      return;
-    }
-    for (int i = 0; i < k; ++i, ++L) {
-      while (cur + 1 < nseg && L >= line0[cur + 1]) ++cur;
-      if (L >= line0[nseg]) return;
-      prefetch_line_t1(ptr[cur] + (L - line0[cur]) * 64);
-    }
-  }
-};
 //
 // The passes above cost ~2x their vpdpbusd count (L1-resident driver, session 6): each 16-key
 // score pass and each 32-key P.V block is a chain (loads -> transposes -> 8-deep vpdpbusd
