@@ -429,22 +429,26 @@ inline void dec_softmax_f(float* s, int64_t Tk, int64_t n, float* m, float* l, f
 #if !QLLM_ATTN_VNNI
 // ---- AVX2 float decode, row groups of 4 (the GQA group of 32 / 8 heads) ------------------
 //
-// Measured (docs/design.md, "AVX2 float decode, session 7"): the generic passes above spent
-// ~2x their FMA count at D 64 and D 128 on AVX2: g++ folded the q chunk into both keys' FMAs
-// (10 loads per 8 FMAs), each key's tree4 ended in 8-byte stores, and the P.V passes reread
-// the head's V rows from L2 in every pass: the cache's token stride (H * D elements = 1-2 KB)
-// maps a head's rows of a tile onto 2-4 of the 64 L1 sets, so 32-64 rows never stay in L1.
-// Row groups of 4 therefore keep their tile's scores key-major (s4[j * 4 + r]: one vector
-// holds 2 keys x 4 rows), and P.V reads a contiguous copy of the head's V rows.
+// Measured (scratch driver, docs/design.md "AVX2 float decode, session 7"): the generic passes
+// above ran at ~1.6-1.8x their FMA count on AVX2. The score pass (4 rows x 2 keys) had g++
+// fold the q chunk into both keys' FMAs (10 loads per 8 FMAs), was called per key pair and head
+// through the row-group lambda (its setup cost as much as the reductions) and ended each key in
+// a tree4 and 8-byte stores; both loops kept 8 accumulators, i.e. 8 FMA chains of 4-cycle
+// latency on 2 FMA pipes, with no slack. Row groups of 4 therefore take: scores head by head
+// (one loop per head and group) of 3 keys per pass (12 chains), reduced to key-major scores
+// (s4[j * 4 + r]: one vector holds 2 keys x 4 rows, one store per key pair); the softmax on
+// that layout; P.V passes of 3 chunks (12 chains) reading the key-major weights. The tile's
+// score buffer of the group (4 x Tk floats) holds the key-major scores instead of 4 rows.
 
-// Scores of 4 rows for keys k0, k1 (K2 = 2) or k0 alone (K2 = 1): 8-lane FMA chains over Dp,
-// each q chunk loaded once into a register (the empty asm stops g++ from folding it into both
-// keys' FMAs as a memory operand) and each converted K chunk used by the 4 rows. Reduction in
-// the lane_tree8 order without scalar stores: hadd(row r, row r + 1) of a key adds lanes
-// (0,1), (2,3) of each half, a second hadd the pairs of pairs, leaving per key [rows 0-3 sums
-// of lanes 0-3 | rows 0-3 sums of lanes 4-7]; the 2 keys' halves are exchanged with
-// vperm2f128 and one add gives ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)) of both keys: one
-// 32-byte store [key 0: rows 0-3 | key 1: rows 0-3] (K2 = 1: one 16-byte store).
+// Scores of 4 rows for NK (1-3) keys k[0 .. NK) into s4[i * 4 + r] (key-major): 8-lane FMA
+// chains over Dp, each q chunk loaded once into a register (the empty asm stops g++ from folding
+// it into every key's FMA as a memory operand) and each converted K chunk used by the 4 rows
+// (NK = 3: 12 accumulators + 3 K chunks + q = the 16 ymm registers). Reduction in the
+// lane_tree8 order without scalar stores: hadd(row r, row r + 1) of a key adds lanes (0,1),
+// (2,3) of each half, a second hadd the pairs of pairs, leaving per key [rows 0-3 sums of lanes
+// 0-3 | rows 0-3 sums of lanes 4-7]; two keys' halves are exchanged with vperm2f128 and one add
+// gives ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)) of both: one 32-byte store [key i: rows 0-3 |
+// key i + 1: rows 0-3] (a key left over: one 16-byte store).
 template <class L, int NK>
 [[gnu::always_inline]] inline void dec_scores4(const float* q, int64_t D, int64_t Dp, const uint8_t* const* k, float* s4) {
   const int64_t Df = D / 8 * 8;
@@ -568,27 +572,21 @@ inline void dec_softmax4(float* s4, int64_t n, float* m, float* l, float* alpha)
   _mm_storeu_ps(alpha, al);
 }
 
-// P.V of 4 rows over keys [j0, j1) for C 8-dim chunks from dim d, weights key-major (w4[j * 4
-// + r]), V rows vr[j]: the FMA chains of dec_pv_pass (acc * alpha when al is non-null, i.e. for
-// the first keys of the tile, then fma(w_j, v_j, .) in key order). The caller runs all passes
-// of a head over one sub-block of keys before the next (decode_t), so each V line is fetched
-// into L1 once: the token stride maps a head's rows to 2-4 L1 sets, where the lines of a
-// whole tile (32-64 rows) do not stay between passes. pf / pfb: as dec_pv_pass.
+// P.V of 4 rows over the tile's n keys for C 8-dim chunks from dim d, weights key-major (w4[j *
+// 4 + r]), V rows vr[j]: the FMA chains of dec_pv_pass (acc * alpha, then fma(w_j, v_j, .) in
+// key order), 3 chunks per pass where dec_pv_pass takes 2. pf / pfb: as dec_pv_pass.
 template <class L, int C, bool Tail>
-[[gnu::always_inline]] inline void dec_pv4(const float* w4, const uint8_t* const* vr, int64_t j0, int64_t j1, int64_t d, int64_t D,
-                                           int64_t Dp, const float* al, float* acc, const uint8_t* const* pf, int64_t pfb) {
+[[gnu::always_inline]] inline void dec_pv4(const float* w4, const uint8_t* const* vr, int64_t n, int64_t d, int64_t D, int64_t Dp,
+                                           const float* al, float* acc, const uint8_t* const* pf, int64_t pfb) {
   __m256 a[4][C];
-  for (int r = 0; r < 4; ++r)
-    for (int i = 0; i < C; ++i) a[r][i] = _mm256_load_ps(acc + r * Dp + d + 8 * i);
-  if (al)
-    for (int r = 0; r < 4; ++r) {
-      const __m256 av = _mm256_set1_ps(al[r]);
-      for (int i = 0; i < C; ++i) a[r][i] = _mm256_mul_ps(a[r][i], av);
-    }
+  for (int r = 0; r < 4; ++r) {
+    const __m256 av = _mm256_set1_ps(al[r]);
+    for (int i = 0; i < C; ++i) a[r][i] = _mm256_mul_ps(_mm256_load_ps(acc + r * Dp + d + 8 * i), av);
+  }
   const int64_t b0 = d * L::es, b1 = std::min<int64_t>((d + 8 * C) * L::es, pfb);
   const int64_t o0 = (b0 + 63) / 64 * 64;  // lines starting in [b0, b1)
   const bool pfo = pf != nullptr && o0 < b1, pf2 = o0 + 64 < b1;  // at most 2 lines (f32, C = 3)
-  for (int64_t j = j0; j < j1; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     if (pfo) {
       prefetch_line_t1(pf[j] + o0);
       if (pf2) prefetch_line_t1(pf[j] + o0 + 64);
@@ -638,11 +636,9 @@ void decode_t(const float* q, int64_t g, int64_t H, int64_t RH, int64_t D, int64
   constexpr bool pf_v_now = S != DecPf::one_tile, pf_k_next = S != DecPf::phase;
   constexpr int64_t kMaxAlpha = 512;  // rows H * g whose alpha can be deferred to the P.V passes
   const bool fold_alpha = H * g <= kMaxAlpha;
-  // AVX2 build: row groups of 4 take the key-major scores and the copied V rows (dec_scores4,
-  // dec_softmax4, dec_pv4) when alpha is deferred (the per-row dec_softmax reads row-major
-  // scores) and the head's V rows of the tile fit the copy buffer.
+  // AVX2 build: row groups of 4 take the key-major path (dec_scores4_head, dec_softmax4,
+  // dec_pv4) when alpha is deferred (the per-row dec_softmax reads row-major scores).
   [[maybe_unused]] const bool kp4 = !QLLM_ATTN_VNNI && fold_alpha && g >= 4;
-  [[maybe_unused]] constexpr int64_t kPvSub = 16;  // keys per P.V sub-block (dec_pv4)
 #if !QLLM_ATTN_VNNI
   if (kp4) {  // head-major (dec_scores4_head); the rows of a group of < 4 per key pair
     const uint8_t* kx[kMaxTile];  // the next tile's K rows, this tile's past the last key
@@ -731,18 +727,14 @@ void decode_t(const float* q, int64_t g, int64_t H, int64_t RH, int64_t D, int64
         const uint8_t* const* p = r == 0 && S != DecPf::score_phase ? pf : nullptr;
 #if !QLLM_ATTN_VNNI
         if constexpr (R == 4) {
-          if (kp4) {  // all passes per sub-block of kPvSub keys (dec_pv4)
-            for (int64_t jb = 0; jb < n; jb += kPvSub) {
-              const int64_t je = std::min(n, jb + kPvSub);
-              const float* a0 = jb == 0 ? al : nullptr;
-              int64_t d = 0;
-              // 3 chunks (12 accumulators: 8 FMA chains of 4-cycle latency on 2 pipes leave no
-              // slack), 2 + 2 for the last 4.
-              for (; d + 24 <= Df && Df - d != 32; d += 24) dec_pv4<L, 3, false>(wp, vr, jb, je, d, D, Dp, a0, ap, p, hs);
-              for (; d + 16 <= Df; d += 16) dec_pv4<L, 2, false>(wp, vr, jb, je, d, D, Dp, a0, ap, p, hs);
-              for (; d + 8 <= Df; d += 8) dec_pv4<L, 1, false>(wp, vr, jb, je, d, D, Dp, a0, ap, p, hs);
-              if (d < Dp) dec_pv4<L, 1, true>(wp, vr, jb, je, d, D, Dp, a0, ap, p, hs);
-            }
+          if (kp4) {
+            int64_t d = 0;
+            // 3 chunks (12 accumulators: 8 FMA chains of 4-cycle latency on 2 pipes leave no
+            // slack), 2 + 2 for the last 4.
+            for (; d + 24 <= Df && Df - d != 32; d += 24) dec_pv4<L, 3, false>(wp, vr, n, d, D, Dp, al, ap, p, hs);
+            for (; d + 16 <= Df; d += 16) dec_pv4<L, 2, false>(wp, vr, n, d, D, Dp, al, ap, p, hs);
+            for (; d + 8 <= Df; d += 8) dec_pv4<L, 1, false>(wp, vr, n, d, D, Dp, al, ap, p, hs);
+            if (d < Dp) dec_pv4<L, 1, true>(wp, vr, n, d, D, Dp, al, ap, p, hs);
             return;
           }
         }
