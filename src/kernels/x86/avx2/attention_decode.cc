@@ -90,22 +90,21 @@ inline void prefetch_head(const uint8_t* p, int64_t bytes) {
 // Prefetch schedules of the float decode path (measured from DRAM with an in-process A/B
 // driver, 2 threads, B1 16k / B8 4k; docs/design.md "Float decode prefetch schedules"):
 // one_tile: the score loop prefetches the next tile's K, the P.V passes its V (one tile ahead
-//   each). The AVX2 build's float path except tiles of >= 64 keys over smaller blocks. (s8
-//   caches have their own tile kernels in both builds, attention_decode_s8.cc.)
+//   each). The AVX2 build's float path at tiles of < 64 keys (D > 64). (s8 caches have their own
+//   tile kernels in both builds, attention_decode_s8.cc, and do not come here.)
 // phase: the score loop prefetches this tile's V (used by the P.V passes right after), the P.V
 //   passes the next tile's K: each array half a tile ahead. AVX-512 build, D 64 with blocks of
 //   >= Tk tokens (2-6% faster than one_tile) and D 128 with blocks of < Tk tokens (1-4%); on the
 //   AVX2 build 5-8% slower at 16-token blocks, so not used there.
 // score_phase: the score loop prefetches both (this tile's V, the next tile's K), the P.V
-//   passes none. For tiles of >= 64 keys (Dp <= 64) spanning several blocks (block_size < Tk):
-//   at 16-token blocks, D 64, 6-19% faster than one_tile on the AVX-512 build, 5-8% on AVX2
-//   (f16; f32 D 64 12-15%, bf16 ~10%); at 128-token blocks 1-4% behind phase on the AVX-512
-//   build, and on AVX2, since its head-by-head score loop for row groups of 4 (session 7),
-//   5-12% behind one_tile (in-process A/B from DRAM, 2 threads, f16 D 64; 3-7% ahead of it at
-//   16-token blocks). At Tk 32 (D 128) it was 8-12% slower: not used there.
+//   passes none. For tiles of >= 64 keys (Dp <= 64): at 16-token blocks, D 64, 6-19% faster
+//   than one_tile on the AVX-512 build, 5-8% on AVX2 (f16; f32 D 64 12-15%, bf16 ~10%); at
+//   128-token blocks equal to one_tile or up to 9% faster on AVX2, but 1-4% behind phase on the
+//   AVX-512 build, so that build takes it only for tiles spanning several blocks
+//   (block_size < Tk). At Tk 32 (D 128) it was 8-12% slower: not used there.
 enum class DecPf { one_tile, phase, score_phase };
 inline DecPf dec_pf_schedule(int64_t Tk, int64_t block_size) {
-  if (Tk >= 64 && block_size < Tk) return DecPf::score_phase;
+  if (Tk >= 64 && (!QLLM_ATTN_VNNI || block_size < Tk)) return DecPf::score_phase;
   // phase at Tk < 64 (D 128) only over small blocks: with blocks of >= Tk tokens its gain was
   // 0-4% and one run read 5% slower (B8 4k), so those keep the old schedule.
   return QLLM_ATTN_VNNI && (Tk >= 64 || block_size < Tk) ? DecPf::phase : DecPf::one_tile;
