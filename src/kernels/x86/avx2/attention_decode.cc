@@ -434,8 +434,8 @@ inline void dec_softmax_f(float* s, int64_t Tk, int64_t n, float* m, float* l, f
 // fold the q chunk into both keys' FMAs (10 loads per 8 FMAs), was called per key pair and head
 // through the row-group lambda (its setup cost as much as the reductions) and ended each key in
 // a tree4 and 8-byte stores; both loops kept 8 accumulators, i.e. 8 FMA chains of 4-cycle
-// latency on 2 FMA pipes, with no slack. Row groups of 4 therefore take: scores head by head
-// (one loop per head and group) of 3 keys per pass (12 chains), reduced to key-major scores
+// latency on 2 FMA pipes, with no slack. Row groups of 4 therefore take: scores in one loop
+// over the tile (token-major) of 3 keys per pass (12 chains), reduced to key-major scores
 // (s4[j * 4 + r]: one vector holds 2 keys x 4 rows, one store per key pair); the softmax on
 // that layout; P.V passes of 3 chunks (12 chains) reading the key-major weights. The tile's
 // score buffer of the group (4 x Tk floats) holds the key-major scores instead of 4 rows.
