@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <tuple>
 
 #include "float_codec.h"
 #include "test_util.h"
@@ -390,6 +391,34 @@ TEST(PagedAttention, FloatDecodeOddGroupsAllIsasIdentical) {
         for (int64_t i = 0; i < Hq * D; ++i) ASSERT_NEAR(first[b * Hq * D + i], want.o[i], want.tol[i]);
       }
     }
+}
+
+TEST(PagedAttention, FloatDecodeRowGroupsOf4AllIsasIdentical) {
+  // The AVX2 float decode's path for row groups of 4 (key-major scores of 3 / 2 / 1 keys per
+  // pass, the key-pair softmax with an odd last key, P.V in sub-blocks of 16 keys with passes of
+  // 3 / 2 / 1 chunks and the tail chunk): GQA 4 (32 / 8 heads, the real model) and 8 (two groups
+  // per head), head sizes 128 (Tk 32: 3 + 3 + 3 + 3 + 2 + 2 chunks), 96 and 36 (4 chunks + a
+  // tail of 4), tiles of 1-64 keys over 16- and 128-token blocks, all float cache dtypes. Every
+  // ISA bit for bit, and equal to flash on the gathered keys (the same arithmetic).
+  for (DType cdt : {DType::f32, DType::f16, DType::bf16})
+    for (auto [Hq, Hkv, D] : {std::tuple<int64_t, int64_t, int64_t>{32, 8, 128}, {16, 2, 96}, {8, 1, 36}})
+      for (int64_t bs : {16, 128}) {
+        const std::vector<int32_t> lens = {1, 2, 3, 33, 95, 300};
+        PagedSetup s = make_paged(lens, bs, Hkv, D, cdt);
+        const int64_t B = lens.size();
+        const auto q = test::rand_f32(B * Hq * D);
+        std::vector<int32_t> cu_q(B + 1);
+        std::iota(cu_q.begin(), cu_q.end(), 0);
+        PagedAttentionArgs a = s.decode_args(q, Hq, D);
+        std::vector<float> first;
+        for (Isa isa : test::isas()) {
+          std::vector<float> o(B * Hq * D, 123.0f);
+          paged_attention(context(isa), a, TensorView(o.data(), DType::f32, {B, Hq, D}));
+          ASSERT_EQ(o, flash_on_gathered(context(isa), s, q, cu_q, Hq, 0)) << isa_name(isa) << " " << dtype_name(cdt) << " D " << D;
+          if (first.empty()) first = o;
+          ASSERT_EQ(o, first) << "ref vs " << isa_name(isa) << " " << dtype_name(cdt) << " D " << D;
+        }
+      }
 }
 
 TEST(PagedPrefill, EqualsFlashOnGatheredKeys) {

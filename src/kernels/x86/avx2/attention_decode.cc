@@ -426,6 +426,182 @@ inline void dec_softmax_f(float* s, int64_t Tk, int64_t n, float* m, float* l, f
   }
 }
 
+#if !QLLM_ATTN_VNNI
+// ---- AVX2 float decode, row groups of 4 (the GQA group of 32 / 8 heads) ------------------
+//
+// Measured (scratch driver, docs/design.md "AVX2 float decode, session 7"): the generic passes
+// above ran at ~1.6-1.8x their FMA count on AVX2. The score pass (4 rows x 2 keys) had g++
+// fold the q chunk into both keys' FMAs (10 loads per 8 FMAs), was called per key pair and head
+// through the row-group lambda (its setup cost as much as the reductions) and ended each key in
+// a tree4 and 8-byte stores; both loops kept 8 accumulators, i.e. 8 FMA chains of 4-cycle
+// latency on 2 FMA pipes, with no slack. Row groups of 4 therefore take: scores in one loop
+// over the tile (token-major) of 3 keys per pass (12 chains), reduced to key-major scores
+// (s4[j * 4 + r]: one vector holds 2 keys x 4 rows, one store per key pair); the softmax on
+// that layout; P.V passes of 3 chunks (12 chains) reading the key-major weights. The tile's
+// score buffer of the group (4 x Tk floats) holds the key-major scores instead of 4 rows.
+
+// Scores of 4 rows for NK (1-3) keys k[0 .. NK) into s4[i * 4 + r] (key-major): 8-lane FMA
+// chains over Dp, each q chunk loaded once into a register (the empty asm stops g++ from folding
+// it into every key's FMA as a memory operand) and each converted K chunk used by the 4 rows
+// (NK = 3: 12 accumulators + 3 K chunks + q = the 16 ymm registers). Reduction in the
+// lane_tree8 order without scalar stores: hadd(row r, row r + 1) of a key adds lanes (0,1),
+// (2,3) of each half, a second hadd the pairs of pairs, leaving per key [rows 0-3 sums of lanes
+// 0-3 | rows 0-3 sums of lanes 4-7]; two keys' halves are exchanged with vperm2f128 and one add
+// gives ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)) of both: one 32-byte store [key i: rows 0-3 |
+// key i + 1: rows 0-3] (a key left over: one 16-byte store).
+template <class L, int NK>
+[[gnu::always_inline]] inline void dec_scores4(const float* q, int64_t D, int64_t Dp, const uint8_t* const* k, float* s4) {
+  const int64_t Df = D / 8 * 8;
+  __m256 c[4][NK];
+  for (int r = 0; r < 4; ++r)
+    for (int i = 0; i < NK; ++i) c[r][i] = _mm256_setzero_ps();
+  auto step = [&](int64_t d, const __m256* kv) {
+    for (int r = 0; r < 4; ++r) {
+      __m256 qv = _mm256_load_ps(q + r * Dp + d);
+      asm("" : "+x"(qv));
+      for (int i = 0; i < NK; ++i) c[r][i] = _mm256_fmadd_ps(qv, kv[i], c[r][i]);
+    }
+  };
+  int64_t d = 0;
+  for (; d < Df; d += 8) {
+    __m256 kv[NK];
+    for (int i = 0; i < NK; ++i) kv[i] = L::load(k[i] + d * L::es);
+    step(d, kv);
+  }
+  if (d < Dp) {
+    __m256 kv[NK];
+    for (int i = 0; i < NK; ++i) kv[i] = load_tail<L>(k[i], d, D);
+    step(d, kv);
+  }
+  // x[i] = key i: [rows 0-3, lanes 0-3 summed | rows 0-3, lanes 4-7 summed]
+  __m256 x[NK];
+  for (int i = 0; i < NK; ++i) x[i] = _mm256_hadd_ps(_mm256_hadd_ps(c[0][i], c[1][i]), _mm256_hadd_ps(c[2][i], c[3][i]));
+  int i = 0;
+  for (; i + 2 <= NK; i += 2)
+    _mm256_storeu_ps(s4 + 4 * i, _mm256_add_ps(_mm256_permute2f128_ps(x[i], x[i + 1], 0x20), _mm256_permute2f128_ps(x[i], x[i + 1], 0x31)));
+  if (i < NK) _mm_storeu_ps(s4 + 4 * i, _mm_add_ps(_mm256_castps256_ps128(x[i]), _mm256_extractf128_ps(x[i], 1)));
+}
+
+// The scores of the row groups of 4 (rows h * RH + r, r < g4, of each head h < H) over the
+// tile's n keys (K rows kp[j] + h * hs), key-major into s + (h * g + r) * Tk, 3 keys per
+// dec_scores4 (then 2 or 1), token-major: per group of keys every head, so the tile's K rows are
+// read in address order (the first tile of a task is not prefetched: its rows come from DRAM,
+// where the hardware prefetcher follows address order; head-major passes over a tile were 22%
+// slower for tasks of 4 tiles at D 64). One loop for the tile instead of a call per key pair and
+// head (the per-call setup cost as much as the reductions). Prefetch (the score loop's share of
+// schedule S, per key and head the lines of its row): pv (nullable) this tile's V rows, pk
+// (nullable) the next tile's K rows (entries past the last key point at this tile's rows).
+constexpr int kS4 = 3;  // keys per dec_scores4 pass
+template <class L>
+[[gnu::noinline]] void dec_scores4_tile(const float* q, int64_t H, int64_t g4, int64_t g, int64_t RH, int64_t D, int64_t Dp,
+                                        const uint8_t* const* kp, int64_t hs, int64_t n, float* s, int64_t Tk, const uint8_t* const* pv,
+                                        const uint8_t* const* pk) {
+  auto group = [&]<int NK>(int64_t j) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t ho = h * hs;
+      for (int64_t b = 0; b < hs; b += 64)
+        for (int i = 0; i < NK; ++i) {
+          if (pv) prefetch_line_t1(pv[j + i] + ho + b);
+          if (pk) prefetch_line_t1(pk[j + i] + ho + b);
+        }
+      const uint8_t* kr[NK];
+      for (int i = 0; i < NK; ++i) kr[i] = kp[j + i] + ho;
+      for (int64_t r = 0; r < g4; r += 4) dec_scores4<L, NK>(q + (h * RH + r) * Dp, D, Dp, kr, s + (h * g + r) * Tk + 4 * j);
+    }
+  };
+  int64_t j = 0;
+  for (; j + kS4 <= n; j += kS4) group.template operator()<kS4>(j);
+  if (n - j == 2) group.template operator()<2>(j);
+  if (n - j == 1) group.template operator()<1>(j);
+}
+
+// dec_softmax_f<4> on the key-major scores s4 (n keys x 4 rows; vector t = keys 2t, 2t + 1):
+// the same arithmetic per row. Lane sums: accumulator u (t % 4 == u) adds keys 8i + 2u (low
+// half) and 8i + 2u + 1 (high half) in key order, i.e. lane classes 2u and 2u + 1 of the
+// definition for the 4 rows at once; lane_tree8 = ((c0 + c1) + (c2 + c3)) + ((c4 + c5) +
+// (c6 + c7)) is then (F0 + F1) + (F2 + F3) with F_u = low(u) + high(u). An odd last key's
+// partner lanes are masked (-inf for the max, 0 for the sums and weights: adding +0 to a
+// sum of exps is exact).
+inline void dec_softmax4(float* s4, int64_t n, float* m, float* l, float* alpha) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const __m256 ninf = _mm256_set1_ps(kNegInf);
+  const int64_t np = n / 2;  // whole key pairs
+  const __m256 lo4 = _mm256_castsi256_ps(_mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0));
+  __m256 mx0 = ninf, mx1 = ninf;
+  int64_t t = 0;
+  for (; t + 2 <= np; t += 2) {
+    mx0 = _mm256_max_ps(_mm256_loadu_ps(s4 + 8 * t), mx0);
+    mx1 = _mm256_max_ps(_mm256_loadu_ps(s4 + 8 * t + 8), mx1);
+  }
+  if (t < np) mx0 = _mm256_max_ps(_mm256_loadu_ps(s4 + 8 * t), mx0);
+  if (n & 1) mx1 = _mm256_max_ps(_mm256_blendv_ps(ninf, _mm256_loadu_ps(s4 + 8 * np), lo4), mx1);
+  const __m256 mx = _mm256_max_ps(mx0, mx1);  // max is exact: any order gives the same value
+  const __m128 mt = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  const __m128 mold = _mm_loadu_ps(m);
+  const __m128 mnew = _mm_max_ps(mt, mold);  // max_ps(mt, m) lane-wise
+  // alpha = m == -inf ? 0 : exp_qllm(m - m'), 4 rows in one exp8 (upper lanes unused).
+  const __m128 e4 = _mm256_castps256_ps128(exp8(_mm256_zextps128_ps256(_mm_sub_ps(mold, mnew))));
+  const __m128 al = _mm_andnot_ps(_mm_cmpeq_ps(mold, _mm_set1_ps(kNegInf)), e4);
+  const __m256 mv = _mm256_set_m128(mnew, mnew);
+  __m256 sum[4];
+  for (int u = 0; u < 4; ++u) sum[u] = _mm256_setzero_ps();
+  t = 0;
+  for (; t + 4 <= np; t += 4)
+    for (int u = 0; u < 4; ++u) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s4 + 8 * (t + u)), mv));
+      sum[u] = _mm256_add_ps(sum[u], e);
+      _mm256_storeu_ps(s4 + 8 * (t + u), e);
+    }
+  for (int u = 0; t + u < np; ++u) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s4 + 8 * (t + u)), mv));
+    sum[u] = _mm256_add_ps(sum[u], e);
+    _mm256_storeu_ps(s4 + 8 * (t + u), e);
+  }
+  if (n & 1) {
+    const int u = static_cast<int>(np % 4);
+    const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(s4 + 8 * np), mv)), lo4);
+    sum[u] = _mm256_add_ps(sum[u], e);
+    _mm256_storeu_ps(s4 + 8 * np, e);
+  }
+  __m128 f[4];
+  for (int u = 0; u < 4; ++u) f[u] = _mm_add_ps(_mm256_castps256_ps128(sum[u]), _mm256_extractf128_ps(sum[u], 1));
+  const __m128 tree = _mm_add_ps(_mm_add_ps(f[0], f[1]), _mm_add_ps(f[2], f[3]));
+  _mm_storeu_ps(l, _mm_add_ps(_mm_mul_ps(_mm_loadu_ps(l), al), tree));
+  _mm_storeu_ps(m, mnew);
+  _mm_storeu_ps(alpha, al);
+}
+
+// P.V of 4 rows over the tile's n keys for C 8-dim chunks from dim d, weights key-major (w4[j *
+// 4 + r]), V rows vr[j]: the FMA chains of dec_pv_pass (acc * alpha, then fma(w_j, v_j, .) in
+// key order), 3 chunks per pass where dec_pv_pass takes 2. pf / pfb: as dec_pv_pass.
+template <class L, int C, bool Tail>
+[[gnu::always_inline]] inline void dec_pv4(const float* w4, const uint8_t* const* vr, int64_t n, int64_t d, int64_t D, int64_t Dp,
+                                           const float* al, float* acc, const uint8_t* const* pf, int64_t pfb) {
+  __m256 a[4][C];
+  for (int r = 0; r < 4; ++r) {
+    const __m256 av = _mm256_set1_ps(al[r]);
+    for (int i = 0; i < C; ++i) a[r][i] = _mm256_mul_ps(_mm256_load_ps(acc + r * Dp + d + 8 * i), av);
+  }
+  const int64_t b0 = d * L::es, b1 = std::min<int64_t>((d + 8 * C) * L::es, pfb);
+  const int64_t o0 = (b0 + 63) / 64 * 64;  // lines starting in [b0, b1)
+  const bool pfo = pf != nullptr && o0 < b1, pf2 = o0 + 64 < b1;  // at most 2 lines (f32, C = 3)
+  for (int64_t j = 0; j < n; ++j) {
+    if (pfo) {
+      prefetch_line_t1(pf[j] + o0);
+      if (pf2) prefetch_line_t1(pf[j] + o0 + 64);
+    }
+    __m256 v[C];
+    for (int i = 0; i < C; ++i) v[i] = Tail ? load_tail<L>(vr[j], d + 8 * i, D) : L::load(vr[j] + (d + 8 * i) * L::es);
+    for (int r = 0; r < 4; ++r) {
+      const __m256 wr = _mm256_broadcast_ss(w4 + 4 * j + r);
+      for (int i = 0; i < C; ++i) a[r][i] = _mm256_fmadd_ps(wr, v[i], a[r][i]);
+    }
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int i = 0; i < C; ++i) _mm256_store_ps(acc + r * Dp + d + 8 * i, a[r][i]);
+}
+#endif
+
 template <class L, DecPf S>
 void decode_t(const float* q, int64_t g, int64_t H, int64_t RH, int64_t D, int64_t Dp, const KvSource& src, int64_t j0,
               int64_t n, int64_t Tk, float* s, float* m, float* l, float* acc) {
@@ -457,6 +633,35 @@ void decode_t(const float* q, int64_t g, int64_t H, int64_t RH, int64_t D, int64
   // loops with no flag tests): which tile's K and V rows the score loop and the P.V passes
   // prefetch. It moves no arithmetic (docs/design.md, "Float decode prefetch schedules").
   constexpr bool pf_v_now = S != DecPf::one_tile, pf_k_next = S != DecPf::phase;
+  constexpr int64_t kMaxAlpha = 512;  // rows H * g whose alpha can be deferred to the P.V passes
+  const bool fold_alpha = H * g <= kMaxAlpha;
+  // AVX2 build: row groups of 4 take the key-major path (dec_scores4_tile, dec_softmax4,
+  // dec_pv4) when alpha is deferred (the per-row dec_softmax reads row-major scores).
+  [[maybe_unused]] const bool kp4 = !QLLM_ATTN_VNNI && fold_alpha && g >= 4;
+#if !QLLM_ATTN_VNNI
+  if (kp4) {  // token-major (dec_scores4_tile); then the rows of a group of < 4 per key pair
+    const uint8_t* kx[kMaxTile];  // the next tile's K rows, this tile's past the last key
+    if (pf_k_next)
+      for (int64_t j = 0; j < n; ++j) kx[j] = t.kn[j] ? t.kn[j] : t.kp[j];
+    const int64_t g4 = g / 4 * 4;
+    dec_scores4_tile<L>(q, H, g4, g, RH, D, Dp, t.kp, hs, n, s, Tk, pf_v_now ? t.vp : nullptr, pf_k_next ? kx : nullptr);
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t r = g4;
+      if (r < g)
+        for (int64_t j = 0; j < n;) {
+          const int64_t nk = n - j >= 2 ? 2 : 1;
+          const uint8_t* kr[2] = {t.kp[j] + h * hs, t.kp[j + nk - 1] + h * hs};
+          for_groups(g - r, [&]<int R>(int64_t) {
+            const int64_t row = h * RH + r;
+            float* sp = s + (h * g + r) * Tk + j;
+            if (nk == 2) dec_scores_f<R, L, 2>(q + row * Dp, D, Dp, kr, sp, Tk);
+            else dec_scores_f<R, L, 1>(q + row * Dp, D, Dp, kr, sp, Tk);
+          });
+          j += nk;
+        }
+    }
+  } else
+#endif
   for (int64_t j = 0; j < n;) {
     const int64_t nk = n - j >= KS ? KS : n - j >= 2 ? 2 : 1;
     for (int64_t h = 0; h < H; ++h) {
@@ -478,13 +683,16 @@ void decode_t(const float* q, int64_t g, int64_t H, int64_t RH, int64_t D, int64
     j += nk;
   }
   // Softmax per row.
-  constexpr int64_t kMaxAlpha = 512;  // rows H * g whose alpha can be deferred to the P.V passes
   alignas(32) float alpha[kMaxAlpha];
-  const bool fold_alpha = H * g <= kMaxAlpha;
   if (fold_alpha) {  // a head's rows at once, alpha to the P.V passes
     for (int64_t h = 0; h < H; ++h)
       for_groups(g, [&]<int R>(int64_t r) {
         const int64_t row = h * RH + r;
+#if !QLLM_ATTN_VNNI
+        if constexpr (R == 4) {
+          if (kp4) return dec_softmax4(s + (h * g + r) * Tk, n, m + row, l + row, alpha + h * g + r);
+        }
+#endif
         dec_softmax_f<R>(s + (h * g + r) * Tk, Tk, n, m + row, l + row, alpha + h * g + r);
       });
   } else
@@ -515,6 +723,20 @@ void decode_t(const float* q, int64_t g, int64_t H, int64_t RH, int64_t D, int64
         const float* al = fold_alpha ? alpha + h * g + r : ones;
         // The first row group prefetches (nothing in the score-phase schedule).
         const uint8_t* const* p = r == 0 && S != DecPf::score_phase ? pf : nullptr;
+#if !QLLM_ATTN_VNNI
+        if constexpr (R == 4) {
+          if (kp4) {
+            int64_t d = 0;
+            // 3 chunks (12 accumulators: 8 FMA chains of 4-cycle latency on 2 pipes leave no
+            // slack), 2 + 2 for the last 4.
+            for (; d + 24 <= Df && Df - d != 32; d += 24) dec_pv4<L, 3, false>(wp, vr, n, d, D, Dp, al, ap, p, hs);
+            for (; d + 16 <= Df; d += 16) dec_pv4<L, 2, false>(wp, vr, n, d, D, Dp, al, ap, p, hs);
+            for (; d + 8 <= Df; d += 8) dec_pv4<L, 1, false>(wp, vr, n, d, D, Dp, al, ap, p, hs);
+            if (d < Dp) dec_pv4<L, 1, true>(wp, vr, n, d, D, Dp, al, ap, p, hs);
+            return;
+          }
+        }
+#endif
         int64_t d = 0;
 #if QLLM_ATTN_VNNI
         for (; d + 64 <= Df; d += 64) dec_pv_pass_z<R, L, 4>(wp, Tk, vr, n, d, al, ap, Dp, p, hs);
