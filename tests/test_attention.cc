@@ -363,6 +363,23 @@ TEST(PagedAttention, DecodeEqualsFlashOnGatheredKeysAllCacheDtypes) {
         }
 }
 
+// paged_attention (f32 out) on every ISA: each equal to flash on the gathered keys and to the
+// first ISA's (ref's) output bit for bit; that output is left in first.
+void float_decode_all_isas(PagedSetup& s, const std::vector<float>& q, int64_t Hq, int64_t D, std::vector<float>& first) {
+  const int64_t B = s.lens.size();
+  std::vector<int32_t> cu_q(B + 1);
+  std::iota(cu_q.begin(), cu_q.end(), 0);
+  PagedAttentionArgs a = s.decode_args(q, Hq, D);
+  first.clear();
+  for (Isa isa : test::isas()) {
+    std::vector<float> o(B * Hq * D, 123.0f);
+    paged_attention(context(isa), a, TensorView(o.data(), DType::f32, {B, Hq, D}));
+    ASSERT_EQ(o, flash_on_gathered(context(isa), s, q, cu_q, Hq, 0)) << isa_name(isa) << " Hq " << Hq << " D " << D;
+    if (first.empty()) first = o;
+    ASSERT_EQ(o, first) << "ref vs " << isa_name(isa) << " Hq " << Hq << " D " << D;
+  }
+}
+
 TEST(PagedAttention, FloatDecodeOddGroupsAllIsasIdentical) {
   // The float decode kernel's row groups of R = 1, 2, 3 (GQA groups g = 3, 5, 6, 7: a group of 4
   // plus the rest) in the interleaved softmax and the P.V passes, head sizes with zmm / ymm /
@@ -374,17 +391,8 @@ TEST(PagedAttention, FloatDecodeOddGroupsAllIsasIdentical) {
       PagedSetup s = make_paged(lens, 16, Hkv, D, DType::f16);
       const int64_t B = lens.size();
       const auto q = test::rand_f32(B * Hq * D);
-      std::vector<int32_t> cu_q(B + 1);
-      std::iota(cu_q.begin(), cu_q.end(), 0);
-      PagedAttentionArgs a = s.decode_args(q, Hq, D);
       std::vector<float> first;
-      for (Isa isa : test::isas()) {
-        std::vector<float> o(B * Hq * D, 123.0f);
-        paged_attention(context(isa), a, TensorView(o.data(), DType::f32, {B, Hq, D}));
-        ASSERT_EQ(o, flash_on_gathered(context(isa), s, q, cu_q, Hq, 0)) << isa_name(isa) << " Hq " << Hq << " D " << D;
-        if (first.empty()) first = o;
-        ASSERT_EQ(o, first) << "ref vs " << isa_name(isa) << " Hq " << Hq << " D " << D;
-      }
+      ASSERT_NO_FATAL_FAILURE(float_decode_all_isas(s, q, Hq, D, first));
       for (int64_t b = 0; b < B; ++b) {
         const Oracle want = naive(q.data() + b * Hq * D, 1, Hq, s.kc.data() + s.cu_k[b] * Hkv * D, s.vc.data() + s.cu_k[b] * Hkv * D,
                                   lens[b], Hkv, D, 1.0f / std::sqrt(float(D)), true, 0, DType::f32);
@@ -405,19 +413,10 @@ TEST(PagedAttention, FloatDecodeRowGroupsOf4AllIsasIdentical) {
       for (int64_t bs : {16, 128}) {
         const std::vector<int32_t> lens = {1, 2, 3, 33, 95, 300};
         PagedSetup s = make_paged(lens, bs, Hkv, D, cdt);
-        const int64_t B = lens.size();
-        const auto q = test::rand_f32(B * Hq * D);
-        std::vector<int32_t> cu_q(B + 1);
-        std::iota(cu_q.begin(), cu_q.end(), 0);
-        PagedAttentionArgs a = s.decode_args(q, Hq, D);
+        const auto q = test::rand_f32(lens.size() * Hq * D);
         std::vector<float> first;
-        for (Isa isa : test::isas()) {
-          std::vector<float> o(B * Hq * D, 123.0f);
-          paged_attention(context(isa), a, TensorView(o.data(), DType::f32, {B, Hq, D}));
-          ASSERT_EQ(o, flash_on_gathered(context(isa), s, q, cu_q, Hq, 0)) << isa_name(isa) << " " << dtype_name(cdt) << " D " << D;
-          if (first.empty()) first = o;
-          ASSERT_EQ(o, first) << "ref vs " << isa_name(isa) << " " << dtype_name(cdt) << " D " << D;
-        }
+        SCOPED_TRACE(dtype_name(cdt));
+        ASSERT_NO_FATAL_FAILURE(float_decode_all_isas(s, q, Hq, D, first));
       }
 }
 
