@@ -144,15 +144,19 @@ inline void store_scores(__m128* f, float* s, int64_t Tk) {
 // 4 key vectors leave [k0 k1 k2 k3](lanes 0-3) | [k0 k1 k2 k3](lanes 4-7) partial sums, whose
 // halves add to the row's 4 scores in lane_tree8 order, stored as one 16-byte store (no 4 x 4
 // transpose of per-key tree4 results: 24 instead of 32 vector ops per 4 keys and 4 rows).
-template <int R, class L, int NK>
-inline void dec_scores_f(const float* q, int64_t D, int64_t Dp, const uint8_t* const* k, float* s, int64_t Tk) {
+// The 8-lane FMA chains of R rows x NK keys over Dp: c[r][i] lane e = the sum over chunks of
+// q[r][8 c + e] * k_i[8 c + e], in chunk order (the lane_tree8 inputs); rows >= R stay 0. PinQ:
+// each q chunk held in a register by an empty asm (else g++ folds it into every key's FMA as a
+// memory operand, one load per FMA).
+template <int R, class L, int NK, bool PinQ>
+[[gnu::always_inline]] inline void dec_score_chains(const float* q, int64_t D, int64_t Dp, const uint8_t* const* k, __m256 (&c)[4][NK]) {
   const int64_t Df = D / 8 * 8;
-  __m256 c[4][NK];
   for (int r = 0; r < 4; ++r)
     for (int i = 0; i < NK; ++i) c[r][i] = _mm256_setzero_ps();
   auto step = [&](int64_t d, const __m256* kv) {
     for (int r = 0; r < R; ++r) {
-      const __m256 qv = _mm256_load_ps(q + r * Dp + d);
+      __m256 qv = _mm256_load_ps(q + r * Dp + d);
+      if constexpr (PinQ) asm("" : "+x"(qv));
       for (int i = 0; i < NK; ++i) c[r][i] = _mm256_fmadd_ps(qv, kv[i], c[r][i]);
     }
   };
@@ -167,6 +171,12 @@ inline void dec_scores_f(const float* q, int64_t D, int64_t Dp, const uint8_t* c
     for (int i = 0; i < NK; ++i) kv[i] = load_tail<L>(k[i], d, D);
     step(d, kv);
   }
+}
+
+template <int R, class L, int NK>
+inline void dec_scores_f(const float* q, int64_t D, int64_t Dp, const uint8_t* const* k, float* s, int64_t Tk) {
+  __m256 c[4][NK];
+  dec_score_chains<R, L, NK, false>(q, D, Dp, k, c);
   if constexpr (NK == 4) {
     for (int r = 0; r < R; ++r) {
       const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(c[r][0], c[r][1]), _mm256_hadd_ps(c[r][2], c[r][3]));
@@ -187,7 +197,10 @@ inline void dec_scores_f(const float* q, int64_t D, int64_t Dp, const uint8_t* c
 // pf (nullable): rows of pfb bytes to prefetch, one per key (the next tile's V of this head);
 // each pass prefetches the 64-byte lines that start in its own byte range, so the requests
 // spread over the passes, one instruction per line.
-template <int R, class L, int C, bool Tail>
+// Row r's weight of key j is w[r * Tk + j * KS]: KS = 1 for score rows (row-major), KS = 4 for
+// the 4-row groups' key-major weights (w4[4 j + r], dec_softmax4), whose P.V runs 3 chunks per
+// pass where the row-major callers take 2.
+template <int R, class L, int C, bool Tail, int KS = 1>
 [[gnu::always_inline]] inline void dec_pv_pass(const float* w, int64_t Tk, const uint8_t* const* vr, int64_t n, int64_t d, int64_t D, int64_t Dp,
                         const float* al, float* acc, const uint8_t* const* pf, int64_t pfb) {
   __m256 a[R][C];
@@ -206,7 +219,7 @@ template <int R, class L, int C, bool Tail>
     __m256 v[C];
     for (int i = 0; i < C; ++i) v[i] = Tail ? load_tail<L>(vr[j], d + 8 * i, D) : L::load(vr[j] + (d + 8 * i) * L::es);
     for (int r = 0; r < R; ++r) {
-      const __m256 wr = _mm256_broadcast_ss(w + r * Tk + j);
+      const __m256 wr = _mm256_broadcast_ss(w + r * Tk + j * KS);
       for (int i = 0; i < C; ++i) a[r][i] = _mm256_fmadd_ps(wr, v[i], a[r][i]);
     }
   }
@@ -441,8 +454,8 @@ inline void dec_softmax_f(float* s, int64_t Tk, int64_t n, float* m, float* l, f
 // score buffer of the group (4 x Tk floats) holds the key-major scores instead of 4 rows.
 
 // Scores of 4 rows for NK (1-3) keys k[0 .. NK) into s4[i * 4 + r] (key-major): 8-lane FMA
-// chains over Dp, each q chunk loaded once into a register (the empty asm stops g++ from folding
-// it into every key's FMA as a memory operand) and each converted K chunk used by the 4 rows
+// chains over Dp (dec_score_chains), each q chunk loaded once into a register (PinQ) and each
+// converted K chunk used by the 4 rows
 // (NK = 3: 12 accumulators + 3 K chunks + q = the 16 ymm registers). Reduction in the
 // lane_tree8 order without scalar stores: hadd(row r, row r + 1) of a key adds lanes (0,1),
 // (2,3) of each half, a second hadd the pairs of pairs, leaving per key [rows 0-3 sums of lanes
@@ -451,28 +464,8 @@ inline void dec_softmax_f(float* s, int64_t Tk, int64_t n, float* m, float* l, f
 // key i + 1: rows 0-3] (a key left over: one 16-byte store).
 template <class L, int NK>
 [[gnu::always_inline]] inline void dec_scores4(const float* q, int64_t D, int64_t Dp, const uint8_t* const* k, float* s4) {
-  const int64_t Df = D / 8 * 8;
   __m256 c[4][NK];
-  for (int r = 0; r < 4; ++r)
-    for (int i = 0; i < NK; ++i) c[r][i] = _mm256_setzero_ps();
-  auto step = [&](int64_t d, const __m256* kv) {
-    for (int r = 0; r < 4; ++r) {
-      __m256 qv = _mm256_load_ps(q + r * Dp + d);
-      asm("" : "+x"(qv));
-      for (int i = 0; i < NK; ++i) c[r][i] = _mm256_fmadd_ps(qv, kv[i], c[r][i]);
-    }
-  };
-  int64_t d = 0;
-  for (; d < Df; d += 8) {
-    __m256 kv[NK];
-    for (int i = 0; i < NK; ++i) kv[i] = L::load(k[i] + d * L::es);
-    step(d, kv);
-  }
-  if (d < Dp) {
-    __m256 kv[NK];
-    for (int i = 0; i < NK; ++i) kv[i] = load_tail<L>(k[i], d, D);
-    step(d, kv);
-  }
+  dec_score_chains<4, L, NK, true>(q, D, Dp, k, c);
   // x[i] = key i: [rows 0-3, lanes 0-3 summed | rows 0-3, lanes 4-7 summed]
   __m256 x[NK];
   for (int i = 0; i < NK; ++i) x[i] = _mm256_hadd_ps(_mm256_hadd_ps(c[0][i], c[1][i]), _mm256_hadd_ps(c[2][i], c[3][i]));
@@ -571,35 +564,6 @@ inline void dec_softmax4(float* s4, int64_t n, float* m, float* l, float* alpha)
   _mm_storeu_ps(alpha, al);
 }
 
-// P.V of 4 rows over the tile's n keys for C 8-dim chunks from dim d, weights key-major (w4[j *
-// 4 + r]), V rows vr[j]: the FMA chains of dec_pv_pass (acc * alpha, then fma(w_j, v_j, .) in
-// key order), 3 chunks per pass where dec_pv_pass takes 2. pf / pfb: as dec_pv_pass.
-template <class L, int C, bool Tail>
-[[gnu::always_inline]] inline void dec_pv4(const float* w4, const uint8_t* const* vr, int64_t n, int64_t d, int64_t D, int64_t Dp,
-                                           const float* al, float* acc, const uint8_t* const* pf, int64_t pfb) {
-  __m256 a[4][C];
-  for (int r = 0; r < 4; ++r) {
-    const __m256 av = _mm256_set1_ps(al[r]);
-    for (int i = 0; i < C; ++i) a[r][i] = _mm256_mul_ps(_mm256_load_ps(acc + r * Dp + d + 8 * i), av);
-  }
-  const int64_t b0 = d * L::es, b1 = std::min<int64_t>((d + 8 * C) * L::es, pfb);
-  const int64_t o0 = (b0 + 63) / 64 * 64;  // lines starting in [b0, b1)
-  const bool pfo = pf != nullptr && o0 < b1, pf2 = o0 + 64 < b1;  // at most 2 lines (f32, C = 3)
-  for (int64_t j = 0; j < n; ++j) {
-    if (pfo) {
-      prefetch_line_t1(pf[j] + o0);
-      if (pf2) prefetch_line_t1(pf[j] + o0 + 64);
-    }
-    __m256 v[C];
-    for (int i = 0; i < C; ++i) v[i] = Tail ? load_tail<L>(vr[j], d + 8 * i, D) : L::load(vr[j] + (d + 8 * i) * L::es);
-    for (int r = 0; r < 4; ++r) {
-      const __m256 wr = _mm256_broadcast_ss(w4 + 4 * j + r);
-      for (int i = 0; i < C; ++i) a[r][i] = _mm256_fmadd_ps(wr, v[i], a[r][i]);
-    }
-  }
-  for (int r = 0; r < 4; ++r)
-    for (int i = 0; i < C; ++i) _mm256_store_ps(acc + r * Dp + d + 8 * i, a[r][i]);
-}
 #endif
 
 template <class L, DecPf S>
@@ -636,7 +600,7 @@ void decode_t(const float* q, int64_t g, int64_t H, int64_t RH, int64_t D, int64
   constexpr int64_t kMaxAlpha = 512;  // rows H * g whose alpha can be deferred to the P.V passes
   const bool fold_alpha = H * g <= kMaxAlpha;
   // AVX2 build: row groups of 4 take the key-major path (dec_scores4_tile, dec_softmax4,
-  // dec_pv4) when alpha is deferred (the per-row dec_softmax reads row-major scores).
+  // dec_pv_pass with KS = 4) when alpha is deferred (the per-row dec_softmax reads row-major scores).
   [[maybe_unused]] const bool kp4 = !QLLM_ATTN_VNNI && fold_alpha && g >= 4;
 #if !QLLM_ATTN_VNNI
   if (kp4) {  // token-major (dec_scores4_tile); then the rows of a group of < 4 per key pair
@@ -729,10 +693,10 @@ void decode_t(const float* q, int64_t g, int64_t H, int64_t RH, int64_t D, int64
             int64_t d = 0;
             // 3 chunks (12 accumulators: 8 FMA chains of 4-cycle latency on 2 pipes leave no
             // slack), 2 + 2 for the last 4.
-            for (; d + 24 <= Df && Df - d != 32; d += 24) dec_pv4<L, 3, false>(wp, vr, n, d, D, Dp, al, ap, p, hs);
-            for (; d + 16 <= Df; d += 16) dec_pv4<L, 2, false>(wp, vr, n, d, D, Dp, al, ap, p, hs);
-            for (; d + 8 <= Df; d += 8) dec_pv4<L, 1, false>(wp, vr, n, d, D, Dp, al, ap, p, hs);
-            if (d < Dp) dec_pv4<L, 1, true>(wp, vr, n, d, D, Dp, al, ap, p, hs);
+            for (; d + 24 <= Df && Df - d != 32; d += 24) dec_pv_pass<4, L, 3, false, 4>(wp, 1, vr, n, d, D, Dp, al, ap, p, hs);
+            for (; d + 16 <= Df; d += 16) dec_pv_pass<4, L, 2, false, 4>(wp, 1, vr, n, d, D, Dp, al, ap, p, hs);
+            for (; d + 8 <= Df; d += 8) dec_pv_pass<4, L, 1, false, 4>(wp, 1, vr, n, d, D, Dp, al, ap, p, hs);
+            if (d < Dp) dec_pv_pass<4, L, 1, true, 4>(wp, 1, vr, n, d, D, Dp, al, ap, p, hs);
             return;
           }
         }
