@@ -133,6 +133,9 @@ int bench_attention(const Options& o) {
   const int64_t Hq = 32, Hkv = 8;
   std::vector<Case> cases;
   const std::vector<int64_t> Ds = o.quick ? std::vector<int64_t>{64} : std::vector<int64_t>{128, 64};
+  // Decode contexts: the 1k / 4k / 16k, or any listed with --tokens (e.g. a context
+  // whose KV fits in L2, to time the kernel without the memory hierarchy).
+  const std::vector<int64_t> decode_contexts = o.tokens.empty() ? std::vector<int64_t>{1024, 4096, 16384} : o.tokens;
   const std::vector<int64_t> block_sizes = o.block_sizes.empty() ? std::vector<int64_t>{128} : o.block_sizes;
   for (int64_t bs : block_sizes)
     for (DType kv : {DType::f16, DType::s8})
@@ -145,7 +148,7 @@ int bench_attention(const Options& o) {
         cases.push_back({"prefill", 1, 512, 4096, D, kv, bs});  // a 512-token chunk after 3584 cached tokens
         cases.push_back({"prefill", 1, 2048, 2048, D, kv, bs});  // a 2048-token prompt, causal
         for (int64_t batch : {1, 8})
-          for (int64_t context : {1024, 4096, 16384}) cases.push_back({"decode", batch, 1, context, D, kv, bs});
+          for (int64_t context : decode_contexts) cases.push_back({"decode", batch, 1, context, D, kv, bs});
       }
 
   if (!o.mode.empty())
