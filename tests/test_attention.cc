@@ -158,8 +158,9 @@ TEST(FlashAttention, Dtypes) {
 }
 
 TEST(FlashAttention, RealSizeLongDecodeSplit) {
-  // Head size 128, 32/8 heads, 1 query over 1500 keys: the decode path with key splits + merge.
-  check_flash({{0, 1}, {0, 1500}, 32, 8, 128, true, 0}, DType::f16, DType::f16, DType::f32);
+  // Head size 128, 32/8 heads, 1 query over 2500 keys: the decode path with 3 key splits (ranges
+  // of >= 1024 keys) + merge.
+  check_flash({{0, 1}, {0, 2500}, 32, 8, 128, true, 0}, DType::f16, DType::f16, DType::f32);
   check_flash({{0, 2, 5}, {0, 700, 1900}, 8, 2, 64, true, 300}, DType::f32, DType::f32, DType::f32);
 }
 
@@ -384,7 +385,7 @@ TEST(PagedAttention, FloatDecodeOddGroupsAllIsasIdentical) {
   // The float decode kernel's row groups of R = 1, 2, 3 (GQA groups g = 3, 5, 6, 7: a group of 4
   // plus the rest) in the interleaved softmax and the P.V passes, head sizes with zmm / ymm /
   // tail passes (D = 40: 32 + 8; D = 100: 64 + 32 + 4 tail; D = 64), and the split merge
-  // (1100 keys: several splits). Every ISA bit for bit, and equal to flash on the gathered keys.
+  // (1100 keys: two splits). Every ISA bit for bit, and equal to flash on the gathered keys.
   for (auto [Hq, Hkv] : {std::pair<int64_t, int64_t>{6, 2}, {5, 1}, {12, 2}, {14, 2}})
     for (int64_t D : {40, 100, 64}) {
       const std::vector<int32_t> lens = {1, 77, 1100};

@@ -201,13 +201,18 @@ struct Problem {
   // A sequence whose queries fit one task (decode, short chunks) is done by tasks that cover all
   // KV heads of a key range: tile by tile, every head's rows of the same tokens are read, so the
   // cache (token-major: [block, token, head, D]) streams sequentially from DRAM instead of in
-  // 2 KB strides. Flash-decoding: its keys are split into up to ceil(Lk / 512) ranges so that at
-  // least ~16 tasks exist (both cores stream KV even for one sequence), merged at the end. Fixed
-  // by the shapes, not the thread count, so results do not depend on it.
+  // 2 KB strides. Flash-decoding: its keys are split into ranges, merged at the end, so that up
+  // to ~16 tasks exist (both cores stream KV even for one sequence). Ranges hold >= 1024 keys
+  // (and two from 513 keys on, so that both cores work): every task reads its first tile
+  // without a prefetch ahead of it and converts / quantises all its rows' queries, and 512-key
+  // ranges made one sequence 5-17% slower at 2k-8k keys with an int8 cache (avx512; f16 and
+  // avx2 -3% to +7%; in-process A/B, 2 threads, docs/design.md session 8). Fixed by the
+  // shapes, not the thread count, so results do not depend on it.
   bool all_heads(const Seq& s) const { return s.Lq <= Mq_all(); }
   int64_t nsplit(const Seq& s) const {
     if (!all_heads(s) || s.Lk <= 512) return 1;
-    return std::clamp<int64_t>((16 + B - 1) / B, 1, (s.Lk + 511) / 512);
+    const int64_t most = std::max<int64_t>((s.Lk + 1023) / 1024, 2);
+    return std::clamp<int64_t>((16 + B - 1) / B, 1, most);
   }
   // Heads whose state one task holds (the scratch is sized for it).
   int64_t heads_per_task() const {
