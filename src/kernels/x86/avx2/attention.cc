@@ -2,12 +2,15 @@
 // kernels/attention.h, bit-identical to ref). The decode kernel is attention_decode.cc, the
 // helpers both use attention_common.h; the avx512 ISA compiles both files again (QLLM_ATTN_VNNI).
 //
-// attend works on groups of up to 4 query rows (a GQA head group at one position, or 4 positions):
-//  - scores: AVX2 2 rows x 4 keys of 8-lane FMA chains over 8-dim chunks, one tree4 per row
-//    giving the 4 keys' lane_tree8 sums in one 16-byte store (AVX-512: 4 rows x 8 keys in zmm);
+// AVX2 attend works on blocks of up to 12 query rows (AVX-512: groups of 4 rows):
+//  - scores: 3 rows x 4 keys = 12 8-lane FMA chains over 8-dim chunks (scores3), one tree4 per
+//    row giving the 4 keys' lane_tree8 sums in one 16-byte store (AVX-512: 4 rows x 8 keys in zmm);
 //  - softmax: exp8 over whole 8-key chunks, masked only where a chunk cuts a row's visible keys;
-//  - P.V: 4 rows x 16 dims (AVX-512: 4 x 64) of accumulators, each V chunk loaded once and used
-//    by every row, probabilities broadcast from the score buffer; the K/V tile is f32 in L1.
+//    AVX2 does 4 rows at once with vector max / alpha / sum tails (softmax_rows);
+//  - P.V: 4 rows x 24 dims = 12 accumulators (pv4; AVX-512: 4 x 64), each V chunk loaded once and
+//    used by every row, probabilities broadcast from the score buffer; the K/V tile is f32 in L1.
+// 12 chains, not 8: 8 chains of 4-cycle FMA latency on 2 pipes leave no slack for loads or the
+// loop; 12 accumulators + the operands fill AVX2's 16 registers exactly.
 #include <immintrin.h>
 
 #include <algorithm>
