@@ -169,11 +169,14 @@ struct Problem {
   int64_t Dp() const { return (D + 7) / 8 * 8; }  // the kernels' 8-lane chunks; padding is zero
   // Keys per tile: K + V tiles of 2 * Tk * Dp f32 = 32 KB (L1) for D = 128.
   int64_t Tk() const { return std::clamp<int64_t>(4096 / Dp() / 8 * 8, 16, 128); }
-  // Query positions per prefill task: ~128 rows (positions x head group) share each K/V tile
+  // Query positions per prefill task: ~256 rows (positions x head group) share each K/V tile
   // load. load_kv converts every tile once per task, so the row block sets how often a head's
   // K/V are converted: 64 rows spent ~9% of a D = 64 task in load_kv, 128 rows ~5% (2 threads,
   // f16, 4096 keys: 14.9 -> 14.4 ms per 16 tasks' worth of work; D = 128 27.4 -> 26.3 ms).
-  int64_t Mq() const { return std::max<int64_t>(1, 128 / g()); }
+  // Session 8: once attend got faster (AVX2 12-chain kernels) the L3-fed load_kv was ~10-19%
+  // of a 128-row D = 64 task (1-thread driver); 256 rows halve that (docs/design.md). The
+  // 512-query benchmark still has 8 x 8 = 64 tasks for 2 threads.
+  int64_t Mq() const { return std::max<int64_t>(1, 256 / g()); }
   int64_t R() const { return Mq() * g(); }
   // Sequences of at most this many queries are done by all-heads tasks (below); it stays at
   // ~64 rows per head, since such a task holds the state of every KV head's rows at once.
