@@ -110,8 +110,8 @@ void load_kv_t(const KvSource& s, int64_t j0, int64_t n, int64_t D, int64_t Dp, 
   const int64_t row_bytes = D * es;
   // Element offsets of the next tile's rows (if those tokens exist; their block-table entries
   // were validated), prefetched one row per converted row.
-  int64_t next[128];
-  const int64_t nn = std::clamp<int64_t>(s.tokens - (j0 + n), 0, std::min<int64_t>(n, 128));
+  int64_t next[kMaxTile];  // Problem::Tk() <= kMaxTile
+  const int64_t nn = std::clamp<int64_t>(s.tokens - (j0 + n), 0, std::min<int64_t>(n, kMaxTile));
   for_rows(s, j0 + n, nn, [&](int64_t i, int64_t off, int64_t) { next[i] = off * es; });
   const char* kb = static_cast<const char*>(s.k);
   const char* vb = static_cast<const char*>(s.v);
