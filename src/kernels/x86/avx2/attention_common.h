@@ -210,11 +210,11 @@ struct NextTileLines {
   }
 };
 
-// The end of an s8 softmax step for R <= 4 rows (both ISAs' tiles), row i in lane i:
-// l = l * alpha + sums (each row's lane_tree8 of its probabilities), m = the new maxima mnv,
-// and alpha out.
+// The end of a decode softmax step for R <= 4 rows (both ISAs' s8 tiles and the float
+// decode's dec_softmax_f), row i in lane i: l = l * alpha + sums (each row's lane_tree8 of its
+// probabilities), m = the new maxima mnv, and alpha out.
 template <int R>
-[[gnu::always_inline]] inline void s8_store_state(__m128 sums, __m128 av, __m128 mnv, float* m, float* l, float* alpha) {
+[[gnu::always_inline]] inline void softmax_store_state(__m128 sums, __m128 av, __m128 mnv, float* m, float* l, float* alpha) {
   alignas(16) float lo[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ln[4], al[4], mn[4];
   for (int i = 0; i < R; ++i) lo[i] = l[i];
   _mm_store_ps(ln, _mm_add_ps(_mm_mul_ps(_mm_load_ps(lo), av), sums));

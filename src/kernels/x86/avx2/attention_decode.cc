@@ -380,8 +380,8 @@ inline void dec_softmax_f(float* s, int64_t Tk, int64_t n, float* m, float* l, f
   }
 #endif
   const __m128 mt = max4x8(mx[0], mx[1], mx[2], mx[3]);
-  alignas(16) float mo[4] = {kNegInf, kNegInf, kNegInf, kNegInf}, lo[4] = {};
-  for (int r = 0; r < R; ++r) mo[r] = m[r], lo[r] = l[r];
+  alignas(16) float mo[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
+  for (int r = 0; r < R; ++r) mo[r] = m[r];
   const __m128 mold = _mm_load_ps(mo);
   const __m128 mnew = _mm_max_ps(mt, mold);  // max_ps(mt, m) lane-wise
   // alpha = m == -inf ? 0 : exp_qllm(m - m'), 4 rows in one exp8 (upper lanes unused).
@@ -428,15 +428,7 @@ inline void dec_softmax_f(float* s, int64_t Tk, int64_t n, float* m, float* l, f
   }
 #endif
   // l = l * alpha + lane_tree8(sum): tree4 gives the 4 rows' lane_tree8 sums.
-  const __m128 lnew = _mm_add_ps(_mm_mul_ps(_mm_load_ps(lo), al), tree4(sum[0], sum[1], sum[2], sum[3]));
-  alignas(16) float ln[4], a4[4];
-  _mm_store_ps(ln, lnew);
-  _mm_store_ps(a4, al);
-  for (int r = 0; r < R; ++r) {
-    l[r] = ln[r];
-    m[r] = mn[r];
-    alpha[r] = a4[r];
-  }
+  softmax_store_state<R>(tree4(sum[0], sum[1], sum[2], sum[3]), al, mnew, m, l, alpha);
 }
 
 #if !QLLM_ATTN_VNNI

@@ -318,7 +318,7 @@ template <int R>
   __m128 t[4];
   #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) t[i] = _mm_add_ps(_mm256_castps256_ps128(S[i]), _mm256_extractf128_ps(S[i], 1));
-  s8_store_state<R>(_mm_add_ps(_mm_add_ps(t[0], t[1]), _mm_add_ps(t[2], t[3])), av, mnv, m, l, alpha);
+  softmax_store_state<R>(_mm_add_ps(_mm_add_ps(t[0], t[1]), _mm_add_ps(t[2], t[3])), av, mnv, m, l, alpha);
 }
 
 // 32 bytes of a V row from byte d, zero past D (the tail chunk: never reads past the row).

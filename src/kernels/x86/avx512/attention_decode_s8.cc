@@ -229,7 +229,7 @@ template <int R>
       sw[i * 4 + b] = swb[i];
     }
   }
-  s8_store_state<R>(tree4(sum[0], sum[1], sum[2], sum[3]), av, mnv, m, l, alpha);
+  softmax_store_state<R>(tree4(sum[0], sum[1], sum[2], sum[3]), av, mnv, m, l, alpha);
 }
 
 // s8_softmax_quant's arithmetic in phases, each a loop of independent work (s8_softmax_quant
@@ -302,7 +302,7 @@ template <int R>
       _mm_store_si128(reinterpret_cast<__m128i*>(wq + i * kMaxTile + j), _mm512_cvtepi32_epi8(q));
     }
   }
-  s8_store_state<R>(tree4(sum[0], sum[1], sum[2], sum[3]), av, mnv, m, l, alpha);
+  softmax_store_state<R>(tree4(sum[0], sum[1], sum[2], sum[3]), av, mnv, m, l, alpha);
 }
 
 // Integer P.V of R rows of one head over the tile (blocks of 32 keys) for the 64 dims from d, in
