@@ -513,8 +513,9 @@ TEST(Sparse24, RejectsBadInput) {
 
 
 // The s8 rows kernels themselves (kernels/sparse24.h: avx2 and, where AVX-512 VBMI is present, the
-// avx512 vpermb + vpdpbusd kernel) against ref::s24_s8_rows on one 64-row panel: rows 1, 3, 17,
-// 40, 64 (tiles of 8 rows cut partway for the avx512 kernel), k = 4, 12 (less than one 64-deep
+// avx512 vpermb + vpdpbusd kernel) against ref::s24_s8_rows on one 64-row panel: rows 1-4, 13,
+// 14, 17, 31, 32 (the avx512 kernel's register-decode path: every chunk width 1-8 of its 8-row
+// chunks), 33, 40, 64 (its tiles of 8 rows, cut partway), k = 4, 12 (less than one 64-deep
 // block), 260 (a 4-block chunk plus one partial block) and 7172 (the real depth plus one odd group:
 // a partial last chunk and block, and several of the AVX2 kernel's 128-group table ranges),
 // n = 100 (super-panels of 32: the last one 4 real channels) and a super-panel range that starts
@@ -538,7 +539,7 @@ TEST(Sparse24, Int8RowsKernelsMatchRef) {
     std::vector<int32_t> want(words);
     std::unique_ptr<void, void (*)(void*)> acc(aligned_malloc(words * 4), aligned_free);
     std::unique_ptr<void, void (*)(void*)> scratch(aligned_malloc(kernels::kS8RowsScratchBytes), aligned_free);
-    for (int64_t rows : {1, 3, 17, 40, 64}) {
+    for (int64_t rows : {1, 2, 3, 4, 13, 14, 17, 31, 32, 33, 40, 64}) {
       kernels::ref::s24_s8_rows(xs, k, rows, k, panels, sp0, sp1, want.data(), nullptr);
       for (Isa isa : test::fast_isas()) {
         int32_t* got = static_cast<int32_t*>(acc.get());
@@ -566,16 +567,16 @@ TEST(Sparse24, Int8RowsKernelsMatchRef) {
 }
 
 
-// The op's s8 schedules around both rows-kernel switches (kernels/sparse24.h s8_rows_min_m: 40
-// for ref / avx2, 6 for the avx512 vpermb kernel): m = 1, 3, 5 | 6, 17, 39 | 40, 65 (a second,
-// 1-row panel), k = 12 and 7172 (odd group count), n = 70; s32 out against the int64 dense
+// The op's s8 schedules around the rows-kernel switches (kernels/sparse24.h s8_rows_min_m: 40
+// for ref / avx2, 1 for the avx512 vpermb kernel, whose register-decode path ends at 32 rows):
+// m = 1, 3, 5, 6, 17, 32 | 33, 39 | 40, 65 (a second, 1-row panel), k = 12 and 7172 (odd group count), n = 70; s32 out against the int64 dense
 // product, every ISA.
 TEST(Sparse24, Int8SwitchPointsExact) {
   const int64_t n = 70;
   for (int64_t k : {12, 7172}) {
     const Compressed c = prune(DType::s8, n, k, make_weight(DType::s8, n, k, static_cast<uint32_t>(k + 5)));
     const PackedSparse24 pk = pack(c, DType::s8, n, k);
-    for (int64_t m : {1, 3, 5, 6, 17, 39, 40, 65}) {
+    for (int64_t m : {1, 3, 5, 6, 17, 32, 33, 39, 40, 65}) {
       auto x = make_x(DType::s8, m, k, static_cast<uint32_t>(m * 13 + k));
       if (m > 2) std::memset(x.data() + 2 * k, 0, static_cast<size_t>(k));
       const std::vector<int32_t> want = exact_s8_product(c.dense, x, m, n, k);

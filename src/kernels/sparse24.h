@@ -121,7 +121,9 @@ constexpr int64_t kS8RowsGroupBytes = 6 * kRowPanel * 4;
 // 8-row tile of the panel runs one vpermb (gathering each channel's 4 kept x of the pair from the
 // row's 64 x bytes) + one vpdpbusd (its 4 kept s8 weights) per 16 channels; the tile's sums live in
 // acc itself (row-major per super-panel) between chunks, so the panel's x chunk (16 KB) is reused
-// by every super-panel of the call.
+// by every super-panel of the call. Up to 32 rows it instead decodes each pair in registers and
+// applies it to <= 8 rows at once (no decoded chunk in memory), so the avx512 ISA runs it from
+// m = 1 on (s8_rows_min_m = 1) and never the tiled s8_mm.
 constexpr int kS8Rows512ChunkBlocks = 4;
 constexpr int kS8RowsMaxPanels = 16;  // super-panels per call (sp1 - sp0) the avx512 kernel's scratch holds sums of
 constexpr int64_t kS8Rows512ScratchBytes =  // decoded chunk, the panel's x chunk biased to u8, weight sums
@@ -161,7 +163,8 @@ struct Sparse24Kernels {
   // per super-panel, acc[(sp - sp0) * 32 * 64 + r * 32 + c] (the avx512 kernel's natural layout:
   // channels in the lanes; saves a transpose there and in the op's epilogue).
   bool s8_rows_row_major = false;
-  // Smallest m for which ops/ runs s8_rows instead of the tiled s8_mm (the op caps it at 40).
+  // Smallest m for which ops/ runs s8_rows instead of the tiled s8_mm (the op caps it at 40;
+  // the avx512 kernel: 1).
   int64_t s8_rows_min_m = 40;
   S24RowsOutFn rows_out = nullptr;  // output of the channel-major rows kernels (see S24RowsOutFn)
 };

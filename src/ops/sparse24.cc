@@ -439,10 +439,10 @@ int64_t s8_slab_rows(int64_t m, int64_t k) {
 // the weight stream (once per panel).
 constexpr int64_t kS24S8RowsMinM = 40;
 constexpr int64_t kS8RowsPanelBlock = 16;
-// The avx512 rows kernel (vpermb + vpdpbusd) costs ~3 ms per full 64-row panel at k = 7168 and
-// skips the 8-row tiles past m, so it wins from m ~ 6 (m = 6: 1.34-1.41 ms against the tiled
-// kernel's 1.79-2.16; m = 4: 1.35-1.43 against 1.66-2.35 at k = 7168 but 2.63-2.92 against
-// 2.85-2.86 at k = 14336; docs/design.md): its table says so in s8_rows_min_m.
+// The avx512 rows kernel (vpermb + vpdpbusd) runs every m from 1 on (its table's s8_rows_min_m):
+// up to 32 rows it decodes each weight pair in registers for the rows at hand, which at m = 1 is
+// as fast as the tiled AVX2 kernel (both stream the weights at DRAM speed) and at m = 4-32 faster
+// (session 9: m = 4 0.70-0.77 ms against 1.6-1.9 at k = 7168; docs/design.md).
 bool use_s8_rows(const Context& ctx, int64_t m) {
   return m >= std::min<int64_t>(kS24S8RowsMinM, kernels::sparse24_kernels(ctx.isa()).s8_rows_min_m);
 }

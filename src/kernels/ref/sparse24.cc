@@ -178,7 +178,7 @@ const Sparse24Kernels& sparse24_kernels(Isa isa) {
                                         isa_supported(Isa::avx512) ? avx512::s24_float_rows : avx2::s24_float_rows,
                                         avx2::s24_s8_xtable, avx2::s24_s8_mm,
                                         avx512_s8_rows() ? avx512::s24_s8_rows : avx2::s24_s8_rows, avx512_s8_rows(),
-                                        avx512_s8_rows() ? 6 : 40, avx2::s24_rows_out};
+                                        avx512_s8_rows() ? 1 : 40, avx2::s24_rows_out};
 #endif
   switch (isa) {
     case Isa::ref: return ref_k;
