@@ -174,9 +174,13 @@ void tile(const uint8_t* xb, const Pair* dec, int64_t nb, int32_t* acc) {
 // the R rows' biased x windows in registers per block); more rows run in chunks of 8 over the
 // same super-panel, whose 136-272 KB of weights are then still in L2. Measured (bench sparse24,
 // avx512, in one session against the tiles): m = 4-8 1.7-2.4x faster, m = 12-24 1.2-1.6x, m = 32
-// equal, m = 48 and 64 10-25 % slower, hence kSmallMaxRows = 32. The weights are prefetched
-// kSmallPf bytes ahead (the stream runs on across super-panels: they are consecutive in the
-// packed buffer). Same sums, slot order and bias correction as the tiles, so the same bits.
+// equal, m = 48 and 64 10-25 % slower, hence kSmallMaxRows = 32. With R >= 4 rows the weights
+// are prefetched kSmallPf bytes ahead (the stream runs on across super-panels: they are
+// consecutive in the packed buffer); with fewer the loop is light enough for the hardware
+// prefetcher alone (measured, alternated runs: m = 1 and 2 5-10 % faster without the software
+// prefetch, m = 8 1.3-1.5x faster with it, m = 4 equal or slightly faster with it; 1 and 4 KiB
+// ahead no better than 2). Same sums, slot order and bias correction as the tiles, so the same
+// bits.
 constexpr int64_t kSmallMaxRows = 32;
 constexpr int64_t kSmallPf = 2048;
 
@@ -191,7 +195,8 @@ void small_rows(const int8_t* x, int64_t ldx, const uint8_t* panel, int64_t kb, 
   for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = ws0;
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* blk = panel + b * kS8BlockBytes;
-    for (int64_t l = 0; l < kS8BlockBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(blk + kSmallPf + l), _MM_HINT_T0);
+    if constexpr (R >= 4)
+      for (int64_t l = 0; l < kS8BlockBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(blk + kSmallPf + l), _MM_HINT_T0);
     __m512i xr[R];
     const __mmask64 km = b + 1 < kb ? ~__mmask64{0} : tail_mask;
     for (int r = 0; r < R; ++r) xr[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(km, x + r * ldx + 64 * b), bias);
