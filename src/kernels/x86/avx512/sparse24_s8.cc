@@ -92,35 +92,40 @@ struct Consts {
   }
 };
 
+// Group pair j of a packed block, decoded (index and values of both halves); ws0 / ws1 += the
+// kept weights per channel (slot order). The constants come in by value: behind references
+// GCC 12 reloaded them after every store.
+[[gnu::always_inline]] inline Pair decode_pair(const uint8_t* blk, int j, __m512i ones, __m512i cperm, __m512i cs0, __m512i cs1,
+                                               __m512i bsel, __m512i seven, const __m512i& lut, __m512i& ws0, __m512i& ws1) {
+  Pair d;
+  const __m512i v0 = _mm512_loadu_si512(blk + 2 * j * kS8Channels * 2);
+  const __m512i v1 = _mm512_loadu_si512(blk + (2 * j + 1) * kS8Channels * 2);
+  d.wlo = _mm512_unpacklo_epi16(v0, v1);
+  d.whi = _mm512_unpackhi_epi16(v0, v1);
+  ws0 = _mm512_dpbusd_epi32(ws0, ones, d.wlo);
+  ws1 = _mm512_dpbusd_epi32(ws1, ones, d.whi);
+  // The pair's 24 code bytes (the buffer is padded past the last block).
+  const __m512i cw = _mm512_permutexvar_epi8(
+      cperm, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kCodes + 24 * j))));
+  // (code & 7) | 8 b, then the slot's LUT.
+  const __m512i qlo = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(cs0, cw), seven, bsel, 0xea);
+  const __m512i qhi = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(cs1, cw), seven, bsel, 0xea);
+  d.ilo = _mm512_permutexvar_epi8(qlo, lut);
+  d.ihi = _mm512_permutexvar_epi8(qhi, lut);
+  return d;
+}
+
 // Decode blocks [b0, b0 + nb) of one super-panel into dec (8 pairs per block); ws[2] += the kept
 // weights per channel (slot order).
 void decode(const uint8_t* panel, int64_t b0, int64_t nb, Pair* dec, __m512i (&wsum)[2], const Consts& k) {
-  // Locals: with the sums and constants behind references GCC 12 kept the sums in memory (a
-  // store-forwarded vpdpbusd chain per pair and half) and reloaded the constants after every
-  // store to dec.
-  const __m512i ones = _mm512_set1_epi8(1), cperm = k.cperm, cs0 = k.cshift[0], cs1 = k.cshift[1], bsel = k.bsel;
-  const __m512i seven = _mm512_set1_epi8(7);
+  // Locals: with the sums behind references GCC 12 kept them in memory (a store-forwarded
+  // vpdpbusd chain per pair and half).
+  const __m512i ones = _mm512_set1_epi8(1), seven = _mm512_set1_epi8(7);
   __m512i ws0 = wsum[0], ws1 = wsum[1];
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = panel + (b0 + b) * kS8BlockBytes;
-    for (int j = 0; j < 8; ++j) {
-      Pair& d = dec[b * 8 + j];
-      const __m512i v0 = _mm512_loadu_si512(blk + 2 * j * kS8Channels * 2);
-      const __m512i v1 = _mm512_loadu_si512(blk + (2 * j + 1) * kS8Channels * 2);
-      const __m512i wlo = _mm512_unpacklo_epi16(v0, v1), whi = _mm512_unpackhi_epi16(v0, v1);
-      d.wlo = wlo;
-      d.whi = whi;
-      ws0 = _mm512_dpbusd_epi32(ws0, ones, wlo);
-      ws1 = _mm512_dpbusd_epi32(ws1, ones, whi);
-      // The pair's 24 code bytes (the buffer is padded past the last block).
-      const __m512i cw = _mm512_permutexvar_epi8(
-          cperm, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kCodes + 24 * j))));
-      // (code & 7) | 8 b, then the slot's LUT.
-      const __m512i qlo = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(cs0, cw), seven, bsel, 0xea);
-      const __m512i qhi = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(cs1, cw), seven, bsel, 0xea);
-      d.ilo = _mm512_permutexvar_epi8(qlo, k.lut[j]);
-      d.ihi = _mm512_permutexvar_epi8(qhi, k.lut[j]);
-    }
+    for (int j = 0; j < 8; ++j)
+      dec[b * 8 + j] = decode_pair(blk, j, ones, k.cperm, k.cshift[0], k.cshift[1], k.bsel, seven, k.lut[j], ws0, ws1);
   }
   wsum[0] = ws0;
   wsum[1] = ws1;
@@ -202,20 +207,10 @@ void small_rows(const int8_t* x, int64_t ldx, const uint8_t* panel, int64_t kb, 
     for (int r = 0; r < R; ++r) xr[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(km, x + r * ldx + 64 * b), bias);
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
-      // decode()'s steps for one pair, kept in registers.
-      const __m512i v0 = _mm512_loadu_si512(blk + 2 * j * kS8Channels * 2);
-      const __m512i v1 = _mm512_loadu_si512(blk + (2 * j + 1) * kS8Channels * 2);
-      const __m512i wlo = _mm512_unpacklo_epi16(v0, v1), whi = _mm512_unpackhi_epi16(v0, v1);
-      ws0 = _mm512_dpbusd_epi32(ws0, ones, wlo);
-      ws1 = _mm512_dpbusd_epi32(ws1, ones, whi);
-      const __m512i cw = _mm512_permutexvar_epi8(
-          cperm, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kCodes + 24 * j))));
-      const __m512i qlo = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(cs0, cw), seven, bsel, 0xea);
-      const __m512i qhi = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(cs1, cw), seven, bsel, 0xea);
-      const __m512i ilo = _mm512_permutexvar_epi8(qlo, kc.lut[j]), ihi = _mm512_permutexvar_epi8(qhi, kc.lut[j]);
+      const Pair d = decode_pair(blk, j, ones, cperm, cs0, cs1, bsel, seven, kc.lut[j], ws0, ws1);  // in registers
       for (int r = 0; r < R; ++r) {
-        a[r][0] = _mm512_dpbusd_epi32(a[r][0], _mm512_permutexvar_epi8(ilo, xr[r]), wlo);
-        a[r][1] = _mm512_dpbusd_epi32(a[r][1], _mm512_permutexvar_epi8(ihi, xr[r]), whi);
+        a[r][0] = _mm512_dpbusd_epi32(a[r][0], _mm512_permutexvar_epi8(d.ilo, xr[r]), d.wlo);
+        a[r][1] = _mm512_dpbusd_epi32(a[r][1], _mm512_permutexvar_epi8(d.ihi, xr[r]), d.whi);
       }
     }
   }
