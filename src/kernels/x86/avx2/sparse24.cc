@@ -140,11 +140,11 @@ void fmm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t 
   // next super-panel's, or after the last one the first super-panel's next chunk (the pair tile
   // p % kFP == 0 the first half, == 2 the second, so the requests run through both passes). With
   // no prefetch (or only 1 KB ahead in the same stream) a few rows left the memory idle between
-  // misses: bench sparse24, avx2, f16 / f32, speedup over dense, m = 2: 0.77-0.90 / 0.90-1.06 ->
-  // 1.24-1.61 / 1.38-1.68, m = 4: 0.82-0.98 / 0.62-0.81 -> 1.26-1.50 / 1.42-1.76, m = 8: 1.02-1.25
-  // / 0.78-0.91 -> 1.38-1.58 / 1.25-1.52, m = 16: 0.89-1.04 / 0.79-0.88 -> 0.95-1.19 / 0.91-1.07 (alternated
-  // runs; into L1 instead, f32 gained only half as much: its next chunk and the current one
-  // exceed L1).
+  // misses. bench sparse24, avx2, f16 / f32, speedup over dense (alternated runs): m = 2
+  // 0.77-0.90 / 0.90-1.06 -> 1.24-1.61 / 1.38-1.68, m = 4 0.82-0.98 / 0.62-0.81 -> 1.26-1.50 /
+  // 1.42-1.76, m = 8 1.02-1.25 / 0.78-0.91 -> 1.38-1.58 / 1.25-1.52, m = 16 0.89-1.04 / 0.79-0.88
+  // -> 0.95-1.19 / 0.91-1.07. Into L1 instead, f32 gained only half as much (its next chunk and
+  // the current one exceed L1).
   const int64_t sb = w.step_bytes();
   auto pf_for = [&](int64_t p, const uint8_t*& pf, int64_t& bytes) {
     pf = nullptr;
@@ -239,10 +239,10 @@ void frows(const float* xp, const S24Panels& w, int64_t p0, int64_t p1, int64_t 
                          });
 }
 
-// Software prefetch distance of the s8 matrix-vector kernel (bytes ahead in a super-panel's stream), issued as
-// two prefetches per 76-byte group, spread over the loop: with bursts of 19 prefetches per block,
-// or none, one stream ran at ~25 GB/s on 2 cores whatever DRAM delivered; 2 KB ahead measured
-// best (1 KB slower; 3-4 KB no better). kS8MvPanels: super-panels the matrix-vector kernel
+// Software prefetch distance of the s8 matrix-vector kernel (bytes ahead in a super-panel's
+// stream), issued as two prefetches per 76-byte group, spread over the loop: with bursts of 19
+// prefetches per block, or none, one stream ran at ~25 GB/s on 2 cores whatever DRAM delivered;
+// 2 KB ahead measured best (1 KB slower; 3-4 KB no better). kS8MvPanels: super-panels the matrix-vector kernel
 // streams at once (2 measured ~1.6x dense at m = 1 against ~1.4-1.6x for 1 and 4).
 constexpr int64_t kS8PrefetchBytes = 2048;
 constexpr int kS8MvPanels = 2;
@@ -607,7 +607,8 @@ void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels&
       for (int j0 = 0; j0 < 4; j0 += 2)
         s8tile_rows<2>(static_cast<int>(rows - r0 < kMR ? rows - r0 : kMR), tab + r0 * ldt, ldt, w, sp, j0, b0, b1,
                        acc + r0 * ld_acc + (sp - sp0) * kS8Channels + j0 * 8, ld_acc,
-                       r0 > 0 ? nullptr : j0 == 0 ? pf : pf + half, r0 > 0 ? 0 : j0 == 0 ? std::min(pfb, half) : std::max<int64_t>(0, pfb - half));
+                       r0 > 0 ? nullptr : j0 == 0 ? pf : pf + half,
+                       r0 > 0 ? 0 : j0 == 0 ? std::min(pfb, half) : std::max<int64_t>(0, pfb - half));
   }
 }
 

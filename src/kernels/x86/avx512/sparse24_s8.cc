@@ -1,6 +1,7 @@
 // AVX-512 VNNI rows kernel of the 2:4 sparse s8 matmul (W8A8; the avx512 ISA runs it at every m,
-// small_rows below for m <= 32): kernels/sparse24.h, "avx512 twin". Same contract as avx2::s24_s8_rows / ref::s24_s8_rows (exact integer sums, so
-// all three give the same bits); packed layout unchanged.
+// small_rows below for m <= 32): kernels/sparse24.h, "avx512 twin". Same contract as
+// avx2::s24_s8_rows / ref::s24_s8_rows (exact integer sums, so all three give the same bits);
+// packed layout unchanged.
 //
 // Channels in the lanes, x gathered by vpermb. vpdpbusd sums 4 u8 x s8 products per s32 lane; a
 // lane here is one channel of a 16-channel half super-panel and its 4 bytes are the channel's 4
@@ -178,7 +179,7 @@ void tile(const uint8_t* xb, const Pair* dec, int64_t nb, int32_t* acc) {
 // in registers and used at once by R <= 8 rows (11 + 4 R vector ops per pair and 32 channels,
 // the R rows' biased x windows in registers per block); more rows run in chunks of 8 over the
 // same super-panel, whose 136-272 KB of weights are then still in L2. Measured (bench sparse24,
-// avx512, in one session against the tiles): m = 4-8 1.7-2.4x faster, m = 12-24 1.2-1.6x, m = 32
+// avx512, in one session against the tiles): m = 4-8 1.7-2.7x faster, m = 12-24 1.2-1.8x, m = 32
 // equal, m = 48 and 64 10-25 % slower, hence kSmallMaxRows = 32. With R >= 4 rows the weights
 // are prefetched kSmallPf bytes ahead (the stream runs on across super-panels: they are
 // consecutive in the packed buffer); with fewer the loop is light enough for the hardware
