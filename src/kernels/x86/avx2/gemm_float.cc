@@ -23,7 +23,12 @@ void tile(const float* a, int64_t lda, const void* bpanel, int64_t k, float* c) 
   const uint8_t* bp = static_cast<const uint8_t*>(bpanel);
   constexpr int64_t step = kPanel * dtype_size(DT);
   for (int64_t kk = 0; kk < k; ++kk, bp += step) {
-    if constexpr (MR <= 2) _mm_prefetch(reinterpret_cast<const char*>(bp + 2048), _MM_HINT_T0);
+    // The panel is one sequential stream; 2 KB ahead keeps it in flight. It used to be issued for
+    // MR <= 2 only, but 3-6 rows are too little compute to hide the misses either: bench wq-gemm
+    // (dense f16 peer, avx2, n = 4096, k = 7168 / 14336, alternated runs) m = 4 3.0-3.6 / 5.4-5.9
+    // -> 1.9-2.2 / 3.6-4.1 ms, m = 6 4.1-4.2 / 7.6-7.8 -> 2.2-2.6 / 4.1-4.5 ms; f32 10-20 % (its
+    // rows are a line per step, so 2 KB is only 32 steps ahead; 4 KB or 64 steps were no better).
+    _mm_prefetch(reinterpret_cast<const char*>(bp + 2048), _MM_HINT_T0);
     const __m256 b0 = load8(DT, bp);
     const __m256 b1 = load8(DT, bp + 8 * dtype_size(DT));
     for (int r = 0; r < MR; ++r) {
