@@ -35,11 +35,31 @@ namespace {
 // per core (8 accumulators over one 8-pair super-panel) stayed ~10-20 % slower.
 constexpr int64_t kFPrefetchBytes = 1024;
 
+// The chunk a tile loop (m > 1) reads after the current one, prefetched into L2 by the passes that
+// read the current chunk from DRAM, spread evenly over their steps. The two passes over a chunk
+// (pair tiles 0-1 and 2-3, or sub-panel pairs 0-1 and 2-3) take one half each, so requests keep
+// flowing through both (fmm, s24_s8_mm).
+struct ChunkPrefetch {
+  const uint8_t* p = nullptr;
+  int64_t bytes = 0, done = 0;
+  // Half h (0: the first, 1: the rest, split at a line) of [next, next + total).
+  static ChunkPrefetch half(const uint8_t* next, int64_t total, int h) {
+    const int64_t first = (total / 2 + 63) / 64 * 64;
+    if (h == 0) return {next, std::min(total, first), 0};
+    return {next + first, std::max<int64_t>(0, total - first), 0};
+  }
+  // After step i of n: the first i / n of the range requested.
+  void upto(int64_t i, int64_t n) {
+    for (const int64_t want = bytes * i / n; done < want; done += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(p + done), _MM_HINT_T1);
+  }
+};
+
 // MR rows x PR pairs starting at pair p; all PR pairs lie in p's super-panel (p % kFP + PR <= kFP),
 // so one running step pointer reaches every pair's values and meta at fixed offsets.
 template <DType DT, int MR, int PR>
 void ftile(const float* x, int64_t ldx, const S24Panels& w, int64_t p, int64_t kb0, int64_t kb1, float* acc,
-           int64_t ld_acc, const uint8_t* pf = nullptr, int64_t pf_bytes = 0) {
+           int64_t ld_acc, ChunkPrefetch pf = {}) {
   constexpr int64_t es = dtype_size(DT);
   constexpr int64_t step = s24_step_bytes(es);
   __m256 a[PR][MR];
@@ -52,12 +72,9 @@ void ftile(const float* x, int64_t ldx, const S24Panels& w, int64_t p, int64_t k
   // the odd block of the step sits 16 bits higher in the 32-bit load.
   const __m256i sh0 = _mm256_setr_epi32(0, 2, 8, 10, 4, 6, 12, 14);
   const __m256i sh1 = _mm256_add_epi32(sh0, _mm256_set1_epi32(16));
-  // [pf, pf + pf_bytes) prefetched into L2 evenly over the steps (by step i, i / nsteps of it).
   const int64_t nsteps = (kb1 - kb0) / 2;
-  int64_t pf_done = 0;
   for (int64_t kb = kb0, i = 1; kb < kb1; kb += 2, ++i, sv += step, sm += step) {
-    for (const int64_t want = pf_bytes * i / nsteps; pf_done < want; pf_done += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(pf + pf_done), _MM_HINT_T1);
+    pf.upto(i, nsteps);
     for (int h = 0; h < 2; ++h) {
       __m256i idx[PR];
       __m256 vv[PR];
@@ -114,12 +131,12 @@ void fmv(const float* x, const S24Panels& w, int64_t p, int64_t kb0, int64_t kb1
 
 template <DType DT, int PR>
 void ftile_rows(int mr, const float* x, int64_t ldx, const S24Panels& w, int64_t p, int64_t kb0, int64_t kb1, float* acc,
-                int64_t ld_acc, const uint8_t* pf, int64_t pf_bytes) {
+                int64_t ld_acc, ChunkPrefetch pf) {
   switch (mr) {
-    case 1: ftile<DT, 1, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc, pf, pf_bytes); break;
-    case 2: ftile<DT, 2, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc, pf, pf_bytes); break;
-    case 3: ftile<DT, 3, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc, pf, pf_bytes); break;
-    default: ftile<DT, 4, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc, pf, pf_bytes); break;
+    case 1: ftile<DT, 1, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc, pf); break;
+    case 2: ftile<DT, 2, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc, pf); break;
+    case 3: ftile<DT, 3, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc, pf); break;
+    default: ftile<DT, 4, PR>(x, ldx, w, p, kb0, kb1, acc, ld_acc, pf); break;
   }
 }
 
@@ -146,34 +163,21 @@ void fmm(const float* x, int64_t ldx, int64_t rows, const S24Panels& w, int64_t 
   // -> 0.95-1.19 / 0.91-1.07. Into L1 instead, f32 gained only half as much (its next chunk and
   // the current one exceed L1).
   const int64_t sb = w.step_bytes();
-  auto pf_for = [&](int64_t p, const uint8_t*& pf, int64_t& bytes) {
-    pf = nullptr;
-    bytes = 0;
-    const int64_t pn = (p / kFP + 1) * kFP;
-    if (pn < p1) {
-      pf = w.step(pn, kb0 / 2);
-      bytes = (kb1 - kb0) / 2 * sb;
-    } else if (kb1 < w.kb) {
-      pf = w.step(p0, kb1 / 2);
-      bytes = (std::min(w.kb, 2 * kb1 - kb0) - kb1) / 2 * sb;
-    }
-    const int64_t half = (bytes / 2 + 63) / 64 * 64;  // tile p % kFP == 0 the first half, == 2 the rest
-    if (p % kFP == 0) bytes = std::min(bytes, half);
-    else pf += half, bytes = std::max<int64_t>(0, bytes - half);
-  };
   int64_t p = p0;
   for (; p + 2 <= p1; p += 2) {
-    const uint8_t* pf;
-    int64_t pfb;
-    pf_for(p, pf, pfb);
+    const uint8_t* next = nullptr;
+    int64_t total = 0;
+    if (const int64_t pn = (p / kFP + 1) * kFP; pn < p1) next = w.step(pn, kb0 / 2), total = (kb1 - kb0) / 2 * sb;
+    else if (kb1 < w.kb) next = w.step(p0, kb1 / 2), total = (std::min(w.kb, 2 * kb1 - kb0) - kb1) / 2 * sb;
+    const ChunkPrefetch pf = ChunkPrefetch::half(next, total, p % kFP == 0 ? 0 : 1);
     for (int64_t r0 = 0; r0 < rows; r0 += kMR)
       ftile_rows<DT, 2>(static_cast<int>(rows - r0 < kMR ? rows - r0 : kMR), x + r0 * ldx, ldx, w, p, kb0, kb1,
-                        acc + r0 * ld_acc + (p - p0) * 8, ld_acc, r0 == 0 ? pf : nullptr, r0 == 0 ? pfb : 0);
+                        acc + r0 * ld_acc + (p - p0) * 8, ld_acc, r0 == 0 ? pf : ChunkPrefetch{});
   }
   for (; p < p1; ++p)
     for (int64_t r0 = 0; r0 < rows; r0 += kMR)
       ftile_rows<DT, 1>(static_cast<int>(rows - r0 < kMR ? rows - r0 : kMR), x + r0 * ldx, ldx, w, p, kb0, kb1,
-                        acc + r0 * ld_acc + (p - p0) * 8, ld_acc, nullptr, 0);
+                        acc + r0 * ld_acc + (p - p0) * 8, ld_acc, ChunkPrefetch{});
 }
 
 // a[q] += w * x[8q, 8q + 8) for q < 8 (one FMA each, the accumulator as the addend: the same
@@ -255,8 +259,7 @@ constexpr int kS8MvPanels = 2;
 // ymm, the 4 rows sharing each widened value vector and code vector.
 template <int MR, int NJ>
 void s8tile(const int32_t* tab, int64_t ldt, const S24S8Panels& w, int64_t sp, int j0, int64_t b0, int64_t b1,
-            int32_t* acc, int64_t ld_acc, const uint8_t* pf = nullptr, int64_t pf_bytes = 0) {
-  int64_t pf_done = 0;
+            int32_t* acc, int64_t ld_acc, ChunkPrefetch pf = {}) {
   __m256i a[MR][NJ];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NJ; ++j) a[r][j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * ld_acc + j * 8));
@@ -265,10 +268,7 @@ void s8tile(const int32_t* tab, int64_t ldt, const S24S8Panels& w, int64_t sp, i
   for (int64_t b = b0; b < b1; ++b) {
     const uint8_t* blk = w.block(sp, b);
     const int32_t* t = tab + b * kS8BlockGroups * 8;
-    // [pf, pf + pf_bytes) (the chunk read after this one, or a half of it) into L2, evenly over
-    // the blocks.
-    for (const int64_t want = pf_bytes * (b - b0 + 1) / (b1 - b0); pf_done < want; pf_done += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(pf + pf_done), _MM_HINT_T1);
+    pf.upto(b - b0 + 1, b1 - b0);
     for (int gi = 0; gi < kS8BlockGroups; ++gi) {
       __m256i idx[NJ], wv[NJ];
       for (int j = 0; j < NJ; ++j) {
@@ -325,12 +325,12 @@ void s8mv(const int32_t* tab, const S24S8Panels& w, int64_t sp, int64_t b0, int6
 
 template <int NJ>
 void s8tile_rows(int mr, const int32_t* tab, int64_t ldt, const S24S8Panels& w, int64_t sp, int j0, int64_t b0,
-                 int64_t b1, int32_t* acc, int64_t ld_acc, const uint8_t* pf, int64_t pf_bytes) {
+                 int64_t b1, int32_t* acc, int64_t ld_acc, ChunkPrefetch pf) {
   switch (mr) {
-    case 1: s8tile<1, NJ>(tab, ldt, w, sp, j0, b0, b1, acc, ld_acc, pf, pf_bytes); break;
-    case 2: s8tile<2, NJ>(tab, ldt, w, sp, j0, b0, b1, acc, ld_acc, pf, pf_bytes); break;
-    case 3: s8tile<3, NJ>(tab, ldt, w, sp, j0, b0, b1, acc, ld_acc, pf, pf_bytes); break;
-    default: s8tile<4, NJ>(tab, ldt, w, sp, j0, b0, b1, acc, ld_acc, pf, pf_bytes); break;
+    case 1: s8tile<1, NJ>(tab, ldt, w, sp, j0, b0, b1, acc, ld_acc, pf); break;
+    case 2: s8tile<2, NJ>(tab, ldt, w, sp, j0, b0, b1, acc, ld_acc, pf); break;
+    case 3: s8tile<3, NJ>(tab, ldt, w, sp, j0, b0, b1, acc, ld_acc, pf); break;
+    default: s8tile<4, NJ>(tab, ldt, w, sp, j0, b0, b1, acc, ld_acc, pf); break;
   }
 }
 
@@ -598,17 +598,15 @@ void s24_s8_mm(const int32_t* tab, int64_t ldt, int64_t rows, const S24S8Panels&
     // runs): m = 2 0.57-0.80 -> 0.95-1.39, m = 4 0.64-0.72 -> 0.89-1.14, m = 8 0.89-0.97 ->
     // 1.17-1.24, m = 16 0.90-1.01 -> 1.02-1.14, m = 32 0.95-1.03 -> 1.08-1.13 (keeping the 2 KB
     // bursts as well was slower: 0.80-1.13).
-    const uint8_t* pf = nullptr;
-    int64_t pfb = 0;
-    if (sp + 1 < sp1) pf = w.block(sp + 1, b0), pfb = (b1 - b0) * kS8BlockBytes;
-    else if (b1 < w.kblocks) pf = w.block(sp0, b1), pfb = (std::min(w.kblocks, 2 * b1 - b0) - b1) * kS8BlockBytes;
-    const int64_t half = (pfb / 2 + 63) / 64 * 64;
+    const uint8_t* next = nullptr;
+    int64_t total = 0;
+    if (sp + 1 < sp1) next = w.block(sp + 1, b0), total = (b1 - b0) * kS8BlockBytes;
+    else if (b1 < w.kblocks) next = w.block(sp0, b1), total = (std::min(w.kblocks, 2 * b1 - b0) - b1) * kS8BlockBytes;
     for (int64_t r0 = 0; r0 < rows; r0 += kMR)
       for (int j0 = 0; j0 < 4; j0 += 2)
         s8tile_rows<2>(static_cast<int>(rows - r0 < kMR ? rows - r0 : kMR), tab + r0 * ldt, ldt, w, sp, j0, b0, b1,
                        acc + r0 * ld_acc + (sp - sp0) * kS8Channels + j0 * 8, ld_acc,
-                       r0 > 0 ? nullptr : j0 == 0 ? pf : pf + half,
-                       r0 > 0 ? 0 : j0 == 0 ? std::min(pfb, half) : std::max<int64_t>(0, pfb - half));
+                       r0 == 0 ? ChunkPrefetch::half(next, total, j0 == 0 ? 0 : 1) : ChunkPrefetch{});
   }
 }
 

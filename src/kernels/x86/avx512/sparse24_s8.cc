@@ -52,6 +52,21 @@ static_assert(kRowPanel % kRT == 0 && kS8BlockGroups == 16, "a block is one 64-b
 // lane L in dwords 4L + {0..3} (the low half), vpunpckhwd channels 8L + {4..7} (the high half).
 constexpr int slot_channel(int s) { return s < 16 ? 8 * (s / 4) + s % 4 : 8 * ((s - 16) / 4) + 4 + s % 4; }
 
+// The inverse as vpermt2d indices: output channel c takes slot kToSlot[c] of (low half, high half).
+alignas(64) constexpr int32_t kToSlot[32] = {0, 1, 2,  3,  16, 17, 18, 19, 4,  5,  6,  7,  20, 21, 22, 23,
+                                             8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+static_assert(slot_channel(4) == 8 && slot_channel(16) == 4 && slot_channel(31) == 31, "kToSlot inverts slot_channel");
+
+// One row's 32 sums (slot order, lo / hi halves, biased by +128 x) to out in channel order: the
+// bias undone by -128 * the channel's kept-weight sum (clo / chi = that sum << 7).
+[[gnu::always_inline]] inline void store_row(__m512i lo, __m512i hi, __m512i clo, __m512i chi, int32_t* out) {
+  const __m512i plo = _mm512_load_si512(kToSlot), phi = _mm512_load_si512(kToSlot + 16);
+  lo = _mm512_sub_epi32(lo, clo);
+  hi = _mm512_sub_epi32(hi, chi);
+  _mm512_store_si512(out, _mm512_permutex2var_epi32(lo, plo, hi));
+  _mm512_store_si512(out + 16, _mm512_permutex2var_epi32(lo, phi, hi));
+}
+
 // One group pair of a super-panel, decoded: index and values of the low and high halves.
 struct Pair {
   __m512i ilo, wlo, ihi, whi;
@@ -195,8 +210,6 @@ void small_rows(const int8_t* x, int64_t ldx, const uint8_t* panel, int64_t kb, 
                 int32_t* out) {
   const __m512i ones = _mm512_set1_epi8(1), cperm = kc.cperm, cs0 = kc.cshift[0], cs1 = kc.cshift[1], bsel = kc.bsel;
   const __m512i seven = _mm512_set1_epi8(7), bias = _mm512_set1_epi8(static_cast<char>(0x80));
-  alignas(64) static constexpr int32_t kToSlot[32] = {0,  1,  2,  3,  16, 17, 18, 19, 4,  5,  6,  7,  20, 21, 22, 23,
-                                                      8,  9,  10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
   __m512i a[R][2], ws0 = _mm512_setzero_si512(), ws1 = ws0;
   for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = ws0;
   for (int64_t b = 0; b < kb; ++b) {
@@ -215,14 +228,8 @@ void small_rows(const int8_t* x, int64_t ldx, const uint8_t* panel, int64_t kb, 
       }
     }
   }
-  // Bias correction and channel order, as at the end of s24_s8_rows.
-  const __m512i plo = _mm512_load_si512(kToSlot), phi = _mm512_load_si512(kToSlot + 16);
   const __m512i clo = _mm512_slli_epi32(ws0, 7), chi = _mm512_slli_epi32(ws1, 7);
-  for (int r = 0; r < R; ++r) {
-    const __m512i lo = _mm512_sub_epi32(a[r][0], clo), hi = _mm512_sub_epi32(a[r][1], chi);
-    _mm512_store_si512(out + r * 32, _mm512_permutex2var_epi32(lo, plo, hi));
-    _mm512_store_si512(out + r * 32 + 16, _mm512_permutex2var_epi32(lo, phi, hi));
-  }
+  for (int r = 0; r < R; ++r) store_row(a[r][0], a[r][1], clo, chi, out + r * 32);
 }
 
 }  // namespace
@@ -299,21 +306,13 @@ void s24_s8_rows(const int8_t* x, int64_t ldx, int64_t rows, int64_t k, const S2
   }
   // Bias correction, and the slots put back in channel order: acc[(sp - sp0) * 2048 + r * 32 + c]
   // (row-major per super-panel: Sparse24Kernels::s8_rows_row_major); rows past `rows` are 0.
-  alignas(64) static constexpr int32_t kToSlot[32] = {0,  1,  2,  3,  16, 17, 18, 19, 4,  5,  6,  7,  20, 21, 22, 23,
-                                                      8,  9,  10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
-  static_assert(slot_channel(4) == 8 && slot_channel(16) == 4 && slot_channel(31) == 31, "kToSlot inverts slot_channel");
-  const __m512i plo = _mm512_load_si512(kToSlot), phi = _mm512_load_si512(kToSlot + 16);
   const int64_t nr = std::min<int64_t>(rows, kRowPanel);
   for (int64_t sp = sp0; sp < sp1; ++sp) {
     int32_t* a = acc + (sp - sp0) * kSp;
     const int32_t* ws = wsum + (sp - sp0) * kS8Channels;
     const __m512i clo = _mm512_slli_epi32(_mm512_load_si512(ws), 7), chi = _mm512_slli_epi32(_mm512_load_si512(ws + 16), 7);
-    for (int64_t r = 0; r < nr; ++r) {
-      const __m512i lo = _mm512_sub_epi32(_mm512_load_si512(a + r * 32), clo);
-      const __m512i hi = _mm512_sub_epi32(_mm512_load_si512(a + r * 32 + 16), chi);
-      _mm512_store_si512(a + r * 32, _mm512_permutex2var_epi32(lo, plo, hi));
-      _mm512_store_si512(a + r * 32 + 16, _mm512_permutex2var_epi32(lo, phi, hi));
-    }
+    for (int64_t r = 0; r < nr; ++r)
+      store_row(_mm512_load_si512(a + r * 32), _mm512_load_si512(a + r * 32 + 16), clo, chi, a + r * 32);
     std::memset(a + nr * 32, 0, static_cast<size_t>((kRowPanel - nr) * 32) * sizeof(int32_t));
   }
 }
